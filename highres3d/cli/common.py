@@ -1,0 +1,31 @@
+"""Arguments shared by several commands."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    """``CONFIG`` (a path or the bare name of a shipped config), ``--data-root`` and ``--set``."""
+    help_text = "a YAML config file, or the name of a config shipped with highres3d (e.g. brats_freeze2.yaml)"
+    if positional:
+        parser.add_argument("config", metavar="CONFIG", help=help_text)
+    else:
+        parser.add_argument("-c", "--config", required=True, help=help_text)
+    parser.add_argument(
+        "--data-root",
+        help="dataset folder, replacing dataset.root (default: $HIGHRES3D_DATA_ROOT, else the config's)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set training.lr=1e-4 (repeatable)",
+    )
+
+
+def load_config_from_args(args):
+    from highres3d.config import load_config
+
+    return load_config(args.config, overrides=args.overrides, data_root=args.data_root)

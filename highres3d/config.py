@@ -1,0 +1,644 @@
+"""Typed, immutable configuration loaded from YAML.
+
+A config file is a mapping of sections (``dataset``, ``preprocessing``,
+``network``, ``sampler``, ``augmentation``, ``training``, ``inference``,
+``transfer``, ``evaluation``).  Every key has a default, so a file only states
+what differs.  Loading is strict: an unknown key, a wrong type or an
+out-of-range value raises :class:`~highres3d.errors.ConfigError` naming the key
+path and what was expected, e.g.::
+
+    training.lr: expected a positive number, got 'fast'
+    dataset.modalitys: unknown key, did you mean 'modalities'?
+
+``extends: base.yaml`` merges the file over a base config (mappings merge key
+by key; lists and scalars replace).  Relative paths resolve against the file
+that wrote them, so a base config and its children may live in different
+folders.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import yaml
+
+from highres3d.errors import ConfigError
+
+# --------------------------------------------------------------------------- checks
+
+
+def _positive(value) -> Optional[str]:
+    return None if value > 0 else "expected a positive number"
+
+
+def _non_negative(value) -> Optional[str]:
+    return None if value >= 0 else "expected a number >= 0"
+
+
+def _fraction(value) -> Optional[str]:
+    return None if 0 <= value < 1 else "expected a fraction in [0, 1)"
+
+
+def _positive_ints(value) -> Optional[str]:
+    return None if all(v > 0 for v in value) else "expected positive integers"
+
+
+def _three_positive_ints(value) -> Optional[str]:
+    if len(value) != 3 or any(v <= 0 for v in value):
+        return "expected three positive integers [x, y, z]"
+    return None
+
+
+def _three_positive_numbers(value) -> Optional[str]:
+    if value is None:
+        return None
+    if len(value) != 3 or any(v <= 0 for v in value):
+        return "expected three positive numbers [x, y, z] in mm"
+    return None
+
+
+def _axcodes(value) -> Optional[str]:
+    value = value.upper()
+    pairs = [{"L", "R"}, {"A", "P"}, {"S", "I"}]
+    if len(value) != 3 or not all(any(c in p for c in value) and sum(c in p for c in value) == 1 for p in pairs):
+        return "expected a 3-letter orientation code with one of L/R, A/P, S/I each, e.g. 'RAS' or 'LPS'"
+    return None
+
+
+def _spline_order(value) -> Optional[str]:
+    return None if 0 <= value <= 5 else "expected a spline order between 0 and 5"
+
+
+def _spline_orders(value) -> Optional[str]:
+    bad = [k for k, v in value.items() if not 0 <= v <= 5]
+    return f"expected spline orders between 0 and 5 (check {bad})" if bad else None
+
+
+def _probabilities(value) -> Optional[str]:
+    if value is None:
+        return None
+    if any(v < 0 for v in value) or sum(value) <= 0:
+        return "expected non-negative class probabilities with a positive sum"
+    return None
+
+
+def _opt(check):
+    return lambda v: None if v is None else check(v)
+
+
+def _field(default, doc: str, check=None, path: bool = False):
+    """A config field with documentation, an optional value check and path resolution."""
+    metadata = {"doc": doc, "check": check, "path": path}
+    if isinstance(default, (dict, list)):
+        factory = (lambda d=default: type(d)(d))
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How subjects are divided into training / validation / inference (test)."""
+
+    file: Optional[Path] = _field(None, "NiftyNet-style CSV 'subject,split' (training/validation/inference)", path=True)
+    validation_fraction: float = _field(0.1, "fraction of subjects for validation when no split file is given", _fraction)
+    inference_fraction: float = _field(0.1, "fraction of subjects held out for inference/test when no split file is given", _fraction)
+    seed: int = _field(0, "seed of the random split")
+    subset_sizes: tuple[int, ...] = _field((), "nested training subsets S1 ⊂ S2 ⊂ … by size (dataset-size study)", _positive_ints)
+    subset_files: tuple[Path, ...] = _field((), "nested training subsets from files (one subject id per line, or NiftyNet split CSVs)", path=True)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where the subjects' files are and how they are named."""
+
+    name: str = _field("dataset", "a short name used in run folders and reports")
+    root: Optional[Path] = _field(None, "the dataset folder; patterns and nnU-Net layouts are relative to it", path=True)
+    layout: Literal["patterns", "niftynet_csv", "nnunet"] = _field("patterns", "how subjects are found")
+    modalities: tuple[str, ...] = _field(("T1", "T2"), "image modalities, in channel order")
+    patterns: dict[str, str] = _field({}, "layout 'patterns': one filename pattern with {subject} per modality and 'label'")
+    csv_files: dict[str, Path] = _field({}, "layout 'niftynet_csv': one 'subject_id,path' CSV per modality and 'label'", path=True)
+    split: SplitConfig = _field(SplitConfig(), "the data split")
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """Reorientation, resampling, intensity normalisation and label mapping."""
+
+    orientation: str = _field("RAS", "working-space orientation (axis codes)", _axcodes)
+    spacing: Optional[tuple[float, float, float]] = _field(None, "working voxel spacing in mm; null keeps each file's spacing", _three_positive_numbers)
+    image_interpolation: int = _field(3, "spline order when resampling images", _spline_order)
+    label_interpolation: int = _field(0, "spline order when resampling labels (0 = nearest)", _spline_order)
+    modality_interpolation: dict[str, int] = _field({}, "per-modality spline orders overriding image_interpolation", _spline_orders)
+    normalisation: Literal["zscore", "none"] = _field("zscore", "intensity normalisation per modality")
+    foreground: Literal["all", "threshold_plus", "otsu", "mask"] = _field("all", "voxels whose mean and std define the z-score")
+    mask_pattern: Optional[str] = _field(None, "with foreground 'mask': filename pattern with {subject} of the mask, relative to dataset.root")
+    normalise_foreground_only: bool = _field(False, "set voxels outside the foreground mask to 0 after whitening")
+    labels: dict[int, int] = _field({}, "label mapping raw value -> class index, e.g. {17: 1, 53: 1}; empty = labels are already class indices")
+    other_labels: Optional[int] = _field(None, "class index for raw values missing from 'labels'; null makes them an error")
+    affine_tolerance: float = _field(1e-3, "maximum difference (mm) between the affines of a subject's files", _positive)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The segmentation network."""
+
+    name: Literal["highresnet3d"] = _field("highresnet3d", "network architecture")
+    num_classes: int = _field(2, "number of output classes including background", _positive)
+    activation: Literal["relu", "leaky_relu", "prelu", "elu"] = _field("leaky_relu", "activation function (leaky slope 0.02 as NiftyNet)")
+    width_multiplier: float = _field(1.0, "scales every layer's channel count (1.0 = NiftyNet's 809,380 parameters)", _positive)
+    l2_decay: float = _field(0.0, "L2 weight regularisation (NiftyNet's 'decay')", _non_negative)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How training and validation windows are drawn."""
+
+    type: Literal["uniform", "weighted", "label", "class_weighted"] = _field("class_weighted", "window sampler ('label' = weighted by the label map, as the thesis)")
+    window_size: tuple[int, int, int] = _field((96, 96, 96), "training window size in voxels", _three_positive_ints)
+    windows_per_volume: int = _field(1, "windows drawn from a volume before moving to the next", _positive)
+    class_probabilities: Optional[tuple[float, ...]] = _field(None, "class_weighted: probability of a window centred on each class (default equal)", _probabilities)
+    edge_policy: Literal["pad", "valid"] = _field("pad", "'pad': any voxel may be a centre; 'valid': windows stay inside the volume")
+    pad_value: float = _field(0.0, "image value outside the volume (after whitening)")
+    label_pad_value: int = _field(0, "label value outside the volume", _non_negative)
+
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    """Random per-window augmentation during training."""
+
+    rotation_degrees: float = _field(0.0, "maximum rotation (±) about each axis, degrees", _non_negative)
+    scaling_percent: float = _field(0.0, "maximum scaling (±) per axis, percent", lambda v: None if 0 <= v < 100 else "expected a percentage in [0, 100)")
+    flip_axes: tuple[int, ...] = _field((), "axes (0, 1, 2) flipped with probability 0.5", lambda v: None if all(a in (0, 1, 2) for a in v) else "expected axes among 0, 1, 2")
+    intensity_scale: float = _field(0.0, "maximum relative intensity scaling (±)", _non_negative)
+    intensity_shift: float = _field(0.0, "maximum intensity shift (±), in whitened units", _non_negative)
+    device: Literal["cpu", "accelerator"] = _field("accelerator", "where rotation/scaling resample the window")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The optimisation loop."""
+
+    max_iter: int = _field(1000, "number of training iterations", _positive)
+    batch_size: int = _field(2, "windows per iteration", _positive)
+    optimizer: Literal["adam", "sgd", "rmsprop", "adamw"] = _field("adam", "optimiser")
+    lr: float = _field(1e-3, "learning rate", _positive)
+    lr_schedule: Literal["constant", "cosine", "step"] = _field("constant", "learning-rate schedule")
+    loss: str = _field("dice", "loss: dice, generalised_dice, cross_entropy, dice_ce")
+    class_weights: Optional[tuple[float, ...]] = _field(None, "per-class loss weights", _probabilities)
+    validation_every: int = _field(10, "validate on windows every n iterations", _positive)
+    validation_windows: int = _field(4, "validation windows per validation step", _positive)
+    checkpoint_every: int = _field(150, "save a checkpoint every n iterations", _positive)
+    max_checkpoints: int = _field(5, "checkpoints kept (the best model is always kept)", _positive)
+    seed: int = _field(0, "seed of initialisation, sampling and augmentation")
+    cache: Literal["ram", "lazy"] = _field("ram", "keep preprocessed volumes in memory or reload them")
+    shuffle_buffer: int = _field(32, "windows in the shuffle buffer", _positive)
+    mixed_precision: bool = _field(False, "compute in float16/bfloat16 with float32 weights")
+    strategy: Literal["default", "mirrored", "multi_worker"] = _field("default", "tf.distribute strategy")
+    output_dir: Path = _field(Path("runs"), "folder where run folders are created", path=True)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Whole-volume prediction."""
+
+    mode: Literal["windows", "whole_volume"] = _field("windows", "grid of windows, or one pass over the whole volume")
+    window_size: tuple[int, int, int] = _field((144, 144, 144), "inference window size in voxels", _three_positive_ints)
+    overlap: float = _field(0.25, "overlap between neighbouring windows as a fraction of the window", _fraction)
+    blend: Literal["crop", "average", "gaussian"] = _field("gaussian", "how overlapping windows are combined")
+    batch_size: int = _field(1, "windows per model call", _positive)
+    tta_mirror: bool = _field(False, "average predictions over mirrored inputs")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Initialisation from a pretrained model (transfer learning)."""
+
+    source: Optional[Path] = _field(None, "a .keras file, weights file or run folder to initialise from", path=True)
+    freeze: Union[int, str, tuple[str, ...]] = _field(0, "leading layer groups to freeze (0-5), group names, or a NiftyNet vars_to_freeze regex")
+    bn_policy: Literal["niftynet", "keras"] = _field("niftynet", "frozen BatchNorm: 'niftynet' keeps updating statistics, 'keras' freezes them")
+    channel_init: Literal["mean", "zeros"] = _field("mean", "initialisation of input channels the source model lacks")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Metrics on whole volumes."""
+
+    truth_labels: dict[int, int] = _field({}, "mapping of ground-truth values to classes (empty = preprocessing.labels)")
+    metrics: tuple[str, ...] = _field(("dice", "jaccard", "hd95"), "metrics reported")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole highres3d configuration."""
+
+    dataset: DatasetConfig = _field(DatasetConfig(), "the dataset")
+    preprocessing: PreprocessingConfig = _field(PreprocessingConfig(), "preprocessing")
+    network: NetworkConfig = _field(NetworkConfig(), "network")
+    sampler: SamplerConfig = _field(SamplerConfig(), "window sampling")
+    augmentation: AugmentationConfig = _field(AugmentationConfig(), "augmentation")
+    training: TrainingConfig = _field(TrainingConfig(), "training")
+    inference: InferenceConfig = _field(InferenceConfig(), "inference")
+    transfer: TransferConfig = _field(TransferConfig(), "transfer learning")
+    evaluation: EvaluationConfig = _field(EvaluationConfig(), "evaluation")
+    source_file: Optional[Path] = field(default=None, compare=False, metadata={"internal": True})
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.dataset.modalities)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    if tp is Path:
+        return "a path"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) if a is not type(None) else "null" for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s" if args[-1] is Ellipsis else f"a list of {len(args)} values"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _convert(value: Any, tp, key: str, base_dir: Optional[Path], is_path: bool):
+    """Convert a YAML value to ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail(expected: Optional[str] = None):
+        raise ConfigError(f"{key}: expected {expected or _describe(tp)}, got {value!r}")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            fail()
+        return _build(tp, value, key, base_dir)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, base_dir, is_path)
+            except ConfigError as err:
+                errors.append(err)
+        fail()
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}{hint}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            fail()
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as users expect.
+            try:
+                return float(value)
+            except ValueError:
+                fail()
+        if not isinstance(value, (int, float)):
+            fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail()
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, os.PathLike)):
+            fail()
+        path = Path(_expand(str(value)))
+        if is_path and base_dir is not None and not path.is_absolute():
+            path = (base_dir / path).resolve()
+        return path
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            fail()
+        if args and args[-1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]", base_dir, is_path) for i, v in enumerate(value))
+        if len(value) != len(args):
+            fail(f"a list of {len(args)} values")
+        return tuple(_convert(v, a, f"{key}[{i}]", base_dir, is_path) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            fail()
+        key_type, value_type = args
+        out = {}
+        for k, v in value.items():
+            ck = _convert(k, key_type, f"{key} key", base_dir, False) if key_type is not str else str(k)
+            out[ck] = _convert(v, value_type, f"{key}.{k}", base_dir, is_path)
+        return out
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema error
+
+
+def _build(cls, raw: Mapping, prefix: str, base_dir: Optional[Path]):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f", did you mean {close[0]!r}?" if close else f" (known keys: {', '.join(fields)})"
+            raise ConfigError(f"{path}: unknown key{hint}")
+        f = fields[key]
+        check = f.metadata.get("check")
+        try:
+            converted = _convert(value, hints[key], path, base_dir, f.metadata.get("path", False))
+        except ConfigError:
+            if check in (_positive, _non_negative, _fraction):
+                # Name the range in the message, not only the type.
+                expected = {_positive: "a positive number", _non_negative: "a number >= 0", _fraction: "a fraction in [0, 1)"}[check]
+                raise ConfigError(f"{path}: expected {expected}, got {value!r}") from None
+            raise
+        if check is not None and converted is not None:
+            problem = check(converted)
+            if problem:
+                raise ConfigError(f"{path}: {problem}, got {value!r}")
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config) -> None:
+    ds = cfg.dataset
+    if ds.layout == "patterns":
+        missing = [m for m in ds.modalities if m not in ds.patterns]
+        if ds.patterns and missing:
+            raise ConfigError(f"dataset.patterns: no pattern for modalit{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)}")
+        bad = [k for k, p in ds.patterns.items() if "{subject}" not in p]
+        if bad:
+            raise ConfigError(f"dataset.patterns.{bad[0]}: the pattern must contain '{{subject}}'")
+        extra = [k for k in ds.patterns if k not in ds.modalities and k != "label"]
+        if extra:
+            raise ConfigError(f"dataset.patterns.{extra[0]}: not a modality ({', '.join(ds.modalities)}) nor 'label'")
+    if ds.layout == "niftynet_csv":
+        missing = [m for m in ds.modalities if m not in ds.csv_files]
+        if missing:
+            raise ConfigError(f"dataset.csv_files: no CSV file for modality {missing[0]}")
+    if len(set(ds.modalities)) != len(ds.modalities):
+        raise ConfigError(f"dataset.modalities: duplicate names in {list(ds.modalities)}")
+    if not ds.modalities:
+        raise ConfigError("dataset.modalities: expected at least one modality")
+    pp = cfg.preprocessing
+    unknown = [m for m in pp.modality_interpolation if m not in ds.modalities]
+    if unknown:
+        raise ConfigError(f"preprocessing.modality_interpolation.{unknown[0]}: not one of the modalities {list(ds.modalities)}")
+    if pp.foreground == "mask" and not pp.mask_pattern:
+        raise ConfigError("preprocessing.mask_pattern: required when preprocessing.foreground is 'mask'")
+    classes = set(pp.labels.values()) | ({pp.other_labels} if pp.other_labels is not None else set())
+    if classes and max(classes) >= cfg.network.num_classes:
+        raise ConfigError(
+            f"preprocessing.labels: maps to class {max(classes)} but network.num_classes is {cfg.network.num_classes}"
+        )
+    if cfg.sampler.class_probabilities is not None and len(cfg.sampler.class_probabilities) != cfg.network.num_classes:
+        raise ConfigError(
+            f"sampler.class_probabilities: expected {cfg.network.num_classes} values (one per class), got {len(cfg.sampler.class_probabilities)}"
+        )
+    if cfg.training.class_weights is not None and len(cfg.training.class_weights) != cfg.network.num_classes:
+        raise ConfigError(f"training.class_weights: expected {cfg.network.num_classes} values (one per class)")
+    sizes = cfg.dataset.split.subset_sizes
+    if list(sizes) != sorted(set(sizes)):
+        raise ConfigError(f"dataset.split.subset_sizes: expected strictly increasing sizes, got {list(sizes)}")
+    if cfg.dataset.split.validation_fraction + cfg.dataset.split.inference_fraction >= 1:
+        raise ConfigError("dataset.split: validation_fraction + inference_fraction must be < 1")
+    freeze = cfg.transfer.freeze
+    if isinstance(freeze, int) and not 0 <= freeze <= 5:
+        raise ConfigError(f"transfer.freeze: expected a number of layer groups between 0 and 5, got {freeze}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def _absolutise(raw: Any, cls, base_dir: Path) -> Any:
+    """Resolve the relative paths one file wrote against that file's folder."""
+    if not isinstance(raw, dict) or not dataclasses.is_dataclass(cls):
+        return raw
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in raw.items():
+        f = fields.get(key)
+        if f is None:
+            out[key] = value
+        elif dataclasses.is_dataclass(hints[key]):
+            out[key] = _absolutise(value, hints[key], base_dir)
+        elif f.metadata.get("path"):
+            out[key] = _resolve_path_values(value, base_dir)
+        else:
+            out[key] = value
+    return out
+
+
+def _expand(value: str) -> str:
+    # "{cwd}" lets shipped configs name folders in the user's working directory
+    # (run folders, pretrained models) instead of inside the installed package.
+    return os.path.expanduser(os.path.expandvars(value.replace("{cwd}", str(Path.cwd()))))
+
+
+def _resolve_path_values(value: Any, base_dir: Path) -> Any:
+    if isinstance(value, str):
+        p = Path(_expand(value))
+        return str(p if p.is_absolute() else (base_dir / p).resolve())
+    if isinstance(value, list):
+        return [_resolve_path_values(v, base_dir) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve_path_values(v, base_dir) for k, v in value.items()}
+    return value
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def packaged_config_dir() -> Path:
+    """The folder of configs shipped inside the package (``highres3d/configs``)."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def find_config(name: str | os.PathLike) -> Path:
+    """Return a config path: an existing file, or the bare name of a shipped config."""
+    path = Path(name)
+    if path.exists():
+        return path.resolve()
+    if not path.is_absolute():
+        for candidate in (packaged_config_dir() / path, packaged_config_dir() / path.name):
+            if candidate.suffix == "":
+                candidate = candidate.with_suffix(".yaml")
+            if candidate.exists():
+                return candidate.resolve()
+    shipped = sorted(p.relative_to(packaged_config_dir()).as_posix() for p in packaged_config_dir().rglob("*.yaml"))
+    close = difflib.get_close_matches(str(name), shipped, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else (f"; shipped configs: {', '.join(shipped)}" if shipped else "")
+    raise ConfigError(f"{name}: config file not found{hint}")
+
+
+def _load_raw(path: Path, seen: tuple[Path, ...]) -> dict:
+    if path in seen:
+        chain = " -> ".join(str(p) for p in seen + (path,))
+        raise ConfigError(f"{path}: 'extends' forms a cycle ({chain})")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    data = _absolutise(data, Config, path.parent)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: expected the path of a base config, got {parent!r}")
+    parent_path = Path(os.path.expanduser(parent))
+    if not parent_path.is_absolute():
+        local = (path.parent / parent_path).resolve()
+        parent_path = local if local.exists() else find_config(parent)
+    return _deep_merge(_load_raw(parent_path, seen + (path,)), data)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. training.lr=1e-4")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def config_from_dict(raw: Mapping, base_dir: Optional[Path] = None, source: Optional[Path] = None) -> Config:
+    """Validate a mapping (e.g. from YAML) into a :class:`Config`."""
+    raw = dict(raw)
+    raw.pop("extends", None)
+    cfg = _build(Config, raw, "", base_dir)
+    if source is not None:
+        cfg = dataclasses.replace(cfg, source_file=source)
+    _cross_checks(cfg)
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike,
+    overrides: Optional[list[str]] = None,
+    data_root: Optional[str | os.PathLike] = None,
+) -> Config:
+    """Load, merge (``extends``) and validate a YAML config.
+
+    ``path`` may be a file or the bare name of a config shipped with the package.
+    ``overrides`` are ``section.key=value`` strings applied last (YAML values).
+    ``data_root`` replaces ``dataset.root`` (relative to the current folder);
+    when it is not given, the environment variable ``HIGHRES3D_DATA_ROOT`` does.
+    """
+    file = find_config(path)
+    raw = _load_raw(file, ())
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {'.'.join(keys[:-1])} is not a section")
+        node[keys[-1]] = _resolve_path_values(value, Path.cwd()) if keys[-1] in ("root", "source", "file", "output_dir") else value
+    root = data_root if data_root is not None else os.environ.get("HIGHRES3D_DATA_ROOT")
+    if root:
+        raw.setdefault("dataset", {})["root"] = str(Path(root).expanduser().resolve())
+    return config_from_dict(raw, base_dir=file.parent, source=file)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain, YAML-ready structure of a config (paths as strings)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML; loading it again gives an equal config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
+
+
+def describe_schema() -> str:
+    """Every key with its default and meaning, for documentation."""
+    lines = []
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        if section.metadata.get("internal"):
+            continue
+        cls = hints[section.name]
+        lines.append(f"{section.name}:  # {cls.__doc__.strip().splitlines()[0]}")
+        lines.extend(_describe_fields(cls, "  "))
+    return "\n".join(lines)
+
+
+def _describe_fields(cls, indent: str) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{indent}{f.name}:  # {f.metadata['doc']}")
+            lines.extend(_describe_fields(hints[f.name], indent + "  "))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{indent}{f.name}: {yaml.safe_dump(to_dict(default), default_flow_style=True).strip().removesuffix('...').strip()}  # {f.metadata['doc']}")
+    return lines

@@ -1,0 +1,206 @@
+"""From a subject's files to a preprocessed :class:`Volume` in working space.
+
+Steps, in order: load each modality into the working space (reorient,
+resample), check that all files of the subject share one grid, z-score whiten
+each modality over a foreground mask, and map raw label values to class
+indices.  The same function serves training, inference and ``data check``, so
+a model always sees its inputs preprocessed the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from highres3d.config import PreprocessingConfig
+from highres3d.data.dataset import Subject
+from highres3d.errors import DataError
+from highres3d.io.nifti import SpatialInfo, load_image
+
+
+@dataclass(eq=False)
+class Volume:
+    """A preprocessed subject in working space."""
+
+    subject_id: str
+    image: np.ndarray  # (X, Y, Z, C) float32, whitened
+    label: Optional[np.ndarray]  # (X, Y, Z) uint8 class indices, or None
+    info: SpatialInfo  # of the first modality: maps results back to its original grid
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape[:3])
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + (self.label.nbytes if self.label is not None else 0)
+
+
+# --------------------------------------------------------------------------- intensity
+
+
+def foreground_mask(channel: np.ndarray, kind: str) -> np.ndarray:
+    """Boolean mask of the voxels whose statistics define the z-score.
+
+    ``all``: every voxel; ``threshold_plus``: voxels above the volume mean;
+    ``otsu``: voxels above Otsu's threshold.
+    """
+    if kind == "all":
+        return np.ones(channel.shape, dtype=bool)
+    if kind == "threshold_plus":
+        return channel > channel.mean()
+    if kind == "otsu":
+        from skimage.filters import threshold_otsu
+
+        if channel.min() == channel.max():
+            return np.ones(channel.shape, dtype=bool)
+        return channel > threshold_otsu(channel)
+    raise ValueError(f"unknown foreground kind {kind!r}")
+
+
+def whiten(image: np.ndarray, masks: Sequence[np.ndarray], foreground_only: bool = False) -> np.ndarray:
+    """Z-score each channel of (X, Y, Z, C) ``image`` over its mask, in place on a float32 copy."""
+    out = np.empty(image.shape, dtype=np.float32)
+    for c in range(image.shape[-1]):
+        channel = image[..., c]
+        mask = masks[c]
+        values = channel[mask] if not mask.all() else channel
+        if values.size == 0:
+            values = channel
+        mean = float(values.mean(dtype=np.float64))
+        std = float(values.std(dtype=np.float64))
+        out[..., c] = (channel - mean) / max(std, 1e-5)
+        if foreground_only:
+            out[..., c][~mask] = 0.0
+    return out
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def label_lookup(mapping: Mapping[int, int], other: Optional[int], max_value: int) -> np.ndarray:
+    """A lookup table raw value -> class; -1 marks values that are not allowed."""
+    table = np.full(max_value + 1, -1 if other is None else other, dtype=np.int16)
+    for raw, cls in mapping.items():
+        if 0 <= raw <= max_value:
+            table[raw] = cls
+    return table
+
+
+def map_labels(
+    label: np.ndarray,
+    mapping: Mapping[int, int],
+    other: Optional[int] = None,
+    num_classes: Optional[int] = None,
+    source: str = "label",
+) -> np.ndarray:
+    """Map raw integer label values to class indices (uint8).
+
+    With an empty ``mapping`` the raw values must already be class indices
+    (``< num_classes`` when given).  A value missing from the mapping is an
+    error naming ``source`` unless ``other`` gives its class explicitly.
+    """
+    label = np.asarray(label)
+    if label.size == 0:
+        return label.astype(np.uint8)
+    low = int(label.min())
+    if low < 0:
+        raise DataError(f"{source}: negative label value {low}; labels must be non-negative integers")
+    high = int(label.max())
+    if not mapping:
+        if num_classes is not None and high >= num_classes:
+            values = np.flatnonzero(np.bincount(label.ravel()))
+            raise DataError(
+                f"{source}: label values {values.tolist()} exceed the {num_classes} classes; "
+                "set preprocessing.labels to map raw values to classes (e.g. {1: 1, 4: 1, 2: 0})"
+            )
+        return label.astype(np.uint8)
+    table = label_lookup(mapping, other, high)
+    mapped = table[label]
+    if other is None and (mapped < 0).any():
+        counts = np.bincount(label.ravel(), minlength=high + 1)
+        unmapped = [int(v) for v in np.flatnonzero(counts) if table[v] < 0]
+        raise DataError(
+            f"{source}: label values {unmapped} are not in preprocessing.labels {dict(mapping)}; "
+            "add them, or set preprocessing.other_labels to the class they should get (e.g. 0)"
+        )
+    return mapped.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- subjects
+
+
+def check_same_grid(info: SpatialInfo, reference: SpatialInfo, tolerance: float) -> None:
+    """Raise DataError if two files of a subject do not share one voxel grid."""
+    if tuple(info.original_shape) != tuple(reference.original_shape):
+        raise DataError(
+            f"{info.path}: shape {info.original_shape} differs from {reference.original_shape} of {reference.path}"
+        )
+    diff = float(np.abs(info.original_affine - reference.original_affine).max())
+    if diff > tolerance:
+        raise DataError(
+            f"{info.path}: affine differs from that of {reference.path} by {diff:.4g} mm "
+            f"(tolerance preprocessing.affine_tolerance = {tolerance:g})"
+        )
+
+
+def load_volume(
+    subject: Subject,
+    cfg: PreprocessingConfig,
+    modalities: Optional[Sequence[str]] = None,
+    label_required: bool = False,
+    num_classes: Optional[int] = None,
+    mask: Optional[Path] = None,
+) -> Volume:
+    """Load and preprocess one subject into working space.
+
+    Args:
+        subject: the subject's files.
+        cfg: the preprocessing section of the config.
+        modalities: channel order (default: the subject's order).
+        label_required: raise DataError when the subject has no label file.
+        num_classes: checks label values when ``cfg.labels`` is empty.
+        mask: a mask file, used when ``cfg.foreground == "mask"``.
+    """
+    modalities = list(modalities or subject.images)
+    channels = []
+    reference: Optional[SpatialInfo] = None
+    for modality in modalities:
+        if modality not in subject.images:
+            raise DataError(f"subject {subject.id}: no {modality} image")
+        order = cfg.modality_interpolation.get(modality, cfg.image_interpolation)
+        data, info = load_image(subject.images[modality], cfg.orientation, cfg.spacing, order=order)
+        if reference is None:
+            reference = info
+        else:
+            check_same_grid(info, reference, cfg.affine_tolerance)
+        channels.append(data)
+    assert reference is not None
+    image = np.stack(channels, axis=-1)
+
+    if cfg.normalisation == "zscore":
+        if cfg.foreground == "mask":
+            if mask is None:
+                raise DataError(f"subject {subject.id}: preprocessing.foreground is 'mask' but no mask file was found")
+            mask_data, mask_info = load_image(mask, cfg.orientation, cfg.spacing, order=0, dtype=np.uint8)
+            check_same_grid(mask_info, reference, cfg.affine_tolerance)
+            masks = [mask_data > 0] * image.shape[-1]
+        else:
+            masks = [foreground_mask(image[..., c], cfg.foreground) for c in range(image.shape[-1])]
+        image = whiten(image, masks, cfg.normalise_foreground_only)
+    else:
+        image = image.astype(np.float32, copy=False)
+
+    label = None
+    if subject.label is not None:
+        raw, label_info = load_image(subject.label, cfg.orientation, cfg.spacing, order=cfg.label_interpolation, dtype=np.float32)
+        check_same_grid(label_info, reference, cfg.affine_tolerance)
+        rounded = np.rint(raw)
+        if not np.array_equal(rounded, raw):
+            raise DataError(f"{subject.label}: label values are not integers (is this an image rather than a label map?)")
+        label = map_labels(rounded.astype(np.int32), cfg.labels, cfg.other_labels, num_classes, source=str(subject.label))
+    elif label_required:
+        raise DataError(f"subject {subject.id}: no label file")
+    return Volume(subject.id, np.ascontiguousarray(image), label, reference)

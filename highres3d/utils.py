@@ -1,0 +1,68 @@
+"""Small helpers shared by every module that writes files or reports progress."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class OutputExistsError(FileExistsError):
+    """Raised instead of silently replacing a user's file."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    Readers never see a half-written file: an exception (or Ctrl-C) removes the
+    temporary file and leaves any existing ``path`` untouched.  The temporary
+    name keeps the final suffixes (``.nii.gz``) because writers such as nibabel
+    choose the format from the extension.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def progress(iterable, total: int | None = None, desc: str = "", stream=None, enabled: bool | None = None):
+    """A dependency-free progress bar that stays quiet when output is not a terminal."""
+    stream = stream or sys.stderr
+    if enabled is None:
+        enabled = hasattr(stream, "isatty") and stream.isatty()
+    if total is None:
+        try:
+            total = len(iterable)
+        except TypeError:
+            total = None
+    if not enabled:
+        yield from iterable
+        return
+    width = 30
+    for i, item in enumerate(iterable):
+        if total:
+            done = int(width * i / total)
+            stream.write(f"\r{desc} [{'#' * done}{'.' * (width - done)}] {i}/{total}")
+        else:
+            stream.write(f"\r{desc} {i}")
+        stream.flush()
+        yield item
+    if total:
+        stream.write(f"\r{desc} [{'#' * width}] {total}/{total}\n")
+    else:
+        stream.write("\n")
+    stream.flush()
