@@ -198,6 +198,7 @@ class TrainingConfig:
     validation_windows: int = _field(4, "validation windows per validation step", _positive)
     checkpoint_every: int = _field(150, "save a checkpoint every n iterations", _positive)
     max_checkpoints: int = _field(5, "checkpoints kept (the best model is always kept)", _positive)
+    patience: int = _field(0, "stop after this many whole-volume validations without a better Dice (0 = never)", _non_negative)
     seed: int = _field(0, "seed of initialisation, sampling and augmentation")
     cache: Literal["ram", "lazy"] = _field("ram", "keep preprocessed volumes in memory or reload them")
     shuffle_buffer: int = _field(32, "windows in the shuffle buffer", _positive)
