@@ -162,11 +162,11 @@ class NetworkConfig:
 class SamplerConfig:
     """How training and validation windows are drawn."""
 
-    type: Literal["uniform", "weighted", "label", "class_weighted"] = _field("class_weighted", "window sampler ('label' = weighted by the label map, as the thesis)")
+    type: Literal["uniform", "label", "class_weighted"] = _field("class_weighted", "window sampler: 'class_weighted' (a probability per class), 'label' (centres weighted by the label map, NiftyNet's weighted sampler as the thesis ran it), 'uniform'")
     window_size: tuple[int, int, int] = _field((96, 96, 96), "training window size in voxels", _three_positive_ints)
     windows_per_volume: int = _field(1, "windows drawn from a volume before moving to the next", _positive)
     class_probabilities: Optional[tuple[float, ...]] = _field(None, "class_weighted: probability of a window centred on each class (default equal)", _probabilities)
-    edge_policy: Literal["pad", "valid"] = _field("pad", "'pad': any voxel may be a centre; 'valid': windows stay inside the volume")
+    edge_policy: Literal["pad", "valid", "clamp"] = _field("pad", "'pad': any voxel may be a centre; 'valid': windows stay inside the volume; 'clamp': windows shifted inside, padded only when the volume is smaller")
     pad_value: float = _field(0.0, "image value outside the volume (after whitening)")
     label_pad_value: int = _field(0, "label value outside the volume", _non_negative)
 

@@ -1,5 +1,5 @@
 """Test-wide settings: quiet TensorFlow, the default Keras backend, small thread pools."""
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")

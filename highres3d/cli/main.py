@@ -21,6 +21,11 @@ COMMAND_MODULES = [
     "highres3d.cli.config",
     "highres3d.cli.data",
     "highres3d.cli.show",
+    "highres3d.cli.train",
+    "highres3d.cli.experiment",
+    "highres3d.cli.infer",
+    "highres3d.cli.evaluate",
+    "highres3d.cli.inspect",
 ]
 
 
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.verbose:
         # TensorFlow's C++ start-up chatter buries the messages users need.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         return int(args.func(args) or 0)
     except Highres3dError as err:

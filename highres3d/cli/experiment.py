@@ -1,0 +1,49 @@
+"""``highres3d experiment freeze-levels|dataset-size``: the thesis' grids of runs, evaluated into results.csv."""
+from __future__ import annotations
+
+from highres3d.cli.common import add_config_arguments, load_config_from_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("experiment", help="run the freeze-level or dataset-size experiment grid",
+                                   description=__doc__)
+    sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    for name, text in (
+        ("freeze-levels", "scratch + freeze 1..5 on the whole training split (Table 6.2)"),
+        ("dataset-size", "nested subsets S1..Sn x scratch and freeze 1, 2, 3 (Tables 6.3-6.6)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        add_config_arguments(p)
+        p.add_argument("-o", "--output", help="experiment folder (default: <training.output_dir>/<experiment>_<dataset.name>)")
+        p.add_argument("--levels", help="comma-separated levels, e.g. scratch,1,2 (default: the thesis' levels)")
+        p.add_argument("--repeats", type=int, default=1, help="seeds per cell; tables report mean ± sd")
+        p.add_argument("--list", action="store_true", help="list the runs of the grid and exit")
+        p.add_argument("--only", action="append", metavar="RUN", help="run only this run (repeatable)")
+        p.add_argument("--shard", metavar="I/N", help="run every N-th run starting at the I-th (job arrays)")
+        p.add_argument("--max-iter", type=int, help="override training.max_iter")
+        p.set_defaults(func=run, grid=name)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from highres3d import experiments
+
+    if args.max_iter is not None:
+        args.overrides.append(f"training.max_iter={args.max_iter}")
+    cfg = load_config_from_args(args)
+    levels = args.levels.split(",") if args.levels else None
+    if args.grid == "freeze-levels":
+        specs = experiments.freeze_level_grid(cfg, levels or experiments.FREEZE_LEVELS, args.repeats)
+    else:
+        specs = experiments.dataset_size_grid(cfg, levels or experiments.DATASET_SIZE_LEVELS, repeats=args.repeats)
+    specs = experiments.select_runs(specs, args.only, args.shard)
+    if args.list:
+        for spec in specs:
+            print(spec.name)
+        return 0
+    folder = Path(args.output) if args.output else Path(cfg.training.output_dir) / f"{args.grid}_{cfg.dataset.name}"
+    rows = experiments.run_experiment(cfg, specs, folder, shard=args.shard)
+    print(experiments.summary_table(rows))
+    print(f"results: {experiments.results_path(folder, args.shard)}")
+    return 0

@@ -1,0 +1,288 @@
+"""The thesis' experiment grids: freeze levels (Table 6.2) and training-set sizes (Tables 6.3-6.6).
+
+An experiment is a grid of training runs derived from one config.  Each run
+trains (resuming if it was interrupted), keeps its best checkpoint by
+whole-volume validation Dice, then segments every training, validation and
+test subject on its original grid and evaluates it.  One row per subject and
+foreground class goes to ``results.csv``::
+
+    run, freeze, subset, subset_size, repeat, seed, split, subject, class,
+    dice, jaccard, hd95_mm, hausdorff_mm, iterations, best_iteration,
+    time_to_best_s, wall_time_s
+
+A grid that is interrupted resumes where it stopped: finished runs are skipped
+(their rows are already in ``results.csv``) and a half-trained run continues
+from its newest checkpoint.  ``--list``, ``--only RUN`` and ``--shard i/n``
+spread a grid over a cluster's job array; every shard writes its own
+``results.<i>of<n>.csv`` so that shards never write the same file, and
+:func:`read_results` reads them all.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from highres3d.config import Config, TransferConfig
+from highres3d.errors import ConfigError
+from highres3d.utils import atomic_path
+
+RESULT_COLUMNS = [
+    "run", "freeze", "subset", "subset_size", "repeat", "seed", "split", "subject", "class",
+    "dice", "jaccard", "hd95_mm", "hausdorff_mm", "iterations", "best_iteration", "time_to_best_s", "wall_time_s",
+]
+SCRATCH = "scratch"
+#: Table 6.2: from scratch, then the first 1..5 layer groups frozen.
+FREEZE_LEVELS = (SCRATCH, 1, 2, 3, 4, 5)
+#: Tables 6.3-6.6: from scratch and freeze 1, 2, 3 for each training-set size.
+DATASET_SIZE_LEVELS = (SCRATCH, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell (and repeat) of an experiment grid."""
+
+    name: str
+    freeze: Optional[int]  # None = from scratch (no transfer)
+    subset: Optional[int]  # 1-based training subset S_k, or None for the whole training split
+    repeat: int
+    seed: int
+
+    def config(self, base: Config) -> Config:
+        transfer = base.transfer
+        if self.freeze is None:
+            transfer = dataclasses.replace(transfer, source=None, freeze=0)
+        else:
+            transfer = dataclasses.replace(transfer, freeze=self.freeze)
+        training = dataclasses.replace(base.training, seed=self.seed)
+        return dataclasses.replace(base, transfer=transfer, training=training)
+
+
+def _level_name(freeze: Optional[int]) -> str:
+    return SCRATCH if freeze is None else f"freeze{freeze}"
+
+
+def _parse_levels(levels: Sequence) -> list[Optional[int]]:
+    out = []
+    for level in levels:
+        if level in (None, SCRATCH):
+            out.append(None)
+        else:
+            value = int(level)
+            if not 0 <= value <= 5:
+                raise ConfigError(f"freeze level {level!r}: expected 'scratch' or 0-5")
+            out.append(value)
+    return out
+
+
+def freeze_level_grid(cfg: Config, levels: Sequence = FREEZE_LEVELS, repeats: int = 1) -> list[RunSpec]:
+    """Table 6.2: scratch and each freeze level, on the whole training split."""
+    return [
+        RunSpec(f"{_level_name(level)}_r{r}" if repeats > 1 else _level_name(level), level, None, r, cfg.training.seed + r)
+        for level in _parse_levels(levels)
+        for r in range(repeats)
+    ]
+
+
+def dataset_size_grid(
+    cfg: Config, levels: Sequence = DATASET_SIZE_LEVELS, subsets: Optional[Sequence[int]] = None, repeats: int = 1
+) -> list[RunSpec]:
+    """Tables 6.3-6.6: every nested training subset S_k × scratch and freeze levels."""
+    n_subsets = len(cfg.dataset.split.subset_sizes) or len(cfg.dataset.split.subset_files)
+    if not n_subsets:
+        raise ConfigError(
+            "dataset.split.subset_sizes: the dataset-size experiment needs nested training subsets "
+            "(subset_sizes: [26, 52, 78, 105] or subset_files)"
+        )
+    subsets = list(subsets or range(1, n_subsets + 1))
+    return [
+        RunSpec(f"S{k}_{_level_name(level)}" + (f"_r{r}" if repeats > 1 else ""), level, k, r, cfg.training.seed + r)
+        for k in subsets
+        for level in _parse_levels(levels)
+        for r in range(repeats)
+    ]
+
+
+def select_runs(specs: Sequence[RunSpec], only: Optional[Sequence[str]] = None, shard: Optional[str] = None) -> list[RunSpec]:
+    """Filter a grid by run names and/or a ``i/n`` shard (1-based, round robin)."""
+    specs = list(specs)
+    if only:
+        names = {s.name for s in specs}
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ConfigError(f"--only {unknown[0]}: no such run; the grid has {', '.join(sorted(names))}")
+        specs = [s for s in specs if s.name in set(only)]
+    if shard:
+        index, count = parse_shard(shard)
+        specs = specs[index - 1::count]
+    return specs
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected i/n, e.g. 2/4") from None
+    if not 1 <= index <= count:
+        raise ConfigError(f"--shard {text!r}: expected 1 <= i <= n")
+    return index, count
+
+
+# --------------------------------------------------------------------------- results
+
+
+def results_path(folder: Path, shard: Optional[str] = None) -> Path:
+    if shard:
+        index, count = parse_shard(shard)
+        return folder / f"results.{index}of{count}.csv"
+    return folder / "results.csv"
+
+
+def read_results(folder: Path) -> list[dict]:
+    """All result rows of an experiment folder (every shard's file)."""
+    rows = []
+    for path in sorted(folder.glob("results*.csv")):
+        with open(path, newline="") as handle:
+            rows.extend(csv.DictReader(handle))
+    return rows
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path, overwrite=True) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def summary_table(rows: Sequence[dict], metric: str = "dice") -> str:
+    """Mean ± sd of a metric per run cell (repeats pooled) and split, as in the thesis tables."""
+    cells: dict[tuple[str, str], dict[str, list[float]]] = {}
+    order: list[tuple[str, str]] = []
+    for row in rows:
+        key = (row["subset"] or "all", _level_name(None if row["freeze"] in ("", "None") else int(row["freeze"])))
+        if key not in cells:
+            cells[key] = {}
+            order.append(key)
+        # Per-repeat means first, so the sd is over repeats when there are several.
+        cells[key].setdefault(row["split"], []).append(float(row[metric]) if row[metric] not in ("", "nan") else math.nan)
+    splits = ["training", "validation", "inference"]
+    header = f"{'subset':<7}{'model':<10}" + "".join(f"{s:>22}" for s in splits)
+    lines = [f"{metric} per subject (mean ± sd)", header, "-" * len(header)]
+    for key in order:
+        parts = []
+        for split in splits:
+            values = np.asarray(cells[key].get(split, []), dtype=float)
+            values = values[~np.isnan(values)]
+            if values.size == 0:
+                parts.append(f"{'-':>22}")
+            else:
+                sd = values.std(ddof=1) if values.size > 1 else 0.0
+                parts.append(f"{values.mean():>14.3f} ± {sd:<5.3f}")
+        lines.append(f"{key[0]:<7}{key[1]:<10}" + "".join(parts))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def evaluate_run(cfg: Config, run_dir: Path, subjects_by_split: dict[str, list], echo: Callable[[str], None]) -> list[dict]:
+    """Segment and score every subject of every split with a run's best model."""
+    import keras
+
+    from highres3d.data.preprocess import map_labels
+    from highres3d.evaluation import binary_metrics
+    from highres3d.inference import predict_subject
+    from highres3d.io.nifti import read_nifti
+    from highres3d.training.run import RunFolder
+
+    model = keras.models.load_model(str(RunFolder(run_dir).model_for_inference()), compile=False)
+    truth_map = cfg.evaluation.truth_labels or cfg.preprocessing.labels
+    rows = []
+    for split, subjects in subjects_by_split.items():
+        for subject in subjects:
+            prediction = predict_subject(model, subject, cfg)
+            raw, img = read_nifti(subject.label)
+            truth = map_labels(np.rint(raw).astype(np.int64), truth_map, cfg.preprocessing.other_labels,
+                               cfg.network.num_classes, source=str(subject.label))
+            spacing = img.header.get_zooms()[:3]
+            for cls in range(1, cfg.network.num_classes):
+                m = binary_metrics(prediction.labels == cls, truth == cls, spacing)
+                rows.append({"split": split, "subject": subject.id, "class": cls, "dice": m["dice"],
+                             "jaccard": m["jaccard"], "hd95_mm": m["hd95_mm"], "hausdorff_mm": m["hausdorff_mm"]})
+        echo(f"  evaluated {len(subjects)} {split} subjects")
+    return rows
+
+
+def run_experiment(
+    cfg: Config,
+    specs: Sequence[RunSpec],
+    folder: str | Path,
+    *,
+    shard: Optional[str] = None,
+    echo: Callable[[str], None] = print,
+    show_progress: Optional[bool] = None,
+) -> list[dict]:
+    """Train and evaluate every run of ``specs`` not yet in the results; return all result rows."""
+    from highres3d.data.dataset import Dataset
+    from highres3d.training import train
+    from highres3d.training.run import RunFolder
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out_path = results_path(folder, shard)
+    done = {row["run"] for row in read_results(folder)}
+    own_rows = []
+    if out_path.exists():
+        with open(out_path, newline="") as handle:
+            own_rows = list(csv.DictReader(handle))
+    if any(s.freeze is not None for s in specs) and cfg.transfer.source is None:
+        raise ConfigError(
+            "transfer.source: the freeze levels need a pretrained source model; train it first "
+            "(e.g. highres3d train --config ixi_hippocampus.yaml) and set transfer.source to its run folder"
+        )
+    dataset = Dataset.from_config(cfg.dataset)
+    for i, spec in enumerate(specs, 1):
+        if spec.name in done:
+            echo(f"[{i}/{len(specs)}] {spec.name}: already in the results, skipped")
+            continue
+        echo(f"[{i}/{len(specs)}] {spec.name}: training")
+        run_cfg = spec.config(cfg)
+        run_dir = folder / "runs" / spec.name
+        result = train(run_cfg, run_dir, resume=RunFolder(run_dir).exists(), subset=spec.subset,
+                       show_progress=show_progress, echo=lambda text: echo("  " + text))
+        state = RunFolder(run_dir).load_state()
+        splits = {
+            "training": dataset.split("training", subset=spec.subset),
+            "validation": dataset.split("validation"),
+            "inference": [s for s in dataset.split("inference") if s.label is not None],
+        }
+        time_to_best = _time_at_iteration(RunFolder(run_dir), state.best_iteration)
+        common = {
+            "run": spec.name, "freeze": "" if spec.freeze is None else spec.freeze,
+            "subset": "" if spec.subset is None else f"S{spec.subset}",
+            "subset_size": len(splits["training"]), "repeat": spec.repeat, "seed": spec.seed,
+            "iterations": result.iterations, "best_iteration": state.best_iteration or result.iterations,
+            "time_to_best_s": time_to_best, "wall_time_s": round(result.wall_time, 2),
+        }
+        for row in evaluate_run(run_cfg, run_dir, splits, echo):
+            own_rows.append({**common, **row})
+        _write_rows(out_path, own_rows)
+    return read_results(folder)
+
+
+def _time_at_iteration(run, iteration: Optional[int]) -> float:
+    from highres3d.training.run import MetricsLog
+
+    if iteration is None:
+        return math.nan
+    for it, seconds in MetricsLog(run.metrics_path).column("wall_time"):
+        if it == iteration:
+            return round(seconds, 2)
+    return math.nan

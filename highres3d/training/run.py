@@ -1,0 +1,247 @@
+"""The run folder: everything a training run writes, self-contained for ``highres3d infer``.
+
+::
+
+    runs/<name>/
+      config.yaml          the resolved config (every default filled in)
+      split.csv            the subjects of each split (NiftyNet format)
+      state.json           iteration, best score, checkpoints (rewritten atomically)
+      metrics.csv          every logged scalar, one row per logged iteration
+      checkpoints/iter_000150.keras   model + optimizer state, last ``max_checkpoints`` kept
+      best.keras           the model with the best validation Dice
+      model.keras          the final model
+      tensorboard/         TensorBoard event files
+
+Every file is written to a temporary name and renamed, so an interrupted run
+never leaves a half-written checkpoint; ``--resume`` continues from the newest
+complete checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from highres3d.config import Config, dump_config
+from highres3d.errors import Highres3dError
+from highres3d.utils import atomic_path
+
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.csv"
+BEST_MODEL = "best.keras"
+FINAL_MODEL = "model.keras"
+SPLIT_FILE = "split.csv"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class RunExistsError(Highres3dError):
+    """The run folder already holds a run and neither resume nor overwrite was asked."""
+
+
+@dataclass
+class RunState:
+    """What a run needs to continue exactly where it stopped."""
+
+    iteration: int = 0
+    best_score: Optional[float] = None
+    best_iteration: Optional[int] = None
+    validations_since_best: int = 0
+    checkpoints: list[str] = field(default_factory=list)
+    wall_time: float = 0.0
+    finished: bool = False
+    stopped_early: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunState":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(text)
+
+
+class RunFolder:
+    """Creates, reads and updates one run folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # ---- paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / STATE_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def best_model_path(self) -> Path:
+        return self.path / BEST_MODEL
+
+    @property
+    def final_model_path(self) -> Path:
+        return self.path / FINAL_MODEL
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    def checkpoint_path(self, iteration: int) -> Path:
+        return self.checkpoint_dir / f"iter_{iteration:06d}.keras"
+
+    # ---- lifecycle
+    def exists(self) -> bool:
+        return self.state_path.exists()
+
+    def prepare(self, cfg: Config, resume: bool, overwrite: bool) -> RunState:
+        """Create a new run folder, or open an existing one to resume it."""
+        if self.exists():
+            if resume:
+                return self.load_state()
+            if not overwrite:
+                raise RunExistsError(
+                    f"{self.path}: a run already exists here; pass --resume to continue it, "
+                    "--overwrite to replace it, or --run-dir for another folder"
+                )
+            shutil.rmtree(self.path)
+        elif resume and self.path.exists() and any(self.path.iterdir()):
+            raise Highres3dError(f"{self.path}: no {STATE_FILE} here, so there is nothing to resume")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir.mkdir(exist_ok=True)
+        write_text_atomic(self.config_path, f"# resolved config of this run (from {cfg.source_file})\n" + dump_config(cfg))
+        state = RunState()
+        self.save_state(state)
+        return state
+
+    def load_state(self) -> RunState:
+        try:
+            return RunState.from_dict(json.loads(self.state_path.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise Highres3dError(f"{self.state_path}: cannot read the run state ({err})") from None
+
+    def save_state(self, state: RunState) -> None:
+        write_text_atomic(self.state_path, json.dumps(asdict(state), indent=2) + "\n")
+
+    # ---- models
+    def save_model(self, model: Any, path: Path) -> Path:
+        with atomic_path(path, overwrite=True) as tmp:
+            model.save(str(tmp))
+        return path
+
+    @staticmethod
+    def loop_state_path(checkpoint: Path) -> Path:
+        """The optimizer/RNG state saved beside a checkpoint's model file."""
+        return checkpoint.with_name(checkpoint.name.replace(".keras", ".state.npz"))
+
+    def save_checkpoint(self, model: Any, loop_variables: Sequence[Any], state: RunState, keep: int) -> Path:
+        """Save the model and the loop's variables (optimizer slots, RNG states) at ``state.iteration``.
+
+        Only the newest ``keep`` checkpoints stay.  The model file holds no
+        optimizer because the training loop, not ``model.fit``, owns it.
+        """
+        path = self.save_model(model, self.checkpoint_path(state.iteration))
+        values = {f"v{i:05d}": np.asarray(v) for i, v in enumerate(loop_variables)}
+        with atomic_path(self.loop_state_path(path), overwrite=True) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **values)
+        if path.name not in state.checkpoints:
+            state.checkpoints.append(path.name)
+        while len(state.checkpoints) > keep:
+            old = self.checkpoint_dir / state.checkpoints.pop(0)
+            old.unlink(missing_ok=True)
+            self.loop_state_path(old).unlink(missing_ok=True)
+        return path
+
+    def restore_loop_variables(self, checkpoint: Path, loop_variables: Sequence[Any]) -> None:
+        """Assign the values saved by :meth:`save_checkpoint` to the same list of variables."""
+        path = self.loop_state_path(checkpoint)
+        if not path.exists():
+            raise Highres3dError(f"{path}: the optimizer state of checkpoint {checkpoint.name} is missing")
+        with np.load(path) as data:
+            values = [data[k] for k in sorted(data.files)]
+        if len(values) != len(loop_variables):
+            raise Highres3dError(
+                f"{path}: holds {len(values)} optimizer/RNG variables, the run has {len(loop_variables)} "
+                "(were the freeze or augmentation settings changed since the checkpoint?)"
+            )
+        for variable, value in zip(loop_variables, values):
+            variable.assign(value)
+
+    def latest_checkpoint(self, state: RunState) -> Optional[Path]:
+        for name in reversed(state.checkpoints):
+            path = self.checkpoint_dir / name
+            if path.exists():
+                return path
+        return None
+
+    def model_for_inference(self) -> Path:
+        """The model ``highres3d infer`` should use: best, else final, else the newest checkpoint."""
+        for path in (self.best_model_path, self.final_model_path):
+            if path.exists():
+                return path
+        checkpoint = self.latest_checkpoint(self.load_state()) if self.exists() else None
+        if checkpoint is None:
+            raise Highres3dError(f"{self.path}: no trained model here ({BEST_MODEL}, {FINAL_MODEL} or checkpoints)")
+        return checkpoint
+
+
+class MetricsLog:
+    """Appends rows of scalars to ``metrics.csv``; the header grows as new scalars appear."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if path.exists():
+            with open(path, newline="") as handle:
+                self.rows = [dict(row) for row in csv.DictReader(handle)]
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop rows logged after ``iteration`` (a resumed run logs them again)."""
+        self.rows = [row for row in self.rows if int(float(row["iteration"])) <= iteration]
+        self.flush()
+
+    def log(self, iteration: int, values: dict[str, float]) -> None:
+        row = {"iteration": iteration}
+        row.update(values)
+        if self.rows and int(float(self.rows[-1]["iteration"])) == iteration:
+            self.rows[-1].update(row)
+        else:
+            self.rows.append(row)
+
+    def flush(self) -> None:
+        columns: list[str] = []
+        for row in self.rows:
+            for key in row:
+                if key not in columns:
+                    columns.append(key)
+        with atomic_path(self.path, overwrite=True) as tmp:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns or ["iteration"])
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+    def column(self, name: str) -> list[tuple[int, float]]:
+        out = []
+        for row in self.rows:
+            value = row.get(name)
+            if value not in (None, ""):
+                out.append((int(float(row["iteration"])), float(value)))
+        return out

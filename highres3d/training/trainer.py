@@ -1,0 +1,465 @@
+"""``highres3d train``: iteration-based training of HighResNet3D from a config.
+
+The loop is explicit rather than ``model.fit`` because the thesis' protocol is
+iteration-based (``max_iter``, validation and checkpoints every *n*
+iterations) and a resumed run must continue bit-for-bit: every training window
+is a pure function of ``(seed, element index)``, so resuming at iteration *i*
+restarts the window stream at element ``i * batch_size`` and, with the
+restored weights and optimizer state, reproduces the uninterrupted loss curve.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from highres3d.config import Config
+from highres3d.data.dataset import Dataset, write_split_csv
+from highres3d.data.preprocess import Volume, load_volume
+from highres3d.errors import ConfigError, DataError, Highres3dError
+from highres3d.training.run import MetricsLog, RunFolder, RunState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or early-stopped) run produced."""
+
+    run_dir: Path
+    iterations: int
+    best_score: Optional[float]
+    best_iteration: Optional[int]
+    wall_time: float
+    stopped_early: bool
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_model(cfg: Config):
+    """The network of a config (logits output)."""
+    from highres3d.models import HighResNet3D
+
+    return HighResNet3D(
+        in_channels=cfg.in_channels,
+        num_classes=cfg.network.num_classes,
+        activation=cfg.network.activation,
+        width_multiplier=cfg.network.width_multiplier,
+        l2=cfg.network.l2_decay,
+    )
+
+
+def build_optimizer(cfg: Config):
+    import keras
+
+    t = cfg.training
+    lr: Any = t.lr
+    if t.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(t.lr, decay_steps=t.max_iter, alpha=0.01)
+    elif t.lr_schedule == "step":
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [int(t.max_iter * 0.5), int(t.max_iter * 0.75)], [t.lr, t.lr * 0.1, t.lr * 0.01]
+        )
+    optimizers = {
+        "adam": lambda: keras.optimizers.Adam(lr, beta_1=0.9, beta_2=0.999, epsilon=1e-8),
+        "adamw": lambda: keras.optimizers.AdamW(lr),
+        "sgd": lambda: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
+        "rmsprop": lambda: keras.optimizers.RMSprop(lr),
+    }
+    optimizer = optimizers[t.optimizer]()
+    if t.mixed_precision:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def build_loss(cfg: Config):
+    from highres3d.losses import get_loss
+
+    kwargs = {}
+    if cfg.training.class_weights is not None:
+        kwargs["class_weights"] = list(cfg.training.class_weights)
+    return get_loss(cfg.training.loss, **kwargs)
+
+
+def build_sampler(cfg: Config):
+    """The training window sampler of a config."""
+    from highres3d import samplers
+
+    s = cfg.sampler
+    common = dict(edge=s.edge_policy, image_pad_value=s.pad_value, label_pad_value=s.label_pad_value)
+    if s.type == "uniform":
+        return samplers.UniformSampler(s.window_size, **common)
+    if s.type == "label":
+        return samplers.WeightedSampler(s.window_size, "label", **common)
+    return samplers.ClassWeightedSampler(s.window_size, s.class_probabilities, **common)
+
+
+def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None]) -> list[Volume]:
+    """Preprocess subjects into RAM, reporting the memory they take."""
+    volumes = []
+    start = time.perf_counter()
+    for subject in subjects:
+        volumes.append(
+            load_volume(subject, cfg.preprocessing, cfg.dataset.modalities, label_required=True,
+                        num_classes=cfg.network.num_classes)
+        )
+    total = sum(v.nbytes for v in volumes)
+    echo(f"{what}: {len(volumes)} subjects preprocessed in {time.perf_counter() - start:.1f} s, "
+         f"{total / 2**20:.1f} MiB in RAM")
+    return volumes
+
+
+def _foreground_dice(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over foreground classes; a class absent from both counts as 1."""
+    scores = []
+    for c in range(1, num_classes):
+        p, t = prediction == c, truth == c
+        denom = p.sum() + t.sum()
+        scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(p, t).sum() / denom)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Runs one training run described by a config into a run folder."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Optional[str | os.PathLike] = None,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        subset: Optional[int] = None,
+        stop_after: Optional[int] = None,
+        show_progress: Optional[bool] = None,
+        echo: Callable[[str], None] = print,
+    ):
+        self.cfg = cfg
+        name = cfg.dataset.name + (f"_S{subset}" if subset else "")
+        self.run = RunFolder(run_dir if run_dir is not None else Path(cfg.training.output_dir) / name)
+        self.resume = resume
+        self.overwrite = overwrite
+        self.subset = subset
+        self.stop_after = stop_after
+        self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+        self.echo = echo
+
+    # ---- setup
+    def _data(self):
+        cfg = self.cfg
+        dataset = Dataset.from_config(cfg.dataset)
+        for problem in dataset.problems:
+            self.echo(f"warning: {problem}")
+        train_subjects = dataset.split("training", subset=self.subset)
+        val_subjects = dataset.split("validation")
+        if not train_subjects:
+            raise DataError(f"{cfg.dataset.root}: no training subjects (splits: {dataset.counts()})")
+        if not self.run.path.joinpath("split.csv").exists():
+            chosen = {s.id: "training" for s in train_subjects}
+            chosen.update({sid: split for sid, split in dataset.splits.items() if split != "training"})
+            write_split_csv(chosen, self.run.path / "split.csv", overwrite=True)
+        self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo)
+        self.val_volumes = load_volumes(val_subjects, cfg, "validation", self.echo) if val_subjects else []
+
+    def _model(self, state: RunState):
+        import keras
+
+        from highres3d import transfer
+
+        cfg = self.cfg
+        keras.utils.set_random_seed(cfg.training.seed)
+        if cfg.training.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        model = build_model(cfg)
+        checkpoint = self.run.latest_checkpoint(state) if state.iteration > 0 else None
+        if checkpoint is not None:
+            model.load_weights(str(checkpoint))
+            self.echo(f"resumed from {checkpoint} at iteration {state.iteration}")
+        elif cfg.transfer.source is not None:
+            transfer.load_weights(model, cfg.transfer.source, channel_init=cfg.transfer.channel_init,
+                                  print_fn=self.echo)
+        if cfg.transfer.freeze:
+            report = transfer.freeze(model, cfg.transfer.freeze, bn_policy=cfg.transfer.bn_policy)
+            self.echo(report.summary())
+        return model
+
+    # ---- run
+    def fit(self) -> TrainResult:
+        import keras
+        import tensorflow as tf
+
+        cfg = self.cfg
+        t = cfg.training
+        state = self.run.prepare(cfg, resume=self.resume, overwrite=self.overwrite)
+        if state.finished:
+            self.echo(f"{self.run.path}: this run already finished ({state.iteration} iterations)")
+            return self._result(state)
+        self._data()
+        strategy = _strategy(t.strategy)
+        with strategy.scope():
+            model = self._model(state)
+            optimizer = build_optimizer(cfg)
+            loss_fn = build_loss(cfg)
+            trainable = model.trainable_variables
+            optimizer.build(trainable)
+            augment_layer = self._device_augmentation()
+            if state.iteration > 0:
+                self.run.restore_loop_variables(self.run.latest_checkpoint(state), _loop_variables(optimizer, augment_layer))
+        batches = self._training_batches(strategy, build_sampler(cfg), start_batch=state.iteration)
+
+        def step(images, labels):
+            if augment_layer is not None:
+                images, labels = augment_layer((images, labels), training=True)
+            with tf.GradientTape() as tape:
+                logits = model(images, training=True)
+                loss = loss_fn(labels, logits)
+                if model.losses:
+                    loss = loss + tf.add_n(model.losses)
+                scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
+            grads = tape.gradient(scaled, trainable)
+            optimizer.apply_gradients(zip(grads, trainable))
+            return loss
+
+        @tf.function
+        def train_step(images, labels):
+            per_replica = strategy.run(step, args=(images, labels))
+            return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+
+        validation = self._validation_windows() if self.val_volumes else None
+        # A plain compiled call: Keras' predict_on_batch would split batches across replicas.
+        self._infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        log = MetricsLog(self.run.metrics_path)
+        log.truncate_after(state.iteration)
+        writer = tf.summary.create_file_writer(str(self.run.tensorboard_dir))
+        iterator = iter(batches)
+        start_iter = state.iteration
+        stop = t.max_iter if self.stop_after is None else min(t.max_iter, self.stop_after)
+        self.echo(f"training {model.count_params():,} parameters "
+                  f"({sum(int(np.prod(v.shape)) for v in trainable):,} trainable) "
+                  f"for iterations {start_iter + 1}..{stop} -> {self.run.path}")
+        clock = time.perf_counter()
+        wall_before = state.wall_time
+        bar = _Bar(stop - start_iter, self.show_progress)
+        while state.iteration < stop:
+            images, labels = next(iterator)
+            loss = float(train_step(images, labels))
+            if not math.isfinite(loss):
+                raise Highres3dError(
+                    f"iteration {state.iteration + 1}: the loss is {loss}; lower training.lr or check the data "
+                    "(highres3d data check)"
+                )
+            state.iteration += 1
+            state.wall_time = wall_before + time.perf_counter() - clock
+            row = {"loss": loss, "lr": _current_lr(optimizer), "wall_time": state.wall_time}
+            bar.update(f"iter {state.iteration}/{t.max_iter} loss {loss:.4f}")
+            if validation is not None and state.iteration % t.validation_every == 0:
+                row.update(self._validate(model, loss_fn, validation))
+            if state.iteration % t.checkpoint_every == 0 or state.iteration == t.max_iter:
+                if self.val_volumes:
+                    row["val_volume_dice"] = self._validate_volumes(model)
+                    self._update_best(model, state, row["val_volume_dice"])
+                self.run.save_checkpoint(model, _loop_variables(optimizer, augment_layer), state, t.max_checkpoints)
+            log.log(state.iteration, row)
+            with writer.as_default(step=state.iteration):
+                for key, value in row.items():
+                    tf.summary.scalar(key, value)
+            if state.iteration % t.checkpoint_every == 0 or state.iteration == stop:
+                log.flush()
+                self.run.save_state(state)
+            if t.patience and state.validations_since_best >= t.patience:
+                state.stopped_early = True
+                self.echo(f"early stop at iteration {state.iteration}: no better validation Dice "
+                          f"in {t.patience} whole-volume validations (best {state.best_score:.4f} "
+                          f"at {state.best_iteration})")
+                break
+        bar.close()
+        writer.flush()
+        if state.iteration >= t.max_iter or state.stopped_early:
+            state.finished = True
+            self.run.save_model(model, self.run.final_model_path)
+            if not self.val_volumes:
+                self.run.save_model(model, self.run.best_model_path)
+        log.flush()
+        self.run.save_state(state)
+        return self._result(state)
+
+    def _result(self, state: RunState) -> TrainResult:
+        return TrainResult(self.run.path, state.iteration, state.best_score, state.best_iteration,
+                           state.wall_time, state.stopped_early)
+
+    # ---- data
+    def _augmentation(self):
+        from highres3d.augment import AffineAugmentation
+
+        a = self.cfg.augmentation
+        augmentation = AffineAugmentation(
+            max_rotation_deg=a.rotation_degrees, scale_range=a.scaling_percent / 100.0, flip_axes=tuple(a.flip_axes),
+            intensity_scale=a.intensity_scale, intensity_shift=a.intensity_shift,
+        )
+        return None if augmentation.is_identity else augmentation
+
+    def _training_batches(self, strategy, sampler, start_batch: int):
+        """The window stream, positioned at batch ``start_batch`` (a resumed run continues the same stream)."""
+        from highres3d.data.pipeline import make_training_dataset
+
+        cfg = self.cfg
+        augmentation = self._augmentation()
+
+        def dataset_fn(input_context):
+            dataset = make_training_dataset(
+                self.train_volumes,
+                sampler,
+                batch_size=cfg.training.batch_size,
+                windows_per_volume=cfg.sampler.windows_per_volume,
+                shuffle_buffer=cfg.training.shuffle_buffer,
+                augmentation=augmentation,
+                augment_on="device" if cfg.augmentation.device == "accelerator" else "cpu",
+                seed=cfg.training.seed,
+                input_context=input_context,
+                verbose=False,
+            )
+            return dataset.skip(start_batch)
+
+        return strategy.distribute_datasets_from_function(dataset_fn)
+
+    def _device_augmentation(self):
+        """The on-device resampling layer, when augmentation runs inside the training step."""
+        augmentation = self._augmentation()
+        if augmentation is None or self.cfg.augmentation.device != "accelerator":
+            return None
+        from highres3d.augment import RandomAffine3D
+
+        return RandomAffine3D(
+            self.cfg.sampler.window_size, max_rotation_deg=augmentation.max_rotation_deg,
+            scale_range=augmentation.scale_range, flip_axes=augmentation.flip_axes,
+            intensity_scale=augmentation.intensity_scale, intensity_shift=augmentation.intensity_shift,
+            seed=self.cfg.training.seed,
+        )
+
+    def _validation_windows(self):
+        """A fixed set of validation windows, drawn once, so scores are comparable across iterations."""
+        cfg = self.cfg
+        sampler = build_sampler(cfg)
+        rng = np.random.default_rng(cfg.training.seed + 7919)
+        images, labels = [], []
+        for i in range(cfg.training.validation_windows):
+            volume = self.val_volumes[i % len(self.val_volumes)]
+            start = sampler.locations(volume, 1, rng)[0]
+            window = sampler.crop(volume, start)
+            images.append(window.image)
+            labels.append(window.label)
+        return np.stack(images), np.stack(labels)
+
+    def _validate(self, model, loss_fn, validation) -> dict[str, float]:
+        images, labels = validation
+        batch = self.cfg.training.batch_size
+        losses, predictions = [], []
+        for first in range(0, len(images), batch):
+            logits = self._infer(images[first:first + batch])
+            losses.append(float(loss_fn(labels[first:first + batch], logits)) * len(images[first:first + batch]))
+            predictions.append(np.argmax(np.asarray(logits), axis=-1))
+        prediction = np.concatenate(predictions)
+        return {"val_loss": sum(losses) / len(images),
+                "val_window_dice": _foreground_dice(prediction, labels, self.cfg.network.num_classes)}
+
+    def _validate_volumes(self, model) -> float:
+        from highres3d.inference import predict_volume
+
+        inf = self.cfg.inference
+        scores = []
+        for volume in self.val_volumes:
+            window = None if inf.mode == "whole_volume" else inf.window_size
+            prediction = predict_volume(self._infer, volume.image, window, overlap=inf.overlap, blend=inf.blend,
+                                        batch_size=inf.batch_size)
+            scores.append(_foreground_dice(prediction, volume.label, self.cfg.network.num_classes))
+        return float(np.mean(scores))
+
+    def _update_best(self, model, state: RunState, score: float) -> None:
+        if state.best_score is None or score > state.best_score:
+            state.best_score = score
+            state.best_iteration = state.iteration
+            state.validations_since_best = 0
+            self.run.save_model(model, self.run.best_model_path)
+        else:
+            state.validations_since_best += 1
+
+
+def _augments(a) -> bool:
+    return bool(a.rotation_degrees or a.scaling_percent or a.flip_axes or a.intensity_scale or a.intensity_shift)
+
+
+def _strategy(name: str):
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _current_lr(optimizer) -> float:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    lr = inner.learning_rate
+    return float(np.asarray(lr))
+
+
+def _loop_variables(optimizer, augment_layer) -> list:
+    """Everything besides the weights that a resumed run needs: optimizer slots and RNG states."""
+    variables = list(optimizer.variables)
+    if augment_layer is not None:
+        variables.append(augment_layer.seed_generator.state)
+    return variables
+
+
+class _Bar:
+    """A one-line progress display for the training loop (silent when not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total = max(total, 1)
+        self.enabled = enabled
+        self.count = 0
+        self.start = time.perf_counter()
+
+    def update(self, text: str) -> None:
+        self.count += 1
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.count * (self.total - self.count)
+        width = 24
+        done = int(width * self.count / self.total)
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {text}  {elapsed:.0f}s elapsed, ~{eta:.0f}s left ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def train(
+    cfg: Config,
+    run_dir: Optional[str | os.PathLike] = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    subset: Optional[int] = None,
+    stop_after: Optional[int] = None,
+    show_progress: Optional[bool] = None,
+    echo: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train the model a config describes; see :class:`Trainer`."""
+    return Trainer(cfg, run_dir, resume=resume, overwrite=overwrite, subset=subset, stop_after=stop_after,
+                   show_progress=show_progress, echo=echo).fit()

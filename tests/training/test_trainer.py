@@ -1,0 +1,121 @@
+"""``highres3d train``: run folder, checkpoints, best model, resume, transfer with freezing."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from highres3d.config import load_config
+from highres3d.data.synth import synthesize_brats
+from highres3d.training import train
+from highres3d.training.run import RunExistsError
+
+TINY = [
+    "sampler.window_size=[16,16,16]",
+    "network.width_multiplier=0.25",
+    "training.max_iter=6",
+    "training.batch_size=2",
+    "training.validation_every=2",
+    "training.checkpoint_every=2",
+    "training.max_checkpoints=2",
+    "training.validation_windows=2",
+    "inference.window_size=[32,32,32]",
+    "augmentation.device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("brats")
+    synthesize_brats(root, 5, size="small", seed=3)
+    return root
+
+
+def tiny_config(data, *extra):
+    return load_config("demo/brats.yaml", overrides=TINY + list(extra), data_root=data)
+
+
+def losses(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def test_run_folder_is_complete_and_self_contained(data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(tiny_config(data), run_dir, echo=lambda *_: None)
+    assert result.iterations == 6
+    for name in ("config.yaml", "state.json", "metrics.csv", "best.keras", "model.keras", "split.csv"):
+        assert (run_dir / name).exists(), name
+    assert any((run_dir / "tensorboard").iterdir())
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.keras"))
+    assert checkpoints == ["iter_000004.keras", "iter_000006.keras"]  # max_checkpoints = 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.npz")) == [
+        "iter_000004.state.npz", "iter_000006.state.npz"]
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["finished"] and state["iteration"] == 6 and state["best_iteration"] in (2, 4, 6)
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[1]["val_window_dice"] and rows[1]["val_volume_dice"] and not rows[0]["val_loss"]
+    assert not list(run_dir.rglob("*.part*"))
+    # the saved config reloads to the same settings
+    again = load_config(run_dir / "config.yaml")
+    assert again.sampler.window_size == (16, 16, 16) and again.training.max_iter == 6
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(tiny_config(data), run_dir, echo=lambda *_: None)
+
+
+@pytest.mark.parametrize("device", ["cpu", "accelerator"])
+def test_resume_gives_the_same_loss_curve(data, tmp_path, device):
+    extra = ["augmentation.rotation_degrees=10", "augmentation.scaling_percent=10", f"augmentation.device={device}"]
+    cfg = tiny_config(data, *extra)
+    full = tmp_path / "full"
+    train(cfg, full, echo=lambda *_: None)
+    split = tmp_path / "split"
+    first = train(cfg, split, stop_after=4, echo=lambda *_: None)  # "killed" after the checkpoint at 4
+    assert first.iterations == 4
+    train(cfg, split, resume=True, echo=lambda *_: None)
+    np.testing.assert_allclose(losses(split), losses(full), rtol=1e-4, atol=1e-6)
+    assert len(losses(split)) == 6
+
+
+def test_transfer_with_frozen_groups(data, tmp_path):
+    import keras
+
+    source = tmp_path / "source"
+    train(tiny_config(data), source, echo=lambda *_: None)
+    target = tmp_path / "target"
+    cfg = tiny_config(data, f"transfer.source={source}", "transfer.freeze=2", "training.lr=0.01")
+    train(cfg, target, echo=lambda *_: None)
+    before = keras.models.load_model(str(source / "best.keras"), compile=False)
+    after = keras.models.load_model(str(target / "model.keras"), compile=False)
+    for group in ("conv_0", "res_1_0", "res_1_2"):
+        for w0, w1 in zip(before.get_layer(group).trainable_weights, after.get_layer(group).trainable_weights):
+            if "moving" in w0.path:
+                continue
+            np.testing.assert_array_equal(np.asarray(w0), np.asarray(w1), err_msg=w0.path)
+    changed = [not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(before.get_layer("res_3_0").trainable_weights, after.get_layer("res_3_0").trainable_weights)]
+    assert any(changed)
+
+
+MIRRORED = """
+import sys, tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+from highres3d.config import load_config
+from highres3d.training import train
+cfg = load_config("demo/brats.yaml", overrides=sys.argv[3:], data_root=sys.argv[1])
+result = train(cfg, sys.argv[2], echo=print)
+print("REPLICAS", tf.distribute.MirroredStrategy().num_replicas_in_sync, "ITER", result.iterations)
+"""
+
+
+def test_mirrored_strategy_on_two_logical_cpus(data, tmp_path):
+    overrides = TINY + ["training.strategy=mirrored", "training.max_iter=2"]
+    out = subprocess.run([sys.executable, "-c", MIRRORED, str(data), str(tmp_path / "run")] + overrides,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REPLICAS 2 ITER 2" in out.stdout
