@@ -586,12 +586,11 @@ def load_config(
     raw = _load_raw(file, ())
     for text in overrides or []:
         keys, value = _parse_override(text)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {text}: {'.'.join(keys[:-1])} is not a section")
-        node[keys[-1]] = _resolve_path_values(value, Path.cwd()) if keys[-1] in ("root", "source", "file", "output_dir") else value
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        # Paths typed on the command line are relative to where the user is.
+        raw = _deep_merge(raw, _absolutise(nested, Config, Path.cwd()))
     root = data_root if data_root is not None else os.environ.get("HIGHRES3D_DATA_ROOT")
     if root:
         raw.setdefault("dataset", {})["root"] = str(Path(root).expanduser().resolve())

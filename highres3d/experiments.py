@@ -170,7 +170,7 @@ def summary_table(rows: Sequence[dict], metric: str = "dice") -> str:
         if key not in cells:
             cells[key] = {}
             order.append(key)
-        # Per-repeat means first, so the sd is over repeats when there are several.
+        # Subjects of all repeats are pooled, as the thesis pooled subjects (one repeat per cell).
         cells[key].setdefault(row["split"], []).append(float(row[metric]) if row[metric] not in ("", "nan") else math.nan)
     splits = ["training", "validation", "inference"]
     header = f"{'subset':<7}{'model':<10}" + "".join(f"{s:>22}" for s in splits)
@@ -192,22 +192,33 @@ def summary_table(rows: Sequence[dict], metric: str = "dice") -> str:
 # --------------------------------------------------------------------------- running
 
 
-def evaluate_run(cfg: Config, run_dir: Path, subjects_by_split: dict[str, list], echo: Callable[[str], None]) -> list[dict]:
-    """Segment and score every subject of every split with a run's best model."""
-    import keras
+def evaluate_run(
+    cfg: Config,
+    run_dir: Path,
+    subjects_by_split: dict[str, list],
+    echo: Callable[[str], None],
+    save_dir: Optional[Path] = None,
+) -> list[dict]:
+    """Segment and score every subject of every split with a run's best model.
 
+    With ``save_dir``, the test (``inference``) segmentations are also written
+    there as ``<subject>_seg.nii.gz`` on each subject's original grid.
+    """
     from highres3d.data.preprocess import map_labels
     from highres3d.evaluation import binary_metrics
     from highres3d.inference import predict_subject
-    from highres3d.io.nifti import read_nifti
+    from highres3d.io.nifti import read_nifti, save_like
     from highres3d.training.run import RunFolder
+    from highres3d.transfer import load_model
 
-    model = keras.models.load_model(str(RunFolder(run_dir).model_for_inference()), compile=False)
+    model = load_model(RunFolder(run_dir).model_for_inference())
     truth_map = cfg.evaluation.truth_labels or cfg.preprocessing.labels
     rows = []
     for split, subjects in subjects_by_split.items():
         for subject in subjects:
             prediction = predict_subject(model, subject, cfg)
+            if save_dir is not None and split == "inference":
+                save_like(prediction.labels, prediction.info, Path(save_dir) / f"{subject.id}_seg.nii.gz", overwrite=True)
             raw, img = read_nifti(subject.label)
             truth = map_labels(np.rint(raw).astype(np.int64), truth_map, cfg.preprocessing.other_labels,
                                cfg.network.num_classes, source=str(subject.label))
@@ -228,8 +239,12 @@ def run_experiment(
     shard: Optional[str] = None,
     echo: Callable[[str], None] = print,
     show_progress: Optional[bool] = None,
+    save_predictions: bool = False,
 ) -> list[dict]:
-    """Train and evaluate every run of ``specs`` not yet in the results; return all result rows."""
+    """Train and evaluate every run of ``specs`` not yet in the results; return all result rows.
+
+    ``save_predictions`` writes each run's test segmentations to ``<folder>/predictions/<run>/``.
+    """
     from highres3d.data.dataset import Dataset
     from highres3d.training import train
     from highres3d.training.run import RunFolder
@@ -271,7 +286,8 @@ def run_experiment(
             "iterations": result.iterations, "best_iteration": state.best_iteration or result.iterations,
             "time_to_best_s": time_to_best, "wall_time_s": round(result.wall_time, 2),
         }
-        for row in evaluate_run(run_cfg, run_dir, splits, echo):
+        save_dir = folder / "predictions" / spec.name if save_predictions else None
+        for row in evaluate_run(run_cfg, run_dir, splits, echo, save_dir):
             own_rows.append({**common, **row})
         _write_rows(out_path, own_rows)
     return read_results(folder)

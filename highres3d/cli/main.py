@@ -17,6 +17,7 @@ from highres3d.errors import Highres3dError
 
 # Order here is the order shown by ``highres3d --help``.
 COMMAND_MODULES = [
+    "highres3d.cli.demo",
     "highres3d.cli.synth",
     "highres3d.cli.config",
     "highres3d.cli.data",

@@ -1,0 +1,38 @@
+"""``highres3d demo`` end to end, shrunk to seconds (tiny windows, a narrow net, 2 iterations)."""
+import csv
+
+from highres3d.cli.main import main
+
+QUICK = [
+    "--set", "sampler.window_size=[16,16,16]",
+    "--set", "network.width_multiplier=0.25",
+    "--set", "training.validation_every=2",
+    "--set", "training.checkpoint_every=2",
+    "--set", "inference.window_size=[32,32,32]",
+]
+
+
+def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "-o", str(out), "--iterations", "2", "--ixi-subjects", "4", "--brats-subjects", "6",
+            "--no-progress"] + QUICK
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "scratch" in printed and "freeze2" in printed and "dice per subject" in printed
+    with open(out / "brats_experiment" / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["run"] for r in rows} == {"scratch", "freeze2"}
+    assert {r["split"] for r in rows} == {"training", "validation", "inference"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows if r["dice"] != "nan")
+    test_subjects = {r["subject"] for r in rows if r["split"] == "inference"}
+    for subject in test_subjects:
+        assert (out / "brats_experiment" / "predictions" / "freeze2" / f"{subject}_seg.nii.gz").exists()
+        assert (out / "overlays" / f"{subject}_truth.png").exists()
+        assert (out / "overlays" / f"{subject}_scratch.png").exists()
+    # the fine-tuned run started from the source model and froze conv_0 + res_1
+    assert (out / "runs" / "ixi_source" / "best.keras").exists()
+    config = (out / "brats_experiment" / "runs" / "freeze2" / "config.yaml").read_text()
+    assert "freeze: 2" in config and "ixi_source" in config
+    # a second run reuses everything
+    assert main(args) == 0
+    assert "already in the results, skipped" in capsys.readouterr().out
