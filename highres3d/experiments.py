@@ -14,7 +14,7 @@ A grid that is interrupted resumes where it stopped: finished runs are skipped
 (their rows are already in ``results.csv``) and a half-trained run continues
 from its newest checkpoint.  ``--list``, ``--only RUN`` and ``--shard i/n``
 spread a grid over a cluster's job array; every shard writes its own
-``results.<i>of<n>.csv`` so that shards never write the same file, and
+``results.<i>of<n>.csv`` (shards numbered from 0) so that shards never write the same file, and
 :func:`read_results` reads them all.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 
 from highres3d.config import Config, TransferConfig
 from highres3d.errors import ConfigError
-from highres3d.utils import atomic_path
+from highres3d.utils import atomic_path, parse_shard
 
 RESULT_COLUMNS = [
     "run", "freeze", "subset", "subset_size", "repeat", "seed", "split", "subject", "class",
@@ -110,7 +110,7 @@ def dataset_size_grid(
 
 
 def select_runs(specs: Sequence[RunSpec], only: Optional[Sequence[str]] = None, shard: Optional[str] = None) -> list[RunSpec]:
-    """Filter a grid by run names and/or a ``i/n`` shard (1-based, round robin)."""
+    """Filter a grid by run names and/or an ``I/N`` shard (0-based, round robin)."""
     specs = list(specs)
     if only:
         names = {s.name for s in specs}
@@ -120,18 +120,8 @@ def select_runs(specs: Sequence[RunSpec], only: Optional[Sequence[str]] = None, 
         specs = [s for s in specs if s.name in set(only)]
     if shard:
         index, count = parse_shard(shard)
-        specs = specs[index - 1::count]
+        specs = specs[index::count]
     return specs
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {text!r}: expected i/n, e.g. 2/4") from None
-    if not 1 <= index <= count:
-        raise ConfigError(f"--shard {text!r}: expected 1 <= i <= n")
-    return index, count
 
 
 # --------------------------------------------------------------------------- results

@@ -41,6 +41,21 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """Parse ``--shard I/N`` (0 <= I < N, numbered from 0 like nnU-Net's parts); None means ``0/1``."""
+    from highres3d.errors import ConfigError
+
+    if not text:
+        return 0, 1
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard {text}: I must satisfy 0 <= I < N (shards are numbered from 0)")
+    return index, count
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

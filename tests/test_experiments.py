@@ -32,15 +32,15 @@ def test_select_runs_only_and_shards():
     cfg = load_config("brats_freeze2.yaml")
     specs = experiments.freeze_level_grid(cfg)
     assert [s.name for s in experiments.select_runs(specs, only=["freeze2"])] == ["freeze2"]
-    shards = [experiments.select_runs(specs, shard=f"{i}/3") for i in (1, 2, 3)]
+    shards = [experiments.select_runs(specs, shard=f"{i}/3") for i in (0, 1, 2)]
     assert sorted(s.name for shard in shards for s in shard) == sorted(s.name for s in specs)
     assert [s.name for s in shards[0]] == ["scratch", "freeze3"]
     with pytest.raises(ConfigError, match="no such run"):
         experiments.select_runs(specs, only=["freeze9"])
-    with pytest.raises(ConfigError, match="i/n"):
+    with pytest.raises(ConfigError, match="I/N"):
         experiments.select_runs(specs, shard="2")
-    with pytest.raises(ConfigError, match="1 <= i <= n"):
-        experiments.select_runs(specs, shard="4/3")
+    with pytest.raises(ConfigError, match="0 <= I < N"):
+        experiments.select_runs(specs, shard="3/3")
 
 
 def test_summary_table_mean_and_sd():

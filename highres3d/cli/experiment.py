@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         p.add_argument("--repeats", type=int, default=1, help="seeds per cell; tables report mean ± sd")
         p.add_argument("--list", action="store_true", help="list the runs of the grid and exit")
         p.add_argument("--only", action="append", metavar="RUN", help="run only this run (repeatable)")
-        p.add_argument("--shard", metavar="I/N", help="run every N-th run starting at the I-th (job arrays)")
+        p.add_argument("--shard", metavar="I/N", help="run every N-th run starting at the I-th, I from 0 (job arrays)")
         p.add_argument("--max-iter", type=int, help="override training.max_iter")
         p.set_defaults(func=run, grid=name)
 

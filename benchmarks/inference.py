@@ -1,0 +1,272 @@
+"""Whole-volume inference: tiling + stitching cost of highres3d vs MONAI and TorchIO.
+
+A 2x240x240x155 volume (BraTS size) goes through a trivial 1x1x1 convolution
+(2 -> 2 channels) with 96^3 windows at overlap 0 / 0.25 / 0.5 in every blending
+mode.  Each method's model calls are timed separately, so the table shows the
+whole call and the stitching part (whole call minus model time): extracting
+windows, blending, normalising and producing the output.  highres3d is asked
+for labels (argmax, uint8), its default product; MONAI and TorchIO return the
+blended logits, and their argmax is not included in their times.
+
+The peers (torch) live in another virtual environment: the script re-runs
+itself there with ``--peers-json`` and merges the result into one table.
+
+``--real-net`` adds the real HighRes3DNet over the whole volume (windows 144^3,
+overlap 0.25, gaussian, batch 1, and highres3d's whole-volume pass) against
+MONAI's HighResNet with the same settings.  It takes minutes per method on a
+CPU.
+
+    flock /work/bench.lock python benchmarks/inference.py [--reps 3] [--real-net]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPE = (240, 240, 155)
+CHANNELS = 2
+ROI = 96
+OVERLAPS = (0.0, 0.25, 0.5)
+PEERS_PYTHON = Path(os.environ.get("HIGHRES3D_PEERS_PYTHON", "/work/.peers-venv/bin/python"))
+
+
+def make_volume() -> np.ndarray:
+    """(X, Y, Z, C) float32; values do not matter for timing, the size does."""
+    return np.random.default_rng(0).standard_normal(SHAPE + (CHANNELS,), dtype=np.float32)
+
+
+def timed(fn, reps: int):
+    """Run fn once to warm up, then ``reps`` times; fn returns its model seconds."""
+    fn()
+    totals, models = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model_s = fn()
+        totals.append(time.perf_counter() - t0)
+        models.append(model_s)
+    return statistics.median(totals), statistics.median(t - m for t, m in zip(totals, models))
+
+
+class ModelClock:
+    """Wraps a model call and adds up the time spent inside it."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.seconds = 0.0
+
+    def __call__(self, batch):
+        t0 = time.perf_counter()
+        out = self.fn(batch)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def n_windows(overlap: float) -> int:
+    from highres3d.samplers.grid import GridSampler
+
+    return len(GridSampler(SHAPE, ROI, overlap=overlap))
+
+
+# --------------------------------------------------------------------------- highres3d
+
+
+def run_ours(args) -> list[dict]:
+    import keras
+    import tensorflow as tf
+
+    from highres3d.inference import as_predict_fn, predict_volume
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    volume = make_volume()
+    inputs = keras.Input((None, None, None, CHANNELS))
+    model = keras.Model(inputs, keras.layers.Conv3D(CHANNELS, 1)(inputs))
+    predict = as_predict_fn(model)
+    rows = []
+    for overlap in OVERLAPS:
+        for blend in ("crop", "average", "gaussian"):
+            def call():
+                clock = ModelClock(predict)
+                predict_volume(clock, volume, ROI, overlap=overlap, blend=blend, batch_size=args.batch_size)
+                return clock.seconds
+            total, stitch = timed(call, args.reps)
+            rows.append(dict(method="highres3d", overlap=overlap, mode=blend, windows=n_windows(overlap),
+                             total=total, stitch=stitch))
+            print(f"  highres3d overlap {overlap} {blend}: {total * 1e3:.0f} ms, stitching {stitch * 1e3:.0f} ms",
+                  file=sys.stderr, flush=True)
+
+    def whole():
+        clock = ModelClock(predict)
+        predict_volume(clock, volume, None)
+        return clock.seconds
+    total, stitch = timed(whole, args.reps)
+    rows.append(dict(method="highres3d", overlap="-", mode="whole volume", windows=1, total=total, stitch=stitch))
+    return rows
+
+
+def run_ours_real(args) -> list[dict]:
+    import tensorflow as tf
+
+    from highres3d.inference import predict_volume
+    from highres3d.models import HighResNet3D
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    volume = make_volume()
+    keras_model = HighResNet3D(in_channels=CHANNELS, num_classes=2)
+    keras_model.predict_on_batch(np.zeros((1, 32, 32, 32, CHANNELS), np.float32))
+    rows = []
+    settings = [("144^3 ov 0.25 gaussian", dict(window_size=144, overlap=0.25, blend="gaussian"))]
+    if args.real_whole:
+        settings.append(("whole volume", dict(window_size=None)))
+    for name, kw in settings:
+        t0 = time.perf_counter()
+        predict_volume(keras_model, volume, batch_size=1, **kw)
+        seconds = time.perf_counter() - t0
+        rows.append(dict(method="highres3d HighResNet3D", mode=name, seconds=seconds))
+        print(f"  highres3d real net {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- peers (torch venv)
+
+
+def run_peers(args) -> dict:
+    import torch
+    import torchio as tio
+    from monai.inferers import sliding_window_inference
+
+    torch.set_num_threads(args.threads)
+    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(make_volume(), -1, 0)))[None]  # (1, C, X, Y, Z)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(CHANNELS, CHANNELS, 1).eval()
+
+    def trivial(batch):
+        # torch's oneDNN path is pathologically slow for this 1x1x1 conv (peers_bench RESULTS §5a).
+        with torch.backends.mkldnn.flags(enabled=False):
+            return conv(batch)
+
+    rows = []
+    with torch.inference_mode():
+        for overlap in OVERLAPS:
+            for mode in ("constant", "gaussian"):
+                def call():
+                    clock = ModelClock(trivial)
+                    sliding_window_inference(x, (ROI,) * 3, args.batch_size, clock, overlap=overlap, mode=mode)
+                    return clock.seconds
+                total, stitch = timed(call, args.reps)
+                rows.append(dict(method="MONAI swi", overlap=overlap, mode=mode, total=total, stitch=stitch))
+                print(f"  MONAI overlap {overlap} {mode}: {total * 1e3:.0f} ms", file=sys.stderr, flush=True)
+            voxels = int(round(overlap * ROI))
+            voxels += voxels % 2  # TorchIO needs an even overlap
+            for mode in ("crop", "average", "hann"):
+                def call():
+                    clock = ModelClock(trivial)
+                    subject = tio.Subject(image=tio.ScalarImage(tensor=x[0]))
+                    sampler = tio.inference.GridSampler(subject, ROI, voxels)
+                    aggregator = tio.inference.GridAggregator(sampler, overlap_mode=mode)
+                    loader = torch.utils.data.DataLoader(sampler, batch_size=args.batch_size, num_workers=0)
+                    for batch in loader:
+                        aggregator.add_batch(clock(batch["image"][tio.DATA]), batch[tio.LOCATION])
+                    aggregator.get_output_tensor()
+                    return clock.seconds
+                total, stitch = timed(call, args.reps)
+                rows.append(dict(method=f"TorchIO (overlap {voxels} vox)", overlap=overlap, mode=mode,
+                                 total=total, stitch=stitch))
+                print(f"  TorchIO overlap {voxels} {mode}: {total * 1e3:.0f} ms", file=sys.stderr, flush=True)
+    real = []
+    if args.real_net:
+        from monai.networks.nets import HighResNet
+
+        net = HighResNet(spatial_dims=3, in_channels=CHANNELS, out_channels=2).eval()
+        with torch.inference_mode():
+            net(torch.zeros(1, CHANNELS, 32, 32, 32))
+            t0 = time.perf_counter()
+            sliding_window_inference(x, (144,) * 3, 1, net, overlap=0.25, mode="gaussian")
+        real.append(dict(method="MONAI HighResNet", mode="144^3 ov 0.25 gaussian", seconds=time.perf_counter() - t0))
+        print(f"  MONAI real net: {real[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    import monai
+
+    return {"rows": rows, "real": real, "versions": f"torch {torch.__version__}, monai {monai.__version__}, "
+                                                    f"torchio {tio.__version__}"}
+
+
+# --------------------------------------------------------------------------- table
+
+
+def print_table(rows, headers):
+    widths = [max(len(h), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median shown)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per model call, for every method")
+    parser.add_argument("--real-net", action="store_true", help="also time the real HighRes3DNet (minutes)")
+    parser.add_argument("--real-whole", action="store_true", help="with --real-net: also highres3d's whole-volume pass")
+    parser.add_argument("--no-peers", action="store_true", help="skip MONAI / TorchIO")
+    parser.add_argument("--peers-json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    if args.peers_json:
+        print(json.dumps(run_peers(args)))
+        return 0
+
+    peers = None
+    if not args.no_peers and PEERS_PYTHON.exists():
+        cmd = [str(PEERS_PYTHON), __file__, "--peers-json", "--reps", str(args.reps), "--threads", str(args.threads),
+               "--batch-size", str(args.batch_size)] + (["--real-net"] if args.real_net else [])
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        print(f"peers: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        sys.stderr.write(done.stderr[-3000:] if done.returncode else done.stderr)
+        if done.returncode == 0:
+            peers = json.loads(done.stdout.strip().splitlines()[-1])
+    elif not args.no_peers:
+        print(f"peers: {PEERS_PYTHON} not found; MONAI / TorchIO skipped", file=sys.stderr)
+
+    ours = run_ours(args)
+    import tensorflow as tf
+
+    print(f"\nvolume {CHANNELS}x{'x'.join(map(str, SHAPE))}, windows {ROI}^3, trivial Conv 1x1x1 {CHANNELS}->{CHANNELS}, "
+          f"batch {args.batch_size}, {args.threads} threads, median of {args.reps} after a warm-up; "
+          f"tensorflow {tf.__version__}" + (f"; {peers['versions']}" if peers else ""))
+    monai = {(r["overlap"], r["mode"]): r for r in (peers or {}).get("rows", []) if r["method"] == "MONAI swi"}
+    table = []
+    for r in ours:
+        ref = None
+        if r["mode"] in ("crop", "average"):
+            ref = monai.get((r["overlap"], "constant"))
+        elif r["mode"] == "gaussian":
+            ref = monai.get((r["overlap"], "gaussian"))
+        ratio = f"{r['stitch'] / ref['stitch']:.2f}" if ref and ref["stitch"] > 0 else "-"
+        table.append([r["method"], r["overlap"], r["mode"], r["windows"], f"{r['total'] * 1e3:.0f}",
+                      f"{r['stitch'] * 1e3:.0f}", ratio])
+    for r in (peers or {}).get("rows", []):
+        table.append([r["method"], r["overlap"], r["mode"], n_windows(r["overlap"]) if r["method"] == "MONAI swi" else "-",
+                      f"{r['total'] * 1e3:.0f}", f"{r['stitch'] * 1e3:.0f}", ""])
+    print_table(table, ["method", "overlap", "mode", "windows", "total ms", "stitching ms", "stitching / MONAI"])
+    print("stitching = whole call minus model time; highres3d crop/average compare with MONAI 'constant'.")
+
+    if args.real_net:
+        real = run_ours_real(args) + (peers or {}).get("real", [])
+        print("\nreal network, whole 2x240x240x155 volume:")
+        print_table([[r["method"], r["mode"], f"{r['seconds']:.1f}"] for r in real], ["method", "mode", "seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

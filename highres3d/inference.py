@@ -1,0 +1,308 @@
+"""Whole-volume prediction: a grid of windows (or one pass) through a model, stitched back.
+
+``predict_volume`` works on a preprocessed (X, Y, Z, C) array with any model
+that maps a (B, x, y, z, C) batch to (B, x, y, z, K) logits: a Keras model
+(called through its compiled ``predict_on_batch``) or any callable returning
+something ``numpy.asarray`` accepts.  ``predict_subject`` adds the training
+preprocessing in front and the mapping back onto the input file's original
+grid behind it.  ``load_run`` finds a trained model and the config it was
+trained with.
+
+Modes and what they cost (docs/inference.md has the figures):
+
+* whole volume (``window_size=None``): one model call over the whole volume;
+  exact (no window edges), usually the fastest, memory grows with the volume.
+* windows with ``blend="crop"``: each voxel comes from the window where it is
+  farthest from an interior edge; exact when that margin is at least the
+  network's receptive-field radius (HighRes3DNet: 43 voxels, i.e. overlap ≥ 86).
+* windows with ``average`` / ``gaussian``: smooth seams, approximate near
+  window edges, the usual choice with small overlaps.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from highres3d.aggregators.grid import GridAggregator, _thread_pool, argmax_channels
+from highres3d.errors import ConfigError, DataError
+from highres3d.samplers.grid import GridSampler
+
+__all__ = ["predict_volume", "predict_subject", "SubjectPrediction", "load_run", "mirror_axes", "as_predict_fn"]
+
+
+def as_predict_fn(model) -> Callable[[np.ndarray], np.ndarray]:
+    """A function batch -> numpy logits for a Keras model or any callable."""
+    predict_on_batch = getattr(model, "predict_on_batch", None)
+    if predict_on_batch is not None:
+        # Keras' compiled predict step is several times faster than an eager call.
+        def run(batch):
+            out = predict_on_batch(batch)
+            return out[0] if isinstance(out, (list, tuple)) else out
+    else:
+        run = model
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        out = run(batch)
+        if hasattr(out, "numpy"):
+            out = out.numpy()
+        return np.asarray(out)
+
+    return predict
+
+
+def mirror_axes(mirror_tta: Union[bool, Sequence[int]]) -> list[tuple[int, ...]]:
+    """Axis combinations for mirroring test-time augmentation (identity first).
+
+    ``True`` means all 8 combinations of the three spatial axes (nnU-Net's
+    default); a sequence of axes limits the flips to those (e.g. ``(0,)`` for a
+    left-right flip only, when training only flipped that axis).
+    """
+    if mirror_tta is False or mirror_tta is None:
+        return [()]
+    axes = (0, 1, 2) if mirror_tta is True else tuple(sorted(set(int(a) for a in mirror_tta)))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise ConfigError(f"mirror_tta: axes must be among 0, 1, 2; got {list(axes)}")
+    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
+
+
+def _predict_batch(predict: Callable, batch: np.ndarray, combos: list[tuple[int, ...]]) -> np.ndarray:
+    total = None
+    for combo in combos:
+        flipped = np.ascontiguousarray(np.flip(batch, axis=tuple(a + 1 for a in combo))) if combo else batch
+        out = predict(flipped)
+        if combo:
+            out = np.flip(out, axis=tuple(a + 1 for a in combo))
+        if total is None:
+            total = np.array(out, dtype=np.float32, copy=True)
+        else:
+            total += out
+    if len(combos) > 1:
+        total /= len(combos)
+    return total
+
+
+def predict_volume(
+    model,
+    image: np.ndarray,
+    window_size: Optional[Union[int, Sequence[int]]] = (144, 144, 144),
+    *,
+    overlap: Union[float, int, Sequence] = 0.25,
+    border: Optional[Union[int, Sequence[int]]] = None,
+    blend: str = "gaussian",
+    batch_size: int = 1,
+    output: str = "labels",
+    mirror_tta: Union[bool, Sequence[int]] = False,
+    pad_mode: str = "constant",
+    pad_value: float = 0.0,
+    sigma_scale: float = 0.125,
+    from_logits: Optional[bool] = None,
+    progress: Union[bool, None] = False,
+) -> np.ndarray:
+    """Predict a whole (X, Y, Z, C) volume with a model trained on windows.
+
+    Args:
+        model: a Keras model or callable mapping (B, x, y, z, C) to (B, x, y, z, K) logits.
+        image: the preprocessed volume, (X, Y, Z, C) or (X, Y, Z).
+        window_size: window in voxels (int or triple); ``None`` = one
+            whole-volume pass (exact, memory-hungry).
+        overlap: between neighbouring windows, a fraction of the window
+            (float < 1) or voxels (int).
+        border: alternatively NiftyNet's border (voxels dropped per interior
+            side, i.e. half the overlap).
+        blend: ``"crop"``, ``"average"`` or ``"gaussian"`` (see
+            :mod:`highres3d.aggregators.grid`).
+        batch_size: windows per model call.
+        output: ``"labels"`` (uint8 (X, Y, Z)), ``"probabilities"`` (softmax,
+            float32 (X, Y, Z, K)) or ``"logits"`` (float32 (X, Y, Z, K)).
+        mirror_tta: average over mirrored inputs: ``True`` (all 8 flips) or
+            the axes to flip.
+        pad_mode, pad_value: how a volume smaller than the window is padded
+            (``numpy.pad`` modes).
+        from_logits: whether the model outputs logits; None reads the
+            model's ``softmax`` attribute (HighResNet3D) and otherwise assumes logits.
+        progress: show a progress bar over the windows (None = when stderr is a terminal).
+    """
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., None]
+    if image.ndim != 4:
+        raise DataError(f"predict_volume: expected an (X, Y, Z, C) array, got shape {image.shape}")
+    if batch_size < 1:
+        raise ConfigError(f"inference.batch_size: expected a positive integer, got {batch_size}")
+    image = image.astype(np.float32, copy=False)
+    sampler = GridSampler(image.shape[:3], window_size, overlap=overlap, border=border)
+    padded = sampler.pad(image, mode=pad_mode, constant_values=pad_value)
+    if len(sampler) == 1:
+        # One window has nothing to blend; writing it directly is exact and needs no accumulator.
+        blend = "crop"
+    predict = as_predict_fn(model)
+    combos = mirror_axes(mirror_tta)
+    locations = sampler.locations
+    wx, wy, wz = sampler.window
+    batches = range(0, len(locations), batch_size)
+    if progress is not False:
+        from highres3d.utils import progress as progress_bar
+
+        batches = progress_bar(batches, desc="windows", enabled=progress)
+    aggregator = None
+    buffer = None
+    pool = _thread_pool(None)
+    for first in batches:
+        locs = locations[first:first + batch_size]
+        if len(locs) == 1 and sampler.window == sampler.padded_shape:
+            batch = padded[None]
+        else:
+            if buffer is None or len(buffer) != len(locs):
+                buffer = np.empty((len(locs), wx, wy, wz, image.shape[-1]), dtype=np.float32)
+            jobs = [(i, lo) for i in range(len(locs)) for lo in range(0, wx, 8)]
+
+            def copy_block(job, locs=locs):
+                i, lo = job
+                x, y, z = locs[i]
+                hi = min(lo + 8, wx)
+                buffer[i, lo:hi] = padded[x + lo:x + hi, y:y + wy, z:z + wz]
+
+            if pool is None:
+                for job in jobs:
+                    copy_block(job)
+            else:
+                list(pool.map(copy_block, jobs))
+            batch = buffer
+        logits = _predict_batch(predict, batch, combos)
+        if aggregator is None:
+            if logits.ndim != 5:
+                raise DataError(f"predict_volume: the model returned shape {logits.shape}; expected (B, x, y, z, classes)")
+            if from_logits is None:
+                from_logits = not bool(getattr(model, "softmax", False))
+            aggregator = GridAggregator(
+                sampler, logits.shape[-1], blend=blend, output=output, sigma_scale=sigma_scale, from_logits=from_logits
+            )
+        aggregator.add_batch(logits, locs)
+    return aggregator.result()
+
+
+# --------------------------------------------------------------------------- subjects and runs
+
+
+@dataclass
+class SubjectPrediction:
+    """A subject's prediction on the original grid of its first image file."""
+
+    subject_id: str
+    labels: np.ndarray  # original grid, uint8 class indices
+    probabilities: Optional[np.ndarray]  # original grid (X, Y, Z, K) float32, or None
+    info: object  # highres3d.io.nifti.SpatialInfo of the first modality
+    seconds: dict  # "load", "predict", "restore" wall times
+
+
+def predict_subject(
+    model,
+    subject,
+    config,
+    *,
+    probabilities: bool = False,
+    mirror_tta: Optional[Union[bool, Sequence[int]]] = None,
+    whole_volume: Optional[bool] = None,
+    window_size: Optional[Sequence[int]] = None,
+    overlap: Optional[float] = None,
+    blend: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    progress: Union[bool, None] = False,
+) -> SubjectPrediction:
+    """Preprocess a subject as in training, predict, and map back to its original grid.
+
+    ``config`` is the run's :class:`highres3d.config.Config`: its
+    ``preprocessing`` and ``dataset.modalities`` define the input exactly as
+    the model saw it in training, its ``inference`` section the windows; the
+    keyword arguments override the latter.  Labels return to the original
+    grid by nearest neighbour, probabilities by linear interpolation.
+    """
+    from highres3d.data.preprocess import load_volume
+    from highres3d.io.nifti import to_original_grid
+
+    inf = config.inference
+    whole = (inf.mode == "whole_volume") if whole_volume is None else whole_volume
+    t0 = time.perf_counter()
+    volume = load_volume(subject, config.preprocessing, config.dataset.modalities, label_required=False)
+    t1 = time.perf_counter()
+    result = predict_volume(
+        model,
+        volume.image,
+        None if whole else tuple(window_size or inf.window_size),
+        overlap=inf.overlap if overlap is None else overlap,
+        blend=blend or inf.blend,
+        batch_size=batch_size or inf.batch_size,
+        output="probabilities" if probabilities else "labels",
+        mirror_tta=inf.tta_mirror if mirror_tta is None else mirror_tta,
+        progress=progress,
+    )
+    t2 = time.perf_counter()
+    if probabilities:
+        labels = argmax_channels(result, np.uint8 if result.shape[-1] <= 256 else np.uint16)
+        probs = to_original_grid(result, volume.info, order=1)
+    else:
+        labels, probs = result, None
+    labels = to_original_grid(labels, volume.info, order=0)
+    t3 = time.perf_counter()
+    return SubjectPrediction(
+        subject.id, labels, probs, volume.info,
+        {"load": t1 - t0, "predict": t2 - t1, "restore": t3 - t2},
+    )
+
+
+MODEL_FILES = ("best.keras", "model.keras")
+
+
+def load_run(model_path: str | Path, config_path: Optional[str | Path] = None):
+    """Load a trained Keras model and the config it was trained with.
+
+    ``model_path`` is a run folder (uses ``best.keras``, else ``model.keras``,
+    and ``config.yaml``) or a ``.keras`` file (its folder's ``config.yaml``
+    unless ``config_path`` is given).  Returns ``(model, config, model_file)``.
+    """
+    import importlib
+
+    import keras
+
+    from highres3d.config import load_config
+
+    path = Path(model_path)
+    if path.is_dir():
+        model_file = next((path / name for name in MODEL_FILES if (path / name).is_file()), None)
+        if model_file is None:
+            raise DataError(f"{path}: no {' or '.join(MODEL_FILES)} in this run folder")
+    elif path.is_file():
+        if path.suffix != ".keras":
+            raise DataError(f"{path}: expected a run folder or a .keras model file")
+        model_file = path
+    else:
+        raise DataError(f"{path}: model not found (expected a run folder or a .keras file)")
+    if config_path is None:
+        config_path = model_file.parent / "config.yaml"
+        if not config_path.is_file():
+            raise ConfigError(
+                f"{config_path}: not found; the model's preprocessing is unknown. Pass --config with the "
+                "config the model was trained with"
+            )
+    config = load_config(config_path)
+    # The package's layers register themselves for deserialisation on import.
+    importlib.import_module("highres3d.models")
+    try:
+        model = keras.saving.load_model(str(model_file), compile=False)
+    except Exception as err:  # Keras raises many types for unreadable files
+        raise DataError(f"{model_file}: cannot load the model ({err.__class__.__name__}: {err})") from None
+    try:
+        in_channels = model.inputs[0].shape[-1]
+    except (AttributeError, IndexError, TypeError):  # a subclassed model has no symbolic inputs
+        in_channels = getattr(model, "in_channels", None)
+    if in_channels is not None and in_channels != len(config.dataset.modalities):
+        raise ConfigError(
+            f"{config_path}: dataset.modalities lists {len(config.dataset.modalities)} modalities "
+            f"({', '.join(config.dataset.modalities)}) but {model_file} takes {in_channels} input channels"
+        )
+    return model, config, model_file
