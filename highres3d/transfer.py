@@ -1,0 +1,571 @@
+"""Transfer learning for HighResNet3D: load weights by name, then freeze layer groups.
+
+Loading (:func:`load_weights`) copies every weight of a source model into the
+target by its path (``res_2_0/conv_1/kernel``), checking shapes, and returns a
+:class:`TransferReport`:
+
+* a different class count re-initialises the classifier group ``conv_2``;
+* a different input channel count (T1+T2 source, four-modality target) copies
+  the matching input channels of the ``conv_0`` kernel and fills the others
+  with the mean of the source channels (``channel_init="mean"``) or zeros;
+* any other shape difference keeps the target's value and is reported.
+
+Freezing (:func:`freeze`) takes the number of leading groups (``2`` freezes
+``conv_0`` and ``res_1``: the thesis' "Model 2"), a list of group names, or a
+NiftyNet ``vars_to_freeze`` regex used verbatim (matched, as in NiftyNet,
+against the variable names ``HighRes3DNet/res_1_0/conv_0/w`` ...; see
+:func:`highres3d.models.niftynet_variable_name`).
+
+What happens to the batch normalisation of frozen groups is explicit:
+
+``bn_policy="niftynet"`` (default; what the thesis ran)
+    only the kernels and BN ``gamma``/``beta`` are excluded from the optimiser.
+    The BN layers stay in training mode: they normalise with the statistics of
+    the current batch and keep updating their moving mean and variance.
+``bn_policy="keras"``
+    the BN layers of frozen groups are set ``trainable = False``, which in
+    Keras 3 also runs them in inference mode: they normalise with the stored
+    moving statistics, which stay fixed (the usual Keras fine-tuning recipe).
+
+Freezing changes which variables are trainable, so compile the model after
+calling :func:`freeze` (a compiled train function and a built optimiser keep
+the variable list they were created with).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from highres3d.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+#: File names looked up, in this order, when the source is a run folder.
+RUN_FOLDER_MODEL_NAMES: tuple[str, ...] = ("best.keras", "model.keras")
+BN_POLICIES: tuple[str, ...] = ("niftynet", "keras")
+CHANNEL_INIT_RULES: tuple[str, ...] = ("mean", "zeros")
+_CLASSIFIER_GROUP = "conv_2"
+_INPUT_KERNEL = "conv_0/conv/kernel"
+_INITIALIZER_ATTRIBUTES = {
+    "kernel": "kernel_initializer",
+    "gamma": "gamma_initializer",
+    "beta": "beta_initializer",
+    "moving_mean": "moving_mean_initializer",
+    "moving_variance": "moving_variance_initializer",
+    "alpha": "alpha_initializer",
+}
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def resolve_source(source: str | Path) -> Path:
+    """The model file a source path designates.
+
+    A ``.keras`` or ``.weights.h5`` file is returned as is; a run folder gives
+    its ``best.keras``, else its ``model.keras``.
+
+    Raises:
+        DataError: if the path does not exist, the folder holds neither file, or
+            the file type is not supported.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        for name in RUN_FOLDER_MODEL_NAMES:
+            candidate = path / name
+            if candidate.is_file():
+                return candidate
+        raise DataError(
+            f"{path}: run folder without a model; expected one of {', '.join(RUN_FOLDER_MODEL_NAMES)} in it."
+        )
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder (expected a .keras file, a .weights.h5 file or a run folder).")
+    if path.name.endswith(".keras") or path.name.endswith(".weights.h5"):
+        return path
+    raise DataError(
+        f"{path}: unsupported model file; use a .keras model, a .weights.h5 weights file or a run folder "
+        f"(legacy .h5 and TensorFlow checkpoints are not read)."
+    )
+
+
+def load_model(source: str | Path) -> Any:
+    """Loads a ``.keras`` model (or a run folder's best/last model) without compiling it."""
+    import keras
+
+    import highres3d.losses  # noqa: F401  (registers the serialisable losses)
+    import highres3d.metrics  # noqa: F401
+    import highres3d.models  # noqa: F401  (registers HighResNet3D)
+
+    path = resolve_source(source)
+    if not path.name.endswith(".keras"):
+        raise DataError(f"{path}: a weights file holds no architecture; pass a .keras model or a run folder.")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as err:  # Keras raises many types for a corrupt or foreign file
+        raise DataError(f"{path}: cannot load the model: {err}") from err
+
+
+def _snake_case(name: str) -> str:
+    # Keras names the groups of a .weights.h5 file after the layer classes this way.
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def weights_file_layout(model: Any) -> dict[str, str]:
+    """Where each weight of ``model`` lives in a ``.weights.h5`` file Keras writes for it.
+
+    Keras 3 addresses layers in weights files by position and class
+    (``layers/high_res_block_3/conv_1/vars/0``), not by name; this gives the
+    dataset path for each weight path of :func:`highres3d.models.named_weights`.
+    """
+    from highres3d.models import named_layers
+
+    leaves = named_layers(model)
+    layout: dict[str, str] = {}
+    used: dict[str, int] = {}
+    for top in model.layers:
+        base = _snake_case(type(top).__name__)
+        count = used.get(base, 0)
+        used[base] = count + 1
+        group = base if count == 0 else f"{base}_{count}"
+        for path, leaf in leaves.items():
+            head, _, rest = path.partition("/")
+            if head != top.name:
+                continue
+            prefix = f"layers/{group}" + (f"/{rest}" if rest else "")
+            for index, variable in enumerate(leaf.weights):
+                layout[f"{path}/{variable.name}"] = f"{prefix}/vars/{index}"
+    return layout
+
+
+def read_source_weights(source: Any, like: Any = None) -> dict[str, np.ndarray]:
+    """The weights of a source by weight path.
+
+    Args:
+        source: a Keras model, a ``.keras`` file, a ``.weights.h5`` file or a run
+            folder.
+        like: a model of the same family, needed for ``.weights.h5`` files,
+            which hold positions rather than names (the target model).
+
+    Raises:
+        DataError: for an unreadable or unsupported source.
+    """
+    from highres3d.models import named_weights
+
+    if hasattr(source, "weights") and hasattr(source, "layers"):
+        return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in named_weights(source).items()}
+    path = resolve_source(source)
+    if path.name.endswith(".keras"):
+        model = load_model(path)
+        return {k: np.asarray(v.numpy()) for k, v in named_weights(model).items()}
+    if like is None:
+        raise DataError(f"{path}: reading a .weights.h5 file needs the target model to map its layout.")
+    import h5py
+
+    weights: dict[str, np.ndarray] = {}
+    try:
+        with h5py.File(path, "r") as handle:
+            for key, dataset_path in weights_file_layout(like).items():
+                dataset = handle.get(dataset_path)
+                if isinstance(dataset, h5py.Dataset):
+                    weights[key] = np.asarray(dataset[()])
+    except OSError as err:
+        raise DataError(f"{path}: not a readable HDF5 weights file: {err}") from err
+    if not weights:
+        raise DataError(f"{path}: no HighResNet3D weights found in this file.")
+    return weights
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass
+class TransferReport:
+    """What :func:`load_weights` did with every weight of the target.
+
+    Attributes:
+        source: description of the source.
+        copied: weight paths copied unchanged.
+        adapted: ``(path, detail)`` for weights copied in part (input channels).
+        reinitialised: ``(path, reason)`` for weights freshly initialised.
+        skipped_shape: ``(path, source shape, target shape)``: kept the target's value.
+        missing: target weights absent from the source (kept the target's value).
+        unused: source weights with no counterpart in the target.
+    """
+
+    source: str
+    copied: list[str] = dataclasses.field(default_factory=list)
+    adapted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    reinitialised: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    skipped_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unused: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_target_weights(self) -> int:
+        return len(self.copied) + len(self.adapted) + len(self.reinitialised) + len(self.skipped_shape) + len(self.missing)
+
+    def summary(self) -> str:
+        """A short multi-line report, one line per category with its weights."""
+        lines = [
+            f"Transfer from {self.source}: {len(self.copied)} of {self.num_target_weights} weights copied, "
+            f"{len(self.adapted)} adapted, {len(self.reinitialised)} re-initialised, "
+            f"{len(self.skipped_shape)} skipped for shape, {len(self.missing)} missing"
+            + (f", {len(self.unused)} source weights unused" if self.unused else "")
+        ]
+        for path, detail in self.adapted:
+            lines.append(f"  adapted        {path}: {detail}")
+        for path, reason in self.reinitialised:
+            lines.append(f"  re-initialised {path}: {reason}")
+        for path, src, dst in self.skipped_shape:
+            lines.append(f"  skipped        {path}: source shape {src} != target shape {dst}")
+        for path in self.missing:
+            lines.append(f"  missing        {path}: not in the source")
+        for path in self.unused:
+            lines.append(f"  unused         {path}: not in the target")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _initial_value(layer: Any, variable: Any) -> np.ndarray:
+    attribute = _INITIALIZER_ATTRIBUTES.get(variable.name)
+    initializer = getattr(layer, attribute, None) if attribute else None
+    if initializer is None:
+        raise ValueError(f"No initializer known for {variable.path}")
+    return np.asarray(initializer(tuple(variable.shape), dtype=variable.dtype))
+
+
+def _adapt_input_kernel(source: np.ndarray, target_shape: tuple[int, ...], rule: str) -> tuple[np.ndarray, str]:
+    source_channels, target_channels = source.shape[3], target_shape[3]
+    shared = min(source_channels, target_channels)
+    kernel = np.empty(target_shape, dtype=source.dtype)
+    kernel[:, :, :, :shared, :] = source[:, :, :, :shared, :]
+    if target_channels > shared:
+        fill = source.mean(axis=3, keepdims=True) if rule == "mean" else np.zeros_like(source[:, :, :, :1, :])
+        kernel[:, :, :, shared:, :] = fill
+    detail = f"input channels {source_channels} -> {target_channels}: copied channels 0..{shared - 1}"
+    if target_channels > shared:
+        fill_text = "mean of the source channels" if rule == "mean" else "zeros"
+        detail += f", channels {shared}..{target_channels - 1} = {fill_text}"
+    return kernel, detail
+
+
+def load_weights(
+    model: Any,
+    source: Any,
+    *,
+    channel_init: str = "mean",
+    verbose: bool = True,
+    print_fn: Callable[[str], None] | None = None,
+) -> TransferReport:
+    """Copies the weights of ``source`` into ``model`` by weight path.
+
+    Args:
+        model: the target :class:`~highres3d.models.HighResNet3D` (built).
+        source: a Keras model, a ``.keras`` file, a ``.weights.h5`` file, or a
+            run folder (``best.keras`` is used if present, else ``model.keras``).
+        channel_init: how to fill ``conv_0`` input channels the source lacks:
+            ``"mean"`` (the mean of the source channels' kernels) or ``"zeros"``.
+        verbose: print the report.
+        print_fn: where the report goes when verbose (default: ``print``).
+
+    Returns:
+        The :class:`TransferReport`.
+
+    Raises:
+        ConfigError: for an unknown ``channel_init``.
+        DataError: for an unreadable source, or one sharing no weight with the target.
+    """
+    from highres3d.models import layer_group, named_layers, named_weights
+
+    if channel_init not in CHANNEL_INIT_RULES:
+        raise ConfigError(f"channel_init must be one of {', '.join(CHANNEL_INIT_RULES)}, got {channel_init!r}")
+    source_weights = read_source_weights(source, like=model)
+    label = f"model {source.name!r}" if hasattr(source, "layers") else str(resolve_source(source))
+    report = TransferReport(source=label)
+    layers = named_layers(model)
+    target_weights = named_weights(model)
+    if not set(source_weights) & set(target_weights):
+        raise DataError(f"{report.source}: shares no weight name with the target model; is it a HighResNet3D?")
+
+    for path, variable in target_weights.items():
+        target_shape = tuple(int(d) for d in variable.shape)
+        if path not in source_weights:
+            report.missing.append(path)
+            continue
+        value = source_weights[path]
+        if tuple(value.shape) == target_shape:
+            variable.assign(value.astype(variable.dtype, copy=False))
+            report.copied.append(path)
+        elif path == _INPUT_KERNEL and value.ndim == 5 and value.shape[:3] + value.shape[4:] == target_shape[:3] + target_shape[4:]:
+            kernel, detail = _adapt_input_kernel(value, target_shape, channel_init)
+            variable.assign(kernel.astype(variable.dtype, copy=False))
+            report.adapted.append((path, detail))
+        elif layer_group(path) == _CLASSIFIER_GROUP:
+            layer = layers[path.rsplit("/", 1)[0]]
+            variable.assign(_initial_value(layer, variable))
+            report.reinitialised.append((path, f"classifier shape {tuple(value.shape)} -> {target_shape}"))
+        else:
+            report.skipped_shape.append((path, tuple(value.shape), target_shape))
+    report.unused = sorted(set(source_weights) - set(target_weights))
+    if verbose:
+        (print_fn or print)(report.summary())
+    return report
+
+
+# --------------------------------------------------------------------------- freezing
+
+
+@dataclasses.dataclass
+class FreezeReport:
+    """The outcome of :func:`freeze`.
+
+    Attributes:
+        spec: the freeze specification as given.
+        bn_policy: ``"niftynet"`` or ``"keras"``.
+        frozen: weight paths excluded from training (kernels, gamma, beta, alpha).
+        frozen_groups: groups whose parameters are all frozen.
+        partial_groups: groups with only some parameters frozen.
+        frozen_parameters: number of scalars frozen.
+        total_parameters: number of trainable-kind scalars of the model.
+    """
+
+    spec: Any
+    bn_policy: str
+    frozen: list[str]
+    frozen_groups: list[str]
+    partial_groups: list[str]
+    frozen_parameters: int
+    total_parameters: int
+
+    def summary(self) -> str:
+        groups = ", ".join(self.frozen_groups) or "none"
+        text = (
+            f"Froze {len(self.frozen)} variables ({self.frozen_parameters:,} of {self.total_parameters:,} parameters); "
+            f"frozen groups: {groups}"
+        )
+        if self.partial_groups:
+            text += f"; partly frozen: {', '.join(self.partial_groups)}"
+        if self.frozen:
+            text += (
+                "; BN of frozen layers keeps using batch statistics and updating its moving averages (niftynet policy)"
+                if self.bn_policy == "niftynet"
+                else "; BN of frozen layers runs in inference mode with fixed statistics (keras policy)"
+            )
+        return text + "."
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _parameter_weights(model: Any) -> dict[str, Any]:
+    from highres3d.models import is_state_variable, layer_group, named_weights
+
+    return {p: v for p, v in named_weights(model).items() if not is_state_variable(p) and layer_group(p) is not None}
+
+
+def _groups_from_spec(spec: Any) -> list[str] | None:
+    from highres3d.models import GROUPS
+
+    if isinstance(spec, bool):
+        raise ConfigError(f"freeze: expected a number of groups, group names or a regex, got {spec!r}")
+    if isinstance(spec, (int, np.integer)):
+        k = int(spec)
+        if not 0 <= k <= len(GROUPS):
+            raise ConfigError(f"freeze: the number of leading groups must be in 0..{len(GROUPS)}, got {k}")
+        return list(GROUPS[:k])
+    if isinstance(spec, str) and spec.strip().isdigit():
+        return _groups_from_spec(int(spec.strip()))
+    if isinstance(spec, str) and spec in GROUPS:
+        return [spec]
+    if isinstance(spec, (list, tuple, set, frozenset)):
+        names = [str(s) for s in spec]
+        unknown = [n for n in names if n not in GROUPS]
+        if unknown:
+            import difflib
+
+            hints = {n: difflib.get_close_matches(n, GROUPS, n=1) for n in unknown}
+            hint = "; ".join(f"{n!r} (did you mean {h[0]!r}?)" if h else repr(n) for n, h in hints.items())
+            raise ConfigError(f"freeze: unknown group name(s) {hint}; groups are {', '.join(GROUPS)}")
+        return names
+    return None
+
+
+def select_frozen(model: Any, spec: Any) -> list[str]:
+    """The parameter weight paths a freeze specification selects (nothing is changed).
+
+    Args:
+        model: a :class:`~highres3d.models.HighResNet3D`.
+        spec: ``None`` (nothing), a number ``k`` of leading groups, a group name,
+            a list of group names, or a NiftyNet ``vars_to_freeze`` regex.
+
+    Raises:
+        ConfigError: for an invalid specification or regex.
+    """
+    from highres3d.models import layer_group, niftynet_variable_name
+
+    parameters = _parameter_weights(model)
+    if spec is None:
+        return []
+    groups = _groups_from_spec(spec)
+    if groups is not None:
+        return [p for p in parameters if layer_group(p) in groups]
+    if not isinstance(spec, str):
+        raise ConfigError(f"freeze: expected a number of groups, group names or a regex, got {spec!r}")
+    try:
+        pattern = re.compile(spec)
+    except re.error as err:
+        raise ConfigError(f"freeze: invalid regular expression {spec!r}: {err}") from err
+    activation = getattr(model, "activation", "leaky_relu")
+    selected = []
+    for path in parameters:
+        name = niftynet_variable_name(path, activation)
+        # TF1 variable names carried a ':0' suffix; accept regexes written either way.
+        if pattern.search(name) or pattern.search(f"{name}:0"):
+            selected.append(path)
+    return selected
+
+
+def unfreeze(model: Any) -> None:
+    """Makes every layer and parameter of ``model`` trainable again (BN back in training mode)."""
+    from highres3d.models import named_layers
+
+    # Keras does not propagate `trainable = True` to sub-layers of a layer that is
+    # already trainable, so every level is set explicitly.
+    model.trainable = True
+    for layer in [*model.layers, *named_layers(model).values()]:
+        layer.trainable = True
+    for variable in _parameter_weights(model).values():
+        variable.trainable = True
+
+
+def freeze(model: Any, spec: Any, *, bn_policy: str = "niftynet") -> FreezeReport:
+    """Freezes layer groups of a HighResNet3D for fine-tuning.
+
+    Any earlier freezing is undone first, so calls do not accumulate.
+
+    Args:
+        model: a :class:`~highres3d.models.HighResNet3D`.
+        spec: ``k`` (freeze the first ``k`` of conv_0, res_1, res_2, res_3,
+            conv_1, conv_2; ``0`` or ``None`` freezes nothing), a group name or
+            list of group names, or a NiftyNet ``vars_to_freeze`` regex such as
+            ``^((?!HighRes3DNet\\/(res_2|res_3|conv_1|conv_2)).)*$`` (freezes
+            conv_0 and res_1), matched against NiftyNet variable names.
+        bn_policy: ``"niftynet"``: exclude the frozen kernels and BN gamma/beta
+            from training but keep the BN layers in training mode, so they
+            normalise with batch statistics and update their moving averages;
+            ``"keras"``: set the frozen BN layers ``trainable = False``, which
+            runs them in inference mode with fixed moving statistics.
+
+    Returns:
+        A :class:`FreezeReport`; compile the model afterwards.
+
+    Raises:
+        ConfigError: for an invalid spec or policy, or when the spec would
+            freeze every parameter (nothing left to optimise).
+    """
+    from highres3d.models import GROUPS, layer_group, named_layers
+
+    if bn_policy not in BN_POLICIES:
+        raise ConfigError(f"bn_policy must be one of {', '.join(BN_POLICIES)}, got {bn_policy!r}")
+    selected = select_frozen(model, spec)
+    parameters = _parameter_weights(model)
+    if selected and len(selected) == len(parameters):
+        raise ConfigError(
+            f"freeze: {spec!r} freezes every trainable variable, leaving nothing to optimise "
+            "(NiftyNet failed here with 'No variables to optimize'); freeze fewer groups."
+        )
+    unfreeze(model)
+    layers = named_layers(model)
+    import keras
+
+    for path in selected:
+        layer_path = path.rsplit("/", 1)[0]
+        layer = layers[layer_path]
+        if bn_policy == "keras" and isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+        else:
+            parameters[path].trainable = False
+
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "built", False):
+        warnings.warn(
+            "freeze(): the model's optimizer is already built with the previous variable list; "
+            "call model.compile(...) again (with a new optimizer) before training.",
+            stacklevel=2,
+        )
+
+    def size(p: str) -> int:
+        return int(np.prod(parameters[p].shape))
+
+    selected_set = set(selected)
+    frozen_groups, partial_groups = [], []
+    for group in GROUPS:
+        members = [p for p in parameters if layer_group(p) == group]
+        hit = [p for p in members if p in selected_set]
+        if hit and len(hit) == len(members):
+            frozen_groups.append(group)
+        elif hit:
+            partial_groups.append(group)
+    report = FreezeReport(
+        spec=spec,
+        bn_policy=bn_policy,
+        frozen=list(selected),
+        frozen_groups=frozen_groups,
+        partial_groups=partial_groups,
+        frozen_parameters=sum(size(p) for p in selected),
+        total_parameters=sum(size(p) for p in parameters),
+    )
+    logger.debug("%s", report.summary())
+    return report
+
+
+def frozen_weight_paths(model: Any) -> list[str]:
+    """Parameter weight paths of ``model`` that training currently leaves unchanged."""
+    trainable = {id(v) for v in model.trainable_weights}
+    return [p for p, v in _parameter_weights(model).items() if id(v) not in trainable]
+
+
+def fine_tune_setup(
+    model: Any,
+    source: Any = None,
+    *,
+    freeze_spec: Any = None,
+    bn_policy: str = "niftynet",
+    channel_init: str = "mean",
+    verbose: bool = True,
+) -> tuple[TransferReport | None, FreezeReport]:
+    """Loads ``source`` (if given) into ``model`` and freezes per ``freeze_spec``: the thesis' recipe."""
+    report = load_weights(model, source, channel_init=channel_init, verbose=verbose) if source is not None else None
+    freeze_report = freeze(model, freeze_spec, bn_policy=bn_policy)
+    if verbose:
+        print(freeze_report.summary())
+    return report, freeze_report
+
+
+__all__: Sequence[str] = (
+    "BN_POLICIES",
+    "CHANNEL_INIT_RULES",
+    "RUN_FOLDER_MODEL_NAMES",
+    "FreezeReport",
+    "TransferReport",
+    "fine_tune_setup",
+    "freeze",
+    "frozen_weight_paths",
+    "load_model",
+    "load_weights",
+    "read_source_weights",
+    "resolve_source",
+    "select_frozen",
+    "unfreeze",
+    "weights_file_layout",
+)
