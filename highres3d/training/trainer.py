@@ -286,6 +286,8 @@ class Trainer:
                 break
         bar.close()
         writer.flush()
+        # A live iterator over numpy_function stages can hang the interpreter at exit.
+        del iterator, batches
         if state.iteration >= t.max_iter or state.stopped_early:
             state.finished = True
             self.run.save_model(model, self.run.final_model_path)

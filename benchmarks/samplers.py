@@ -1,0 +1,407 @@
+"""Window sampling, augmentation and input-pipeline throughput on a BraTS-size subject.
+
+One synthetic subject: 2 x 240 x 240 x 155 float32 channels (a textured
+ellipsoidal head) and a uint8 label with ~0.5 % tumour core; 96^3 windows.
+
+Rows (one thread unless stated):
+  * numpy memory-copy floor: one window (2 float32 channels + uint8 label)
+    copied out of the volume at a uniform corner, in our (X, Y, Z, C) layout
+    and, for reference, in the peers' (C, X, Y, Z) layout;
+  * our UniformSampler / ClassWeightedSampler / WeightedSampler: per-volume
+    setup and windows/s (one window per call, location + aligned copy);
+  * our CPU rotation + scaling (+-10 deg per axis, +-10 %), sampled straight
+    from the volume (location + resampling = the whole cost of a window);
+  * our tf.data pipeline on 2 cores delivering batches of 4: plain windows,
+    margin crops for on-device augmentation, and CPU augmentation;
+  * peers, when /work/.peers-venv exists (re-runs this file there with
+    --section peers and reads its JSON): MONAI RandCropByLabelClassesd
+    (indices per call, and with ClassesToIndicesd), RandAffined, TorchIO
+    LabelSampler and RandomAffine.
+
+Run from the repository root, never beside another benchmark:
+
+    flock /work/bench.lock /work/.venv/bin/python benchmarks/samplers.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+W = 96
+SHAPE = (240, 240, 155)
+DEG, SCALE = 10.0, 0.10
+PEERS_PYTHON = Path("/work/.peers-venv/bin/python")
+
+
+# --------------------------------------------------------------------------- data
+def make_subject(seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """(image (X, Y, Z, 2) float32, label (X, Y, Z) uint8) resembling a BraTS case.
+
+    A head ellipsoid filled with smooth random texture (coarse noise zoomed up),
+    zero outside; a tumour core made of a noisy-edged ellipsoid of radii 17-21
+    voxels inside the head, brighter in channel 0 and darker in channel 1.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    grid = np.ogrid[tuple(slice(0, n) for n in SHAPE)]
+    centre = np.asarray(SHAPE) / 2
+
+    def ellipsoid(c, radii):
+        return sum(((g - ci) / r) ** 2 for g, ci, r in zip(grid, c, radii))
+
+    def texture(cells: int) -> np.ndarray:
+        coarse = rng.standard_normal(tuple(math.ceil(n / cells) + 2 for n in SHAPE)).astype(np.float32)
+        return ndimage.zoom(coarse, cells, order=1)[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+
+    head_r2 = ellipsoid(centre, (0.4 * SHAPE[0], 0.37 * SHAPE[1], 0.42 * SHAPE[2]))
+    head = head_r2 <= 1
+    tumour_centre = centre + rng.uniform(-0.25, 0.25, 3) * np.asarray(SHAPE) * 0.5
+    tumour = (np.sqrt(ellipsoid(tumour_centre, rng.uniform(17, 21, 3))) + 0.3 * texture(6) < 1) & head
+    image = np.zeros(SHAPE + (2,), np.float32)
+    for ch, contrast in enumerate((35.0, -20.0)):
+        values = 90 + 25 * texture(8) + 8 * texture(3) + 15 * (1 - head_r2) + contrast * tumour
+        image[..., ch] = np.where(head, values, 0)
+    return image, tumour.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- timing
+def rate(fn, n: int, reps: int) -> tuple[float, float, float]:
+    """Windows/s of ``fn`` (one window per call): median, min, max over reps, after a warm-up rep."""
+    rates = []
+    for rep in range(reps + 1):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if rep:
+            rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates), min(rates), max(rates)
+
+
+def setup_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times[1:])
+
+
+# --------------------------------------------------------------------------- ours
+def ours(image, label, quick: bool) -> list[dict]:
+    from types import SimpleNamespace
+
+    from highres3d.augment import AffineAugmentation
+    from highres3d.samplers import ClassWeightedSampler, UniformSampler, WeightedSampler
+
+    reps = 2 if quick else 7
+    n_fast, n_slow = (30, 5) if quick else (200, 20)
+    rows = []
+    volume = SimpleNamespace(subject_id="brats-like", image=image, label=label)
+    rng = np.random.default_rng(0)
+    hi = np.asarray(SHAPE) - W + 1
+
+    def floor():
+        i, j, k = rng.integers(0, hi)
+        np.ascontiguousarray(image[i : i + W, j : j + W, k : k + W])
+        np.ascontiguousarray(label[i : i + W, j : j + W, k : k + W])
+
+    channels_first = np.ascontiguousarray(np.moveaxis(image, 3, 0))
+
+    def floor_cf():
+        i, j, k = rng.integers(0, hi)
+        np.ascontiguousarray(channels_first[:, i : i + W, j : j + W, k : k + W])
+        np.ascontiguousarray(label[i : i + W, j : j + W, k : k + W])
+
+    measured = [
+        dict(method="numpy memory-copy floor, (X,Y,Z,C) layout", fn=floor, kind="floor"),
+        dict(method="numpy memory-copy floor, (C,X,Y,Z) layout (peers')", fn=floor_cf),
+    ]
+    samplers = [
+        ("highres3d UniformSampler", UniformSampler(W)),
+        ("highres3d ClassWeightedSampler {0:1, 1:1}", ClassWeightedSampler(W, {0: 1, 1: 1})),
+        ("highres3d WeightedSampler (label map as weights)", WeightedSampler(W, "label")),
+    ]
+    for name, sampler in samplers:
+        setup = setup_ms(lambda: sampler.prepare(volume), reps)
+        state = sampler.prepare(volume)
+
+        def draw(sampler=sampler, state=state):
+            start = sampler.locations(volume, 1, rng, state)[0]
+            sampler.crop(volume, start)
+
+        measured.append(dict(method=name, setup_ms=setup, fn=draw, kind="sampler"))
+    # Round-robin repetitions: drift from other jobs on the machine hits every row alike.
+    for row in measured:
+        row["fn"]()
+    rates = {id(row): [] for row in measured}
+    for _ in range(reps):
+        for row in measured:
+            t0 = time.perf_counter()
+            for _ in range(n_fast):
+                row["fn"]()
+            rates[id(row)].append(n_fast / (time.perf_counter() - t0))
+    for row in measured:
+        r = rates[id(row)]
+        rows.append(dict({k: v for k, v in row.items() if k != "fn"}, windows_s=(statistics.median(r), min(r), max(r))))
+    del channels_first
+    print("floor and samplers done", file=sys.stderr, flush=True)
+
+    sampler = ClassWeightedSampler(W, {0: 1, 1: 1})
+    state = sampler.prepare(volume)
+    aug = AffineAugmentation(max_rotation_deg=DEG, scale_range=SCALE)
+
+    def augmented():
+        start = sampler.locations(volume, 1, rng, state)[0]
+        aug.window(volume, start, W, rng)
+
+    rows.append(
+        dict(
+            method=f"highres3d ClassWeighted + CPU rotation/scaling (+-{DEG:g} deg, +-{100 * SCALE:g} %)",
+            windows_s=rate(augmented, n_slow, reps),
+            kind="augment",
+        )
+    )
+    print("augmentation done", file=sys.stderr, flush=True)
+    rows += pipeline(volume, quick)
+    return rows
+
+
+def pipeline(volume, quick: bool) -> list[dict]:
+    from highres3d.augment import AffineAugmentation
+    from highres3d.data.pipeline import make_training_dataset
+    from highres3d.samplers import ClassWeightedSampler
+
+    batch = 4
+    aug = AffineAugmentation(max_rotation_deg=DEG, scale_range=SCALE)
+    rows = []
+    margin_bytes = np.prod([W + 2 * m for m in aug.margin(W)]) / W**3
+    configs = [
+        ("tf.data pipeline, 2 cores, plain 96^3 windows", None, "cpu", 40, "target >= 1000/s"),
+        (
+            "tf.data pipeline, 2 cores, on-device aug. (CPU crops window+margin)", aug, "device", 25,
+            f"crops are {margin_bytes:.1f}x the bytes of a 96^3 window",
+        ),
+        ("tf.data pipeline, 2 cores, CPU rotation/scaling", aug, "cpu", 6, ""),
+    ]
+    for name, augmentation, where, n_batches, note in configs:
+        if quick:
+            n_batches = max(3, n_batches // 5)
+        ds = make_training_dataset(
+            [volume], ClassWeightedSampler(W, {0: 1, 1: 1}), batch_size=batch, windows_per_volume=8,
+            augmentation=augmentation, augment_on=where, seed=1, verbose=False,
+        )
+        it = iter(ds)
+        for _ in range(4):
+            x, _y = next(it)
+        crop = tuple(int(s) for s in x.shape[1:4])
+        rates = []
+        cpu0 = os.times()
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(n_batches):
+                next(it)
+            rates.append(batch * n_batches / (time.perf_counter() - t0))
+        cpu1 = os.times()
+        # CPU time per window tells the capacity even when other jobs share the cores.
+        cpu_ms = 1e3 * (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / (3 * batch * n_batches)
+        note = f"{cpu_ms:.2f} CPU-ms/window" + (f"; {note}" if note else "")
+        del it, ds
+        rows.append(
+            dict(
+                method=f"{name} [{'x'.join(map(str, crop))}]",
+                windows_s=(statistics.median(rates), min(rates), max(rates)),
+                kind="pipeline",
+                note=note,
+            )
+        )
+        print(f"pipeline {where} done", file=sys.stderr, flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- peers
+def peers(path: str, quick: bool) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(1)
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    import monai
+    import torchio as tio
+    from monai.data import MetaTensor
+    from monai.transforms import ClassesToIndicesd, RandAffined, RandCropByLabelClassesd
+
+    reps = 2 if quick else 5
+    n_fast, n_slow = (30, 3) if quick else (100, 10)
+    data = np.load(path)
+    image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data["image"], 3, 0)))
+    label = torch.from_numpy(np.ascontiguousarray(data["label"][None]))
+    rows = []
+
+    def materialise(*arrays):
+        for a in arrays:
+            (a.as_tensor() if hasattr(a, "as_tensor") else a).contiguous()
+
+    base = {"image": MetaTensor(image), "label": MetaTensor(label)}
+    to_indices = ClassesToIndicesd(keys="label", num_classes=2)
+    with_indices = to_indices(dict(base))
+    for precomputed in (False, True):
+        crop = RandCropByLabelClassesd(
+            keys=["image", "label"], label_key="label", spatial_size=(W, W, W), ratios=[1, 1], num_classes=2,
+            num_samples=1, indices_key="label_cls_indices" if precomputed else None,
+        )
+        crop.set_random_state(0)
+        source = with_indices if precomputed else base
+
+        def draw(crop=crop, source=source):
+            out = crop(source)[0]
+            materialise(out["image"], out["label"])
+
+        rows.append(
+            dict(
+                method=f"MONAI {monai.__version__} RandCropByLabelClassesd "
+                + ("+ ClassesToIndicesd" if precomputed else "(default: indices every call)"),
+                setup_ms=setup_ms(lambda: to_indices(dict(base)), reps) if precomputed else None,
+                windows_s=rate(draw, n_fast if precomputed else n_slow, reps),
+                kind="peer_sampler",
+            )
+        )
+    print("monai crops done", file=sys.stderr, flush=True)
+
+    subject = tio.Subject(image=tio.ScalarImage(tensor=image), label=tio.LabelMap(tensor=label))
+    label_sampler = tio.LabelSampler(patch_size=W, label_name="label", label_probabilities={0: 1, 1: 1})
+
+    def tio_setup():
+        pm = label_sampler.get_probability_map(subject)
+        label_sampler.get_cumulative_distribution_function(label_sampler.process_probability_map(pm, subject))
+
+    torch.manual_seed(0)
+    patches = label_sampler(subject)
+
+    def tio_draw():
+        p = next(patches)
+        materialise(p["image"].data, p["label"].data)
+
+    rows.append(
+        dict(
+            method=f"TorchIO {tio.__version__} LabelSampler {{0:1, 1:1}}",
+            setup_ms=setup_ms(tio_setup, reps),
+            windows_s=rate(tio_draw, n_fast, reps),
+            kind="peer_sampler",
+        )
+    )
+    print("torchio sampler done", file=sys.stderr, flush=True)
+
+    # Augmentation peers work on pre-cut windows, i.e. their augmentation cost alone.
+    pool = [next(patches) for _ in range(8)]
+    counter = iter(range(10**9))
+    affine = RandAffined(
+        keys=["image", "label"], mode=("bilinear", "nearest"), prob=1.0, rotate_range=(math.radians(DEG),) * 3,
+        scale_range=(SCALE,) * 3, padding_mode="zeros",
+    )
+    affine.set_random_state(0)
+    monai_pool = [{"image": MetaTensor(p["image"].data), "label": MetaTensor(p["label"].data)} for p in pool]
+    rows.append(
+        dict(
+            method="MONAI RandAffined (on pre-cut windows)",
+            windows_s=rate(lambda: affine(monai_pool[next(counter) % 8]), n_slow, reps),
+            kind="peer_augment",
+        )
+    )
+    random_affine = tio.RandomAffine(scales=SCALE, degrees=DEG, image_interpolation="linear", label_interpolation="nearest")
+    rows.append(
+        dict(
+            method="TorchIO RandomAffine (on pre-cut windows)",
+            windows_s=rate(lambda: random_affine(pool[next(counter) % 8]), n_slow, reps),
+            kind="peer_augment",
+        )
+    )
+    print("peer augmentation done", file=sys.stderr, flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+def table(rows: list[dict]) -> str:
+    floor = next(r["windows_s"][0] for r in rows if r.get("kind") == "floor")
+    peer_aug = [r["windows_s"][0] for r in rows if r.get("kind") == "peer_augment"]
+    best_peer_aug = max(peer_aug) if peer_aug else None
+    lines = []
+    header = ("method", "setup ms", "windows/s median [min-max]", "vs floor", "note")
+    body = []
+    for r in rows:
+        med, lo, hi = r["windows_s"]
+        setup = "-" if r.get("setup_ms") is None else f"{r['setup_ms']:.1f}"
+        note = ""
+        if r.get("kind") == "augment" and best_peer_aug:
+            note = f"{med / best_peer_aug:.2f}x the faster peer (target >= 2x)"
+        elif r.get("kind") == "pipeline":
+            note = r["note"]
+        elif r.get("kind") == "sampler" and "ClassWeighted" in r["method"]:
+            note = "target >= 90 % of floor, setup <= 20 ms"
+        body.append((r["method"], setup, f"{med:.1f} [{lo:.1f}-{hi:.1f}]", f"{100 * med / floor:.0f} %", note))
+    widths = [max(len(str(x[i])) for x in body + [header]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths)] + body:
+        lines.append(" | ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few repetitions (smoke run)")
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--section", choices=("ours", "peers"), default="ours", help=argparse.SUPPRESS)
+    ap.add_argument("--subject", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="also write the rows as JSON here")
+    args = ap.parse_args()
+
+    if args.section == "peers":
+        print(json.dumps(peers(args.subject, args.quick)))
+        return
+
+    image, label = make_subject()
+    print(
+        f"subject: image {image.shape} float32, label {label.shape} uint8, tumour {label.mean() * 100:.2f} % of the volume; "
+        f"window {W}^3; cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_peers and PEERS_PYTHON.exists():
+            path = os.path.join(tmp, "subject.npz")
+            np.savez(path, image=image, label=label)
+            cmd = [str(PEERS_PYTHON), __file__, "--section", "peers", "--subject", path] + (["--quick"] if args.quick else [])
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+            if done.returncode == 0:
+                rows_peers = json.loads(done.stdout.strip().splitlines()[-1])
+            else:
+                print(f"peer section failed (exit {done.returncode}); table without peers", file=sys.stderr)
+                rows_peers = []
+        else:
+            rows_peers = []
+        rows = ours(image, label, args.quick) + rows_peers
+    print(table(rows), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Interpreter teardown can hang on tf.data threads still parked in numpy_function.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Window geometry shared by all samplers: edge policies, padding, reported locations."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from highres3d.errors import ConfigError, DataError
+from highres3d.samplers import ClassWeightedSampler, UniformSampler, WeightedSampler, crop
+
+
+def make_volume(shape=(20, 17, 12), channels=2, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal(shape + (channels,)).astype(np.float32)
+    label = (rng.random(shape) < 0.1).astype(np.uint8) + (rng.random(shape) < 0.05).astype(np.uint8)
+    return SimpleNamespace(subject_id="s", image=image, label=label, weight=rng.random(shape).astype(np.float32))
+
+
+def padded(array, pad, value):
+    widths = [(pad, pad)] * 3 + [(0, 0)] * (array.ndim - 3)
+    return np.pad(array, widths, constant_values=value)
+
+
+SAMPLERS = [
+    lambda **kw: UniformSampler(**kw),
+    lambda **kw: ClassWeightedSampler(**kw),
+    lambda **kw: WeightedSampler(weights="weight", **kw),
+]
+
+
+@pytest.mark.parametrize("make", SAMPLERS)
+@pytest.mark.parametrize("edge", ["pad", "valid", "clamp"])
+def test_every_window_is_the_slice_of_the_padded_volume_at_its_start(make, edge):
+    volume = make_volume()
+    size = (8, 6, 9)
+    sampler = make(window_size=size, edge=edge, image_pad_value=-7.0, label_pad_value=255)
+    pad = 10
+    big_image = padded(volume.image, pad, -7.0)
+    big_label = padded(volume.label, pad, 255)
+    big_weight = padded(volume.weight, pad, 0)
+    for window in sampler(volume, num_windows=200, rng=3):
+        sl = tuple(slice(s + pad, s + pad + w) for s, w in zip(window.start, size))
+        np.testing.assert_array_equal(window.image, big_image[sl])
+        np.testing.assert_array_equal(window.label, big_label[sl])
+        if window.weight is not None:
+            np.testing.assert_array_equal(window.weight, big_weight[sl])
+        assert window.image.dtype == np.float32 and window.image.flags.c_contiguous
+        if edge != "pad":
+            assert all(s >= 0 and s + w <= n for s, w, n in zip(window.start, size, volume.image.shape))
+
+
+def test_pad_policy_reaches_every_voxel_as_centre_including_edges():
+    volume = make_volume(shape=(5, 4, 3))
+    sampler = UniformSampler(4)
+    starts = sampler.locations(volume, 4000, rng=0)
+    centres = starts + 4 // 2
+    seen = {tuple(c) for c in centres}
+    assert seen == {(x, y, z) for x in range(5) for y in range(4) for z in range(3)}
+
+
+def test_valid_policy_centres_stay_half_a_window_from_the_edge():
+    volume = make_volume(shape=(12, 12, 12))
+    sampler = UniformSampler(5, edge="valid")
+    starts = sampler.locations(volume, 8000, rng=1)
+    assert starts.min() == 0 and starts.max() == 12 - 5
+    assert len({tuple(s) for s in starts}) == 8**3
+
+
+def test_clamp_policy_shifts_edge_centres_inside():
+    volume = make_volume(shape=(12, 12, 12))
+    sampler = UniformSampler(6, edge="clamp")
+    starts = sampler.locations(volume, 2000, rng=2)
+    assert starts.min() == 0 and starts.max() == 6
+    # Centres 0..3 all clamp to start 0, so start 0 is four times as frequent as start 3.
+    counts = np.bincount(starts[:, 0], minlength=7)
+    assert counts[0] > 2.5 * counts[3]
+
+
+@pytest.mark.parametrize("edge", ["pad", "clamp"])
+def test_volume_smaller_than_window_is_padded_not_skipped(edge):
+    volume = make_volume(shape=(4, 10, 3))
+    sampler = ClassWeightedSampler(8, edge=edge, label_pad_value=9)
+    windows = list(sampler(volume, num_windows=20, rng=0))
+    assert len(windows) == 20
+    for w in windows:
+        assert w.image.shape == (8, 8, 8, 2) and w.label.shape == (8, 8, 8)
+        assert (w.label == 9).any()
+        inside = np.count_nonzero(w.label != 9)
+        assert 0 < inside <= 4 * 8 * 3
+    if edge == "clamp":
+        # Centred on short axes: 2 voxels of padding before the 4-voxel axis, 2 after.
+        assert {w.start[0] for w in windows} == {-2}
+
+
+def test_valid_policy_with_a_volume_smaller_than_the_window_is_a_clear_error():
+    volume = make_volume(shape=(4, 10, 10))
+    with pytest.raises(DataError, match="smaller than the window.*'valid'"):
+        UniformSampler(8, edge="valid").prepare(volume)
+
+
+def test_crop_writes_into_a_given_buffer_and_pads_lazily():
+    a = np.arange(5 * 5 * 5, dtype=np.float32).reshape(5, 5, 5)
+    out = np.empty((3, 3, 3), np.float32)
+    got = crop(a, (-1, 3, 1), (3, 3, 3), -1.0, out=out)
+    assert got is out
+    expected = np.pad(a, 2, constant_values=-1)[1:4, 5:8, 3:6]
+    np.testing.assert_array_equal(out, expected)
+    far = crop(a, (10, 10, 10), (2, 2, 2), 4.0)
+    assert np.all(far == 4.0)
+
+
+def test_window_reports_size_stop_and_centre():
+    volume = make_volume()
+    w = UniformSampler((4, 5, 6)).crop(volume, (-1, 2, 3))
+    assert w.size == (4, 5, 6) and w.stop == (3, 7, 9) and w.centre == (1, 4, 6)
+    assert w.subject_id == "s"
+
+
+@pytest.mark.parametrize("bad", [0, (4, 4), (4, -1, 4), 2.5])
+def test_bad_window_sizes_are_config_errors(bad):
+    with pytest.raises(ConfigError):
+        UniformSampler(bad)
+
+
+def test_bad_edge_policy_is_a_config_error():
+    with pytest.raises(ConfigError, match="edge"):
+        UniformSampler(4, edge="mirror")
+
+
+def test_same_seed_same_windows_different_seed_different_windows():
+    volume = make_volume()
+    for sampler in (UniformSampler(6), ClassWeightedSampler(6), WeightedSampler(6, "weight")):
+        a = sampler.locations(volume, 50, rng=11)
+        b = sampler.locations(volume, 50, rng=11)
+        c = sampler.locations(volume, 50, rng=12)
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+
+
+def test_missing_label_is_a_data_error_for_label_samplers():
+    volume = make_volume()
+    volume.label = None
+    with pytest.raises(DataError, match="label"):
+        ClassWeightedSampler(4).prepare(volume)
+    assert UniformSampler(4).crop(volume, (0, 0, 0)).label is None
