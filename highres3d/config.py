@@ -124,8 +124,8 @@ class DatasetConfig:
     root: Optional[Path] = _field(None, "the dataset folder; patterns and nnU-Net layouts are relative to it", path=True)
     layout: Literal["patterns", "niftynet_csv", "nnunet"] = _field("patterns", "how subjects are found")
     modalities: tuple[str, ...] = _field(("T1", "T2"), "image modalities, in channel order")
-    patterns: dict[str, str] = _field({}, "layout 'patterns': one filename pattern with {subject} per modality and 'label'")
-    csv_files: dict[str, Path] = _field({}, "layout 'niftynet_csv': one 'subject_id,path' CSV per modality and 'label'", path=True)
+    patterns: dict[str, str] = _field({}, "layout 'patterns': one filename pattern with {subject} per modality, 'label' and optionally 'mask'")
+    csv_files: dict[str, Path] = _field({}, "layout 'niftynet_csv': one 'subject_id,path' CSV per modality, 'label' and optionally 'mask'", path=True)
     split: SplitConfig = _field(SplitConfig(), "the data split")
 
 
@@ -139,8 +139,7 @@ class PreprocessingConfig:
     label_interpolation: int = _field(0, "spline order when resampling labels (0 = nearest)", _spline_order)
     modality_interpolation: dict[str, int] = _field({}, "per-modality spline orders overriding image_interpolation", _spline_orders)
     normalisation: Literal["zscore", "none"] = _field("zscore", "intensity normalisation per modality")
-    foreground: Literal["all", "threshold_plus", "otsu", "mask"] = _field("all", "voxels whose mean and std define the z-score")
-    mask_pattern: Optional[str] = _field(None, "with foreground 'mask': filename pattern with {subject} of the mask, relative to dataset.root")
+    foreground: Literal["all", "threshold_plus", "otsu", "mask"] = _field("all", "voxels whose mean and std define the z-score ('mask': the subject's 'mask' file from dataset.patterns or csv_files)")
     normalise_foreground_only: bool = _field(False, "set voxels outside the foreground mask to 0 after whitening")
     labels: dict[int, int] = _field({}, "label mapping raw value -> class index, e.g. {17: 1, 53: 1}; empty = labels are already class indices")
     other_labels: Optional[int] = _field(None, "class index for raw values missing from 'labels'; null makes them an error")
@@ -406,9 +405,9 @@ def _cross_checks(cfg: Config) -> None:
         bad = [k for k, p in ds.patterns.items() if "{subject}" not in p]
         if bad:
             raise ConfigError(f"dataset.patterns.{bad[0]}: the pattern must contain '{{subject}}'")
-        extra = [k for k in ds.patterns if k not in ds.modalities and k != "label"]
+        extra = [k for k in ds.patterns if k not in ds.modalities and k not in ("label", "mask")]
         if extra:
-            raise ConfigError(f"dataset.patterns.{extra[0]}: not a modality ({', '.join(ds.modalities)}) nor 'label'")
+            raise ConfigError(f"dataset.patterns.{extra[0]}: not a modality ({', '.join(ds.modalities)}), 'label' or 'mask'")
     if ds.layout == "niftynet_csv":
         missing = [m for m in ds.modalities if m not in ds.csv_files]
         if missing:
@@ -421,8 +420,9 @@ def _cross_checks(cfg: Config) -> None:
     unknown = [m for m in pp.modality_interpolation if m not in ds.modalities]
     if unknown:
         raise ConfigError(f"preprocessing.modality_interpolation.{unknown[0]}: not one of the modalities {list(ds.modalities)}")
-    if pp.foreground == "mask" and not pp.mask_pattern:
-        raise ConfigError("preprocessing.mask_pattern: required when preprocessing.foreground is 'mask'")
+    if pp.foreground == "mask" and ds.layout != "nnunet" and "mask" not in (ds.patterns if ds.layout == "patterns" else ds.csv_files):
+        where = "dataset.patterns" if ds.layout == "patterns" else "dataset.csv_files"
+        raise ConfigError(f"{where}.mask: required when preprocessing.foreground is 'mask'")
     classes = set(pp.labels.values()) | ({pp.other_labels} if pp.other_labels is not None else set())
     if classes and max(classes) >= cfg.network.num_classes:
         raise ConfigError(

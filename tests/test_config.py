@@ -128,3 +128,10 @@ def test_dump_round_trip():
     cfg = load_config("brats_freeze3.yaml")
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+def test_configuration_reference_is_up_to_date():
+    from highres3d.config import describe_schema
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert describe_schema() in doc, "regenerate docs/configuration.md from highres3d.config.describe_schema()"

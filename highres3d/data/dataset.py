@@ -39,10 +39,12 @@ class Subject:
     id: str
     images: dict[str, Path]
     label: Optional[Path] = None
+    mask: Optional[Path] = None  # foreground mask for whitening (preprocessing.foreground: mask)
 
     @property
     def files(self) -> list[Path]:
-        return list(self.images.values()) + ([self.label] if self.label is not None else [])
+        extra = [p for p in (self.label, self.mask) if p is not None]
+        return list(self.images.values()) + extra
 
 
 # --------------------------------------------------------------------------- patterns
@@ -96,11 +98,12 @@ def discover_subjects(
             if problems is not None:
                 problems.append(f"{sid}: missing {', '.join(missing)}")
             continue
-        label = None
-        if "label" in patterns:
-            candidate = root / patterns["label"].format(subject=sid)
-            label = candidate if candidate.is_file() else None
-        subjects.append(Subject(sid, images, label))
+        optional = {}
+        for key in ("label", "mask"):
+            if key in patterns:
+                candidate = root / patterns[key].format(subject=sid)
+                optional[key] = candidate if candidate.is_file() else None
+        subjects.append(Subject(sid, images, **optional))
     return subjects
 
 
@@ -129,6 +132,7 @@ def read_subject_csv(path: Path) -> dict[str, Path]:
 def _subjects_from_csv(cfg: DatasetConfig, problems: list[str]) -> list[Subject]:
     tables = {m: read_subject_csv(Path(cfg.csv_files[m])) for m in cfg.modalities}
     labels = read_subject_csv(Path(cfg.csv_files["label"])) if "label" in cfg.csv_files else {}
+    masks = read_subject_csv(Path(cfg.csv_files["mask"])) if "mask" in cfg.csv_files else {}
     ids = sorted(set().union(*[set(t) for t in tables.values()]))
     subjects = []
     for sid in ids:
@@ -136,7 +140,7 @@ def _subjects_from_csv(cfg: DatasetConfig, problems: list[str]) -> list[Subject]
         if missing:
             problems.append(f"{sid}: no row in the CSV of {', '.join(missing)}")
             continue
-        subjects.append(Subject(sid, {m: tables[m][sid] for m in cfg.modalities}, labels.get(sid)))
+        subjects.append(Subject(sid, {m: tables[m][sid] for m in cfg.modalities}, labels.get(sid), masks.get(sid)))
     return subjects
 
 
@@ -283,7 +287,7 @@ class Dataset:
             subjects = _subjects_from_csv(cfg, problems)
         else:
             if cfg.root is None:
-                raise ConfigError("dataset.root: required for layout 'nnunet' (the DatasetXXX_Name folder)")
+                raise ConfigError("dataset.root: required for layout 'nnunet' (the Dataset<ID>_<Name> folder)")
             subjects, test_ids = _subjects_from_nnunet(Path(cfg.root), cfg.modalities, problems)
         if not subjects:
             where = cfg.root if cfg.root is not None else ", ".join(map(str, cfg.csv_files.values()))

@@ -9,7 +9,6 @@ a model always sees its inputs preprocessed the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -152,7 +151,6 @@ def load_volume(
     modalities: Optional[Sequence[str]] = None,
     label_required: bool = False,
     num_classes: Optional[int] = None,
-    mask: Optional[Path] = None,
 ) -> Volume:
     """Load and preprocess one subject into working space.
 
@@ -162,7 +160,9 @@ def load_volume(
         modalities: channel order (default: the subject's order).
         label_required: raise DataError when the subject has no label file.
         num_classes: checks label values when ``cfg.labels`` is empty.
-        mask: a mask file, used when ``cfg.foreground == "mask"``.
+
+    With ``cfg.foreground == "mask"`` the z-score statistics come from the
+    voxels inside ``subject.mask``.
     """
     modalities = list(modalities or subject.images)
     channels = []
@@ -182,9 +182,9 @@ def load_volume(
 
     if cfg.normalisation == "zscore":
         if cfg.foreground == "mask":
-            if mask is None:
-                raise DataError(f"subject {subject.id}: preprocessing.foreground is 'mask' but no mask file was found")
-            mask_data, mask_info = load_image(mask, cfg.orientation, cfg.spacing, order=0, dtype=np.uint8)
+            if subject.mask is None:
+                raise DataError(f"subject {subject.id}: preprocessing.foreground is 'mask' but the subject has no mask file")
+            mask_data, mask_info = load_image(subject.mask, cfg.orientation, cfg.spacing, order=0, dtype=np.uint8)
             check_same_grid(mask_info, reference, cfg.affine_tolerance)
             masks = [mask_data > 0] * image.shape[-1]
         else:

@@ -33,6 +33,7 @@ Edge policies
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -134,7 +135,7 @@ class Window:
         return tuple(s + w // 2 for s, w in zip(self.start, self.size))
 
 
-class WindowSampler:
+class WindowSampler(abc.ABC):
     """Base class: draws window locations from a volume and crops aligned windows.
 
     Subclasses implement :meth:`prepare` (per-volume state, built once and
@@ -198,9 +199,9 @@ class WindowSampler:
         check_volume(volume, self.uses_label)
         return self.centre_domain(volume.image.shape, _sid(volume))
 
+    @abc.abstractmethod
     def draw_centres(self, state: Any, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` centre voxels ``(n, 3)`` int64 in volume coordinates."""
-        raise NotImplementedError
 
     def locations(
         self, volume: Any, n: int, rng: "np.random.Generator | int | None" = None, state: Any = None

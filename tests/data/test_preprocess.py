@@ -99,3 +99,31 @@ def test_load_volume_label_errors(tmp_path, subject):
         load_volume(Subject("s1", subj.images, float_label), PreprocessingConfig())
     with pytest.raises(DataError, match="no label file"):
         load_volume(Subject("s1", subj.images, None), PreprocessingConfig(), label_required=True)
+
+
+def test_whitening_over_a_mask_file_from_the_dataset(tmp_path):
+    from highres3d.config import config_from_dict
+    from highres3d.data.dataset import Dataset
+    from highres3d.errors import ConfigError
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(10, 1, (8, 8, 8)).astype(np.float32)
+    image[2:6, 2:6, 2:6] = rng.normal(100, 5, (4, 4, 4))
+    mask = np.zeros((8, 8, 8), np.uint8)
+    mask[2:6, 2:6, 2:6] = 1
+    for sid in ("a", "b"):
+        write(tmp_path / f"{sid}_t1.nii.gz", image)
+        write(tmp_path / f"{sid}_brain.nii.gz", mask)
+    raw = {"dataset": {"root": str(tmp_path), "modalities": ["T1"],
+                       "patterns": {"T1": "{subject}_t1.nii.gz", "mask": "{subject}_brain.nii.gz"},
+                       "split": {"validation_fraction": 0, "inference_fraction": 0}},
+           "preprocessing": {"foreground": "mask"}}
+    cfg = config_from_dict(raw)
+    subject = Dataset.from_config(cfg.dataset).subjects[0]
+    assert subject.mask.name == "a_brain.nii.gz"
+    vol = load_volume(subject, cfg.preprocessing, ["T1"])
+    inside = vol.image[..., 0][mask.astype(bool)]
+    assert abs(inside.mean()) < 1e-4 and abs(inside.std() - 1) < 1e-3
+    del raw["dataset"]["patterns"]["mask"]
+    with pytest.raises(ConfigError, match="dataset.patterns.mask: required"):
+        config_from_dict(raw)
