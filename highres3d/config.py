@@ -233,7 +233,6 @@ class EvaluationConfig:
     """Metrics on whole volumes."""
 
     truth_labels: dict[int, int] = _field({}, "mapping of ground-truth values to classes (empty = preprocessing.labels)")
-    metrics: tuple[str, ...] = _field(("dice", "jaccard", "hd95"), "metrics reported")
 
 
 @dataclass(frozen=True)
@@ -431,6 +430,12 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.sampler.class_probabilities is not None and len(cfg.sampler.class_probabilities) != cfg.network.num_classes:
         raise ConfigError(
             f"sampler.class_probabilities: expected {cfg.network.num_classes} values (one per class), got {len(cfg.sampler.class_probabilities)}"
+        )
+    if cfg.sampler.label_pad_value >= cfg.network.num_classes:
+        # No loss masks an "ignore" value: padding must be a real class (normally background).
+        raise ConfigError(
+            f"sampler.label_pad_value: expected a class index below network.num_classes={cfg.network.num_classes}, "
+            f"got {cfg.sampler.label_pad_value}"
         )
     if cfg.training.class_weights is not None and len(cfg.training.class_weights) != cfg.network.num_classes:
         raise ConfigError(f"training.class_weights: expected {cfg.network.num_classes} values (one per class)")

@@ -29,8 +29,8 @@ class DemoResult:
     overlays: list
 
 
-def _configs(output: Path, iterations: int, seed: int, extra: list[str]) -> tuple[Config, Config]:
-    common = [f"training.max_iter={iterations}", f"training.seed={seed}"] + extra
+def _configs(output: Path, iterations: Optional[int], seed: int, extra: list[str]) -> tuple[Config, Config]:
+    common = [f"training.seed={seed}"] + ([f"training.max_iter={iterations}"] if iterations else []) + extra
     source = load_config("demo/ixi.yaml", overrides=common, data_root=output / "data" / "ixi")
     target = load_config(
         "demo/brats.yaml",
@@ -44,7 +44,7 @@ def run_demo(
     output: str | Path = "demo_output",
     *,
     ixi_subjects: int = 8,
-    brats_subjects: int = 12,
+    brats_subjects: int = 20,
     iterations: Optional[int] = None,
     seed: int = 0,
     overrides: Optional[list[str]] = None,
@@ -66,8 +66,7 @@ def run_demo(
     start = time.perf_counter()
     output = Path(output).resolve()
     extra = list(overrides or [])
-    default_iterations = load_config("demo/brats.yaml").training.max_iter
-    source_cfg, target_cfg = _configs(output, iterations or default_iterations, seed, extra)
+    source_cfg, target_cfg = _configs(output, iterations, seed, extra)
 
     echo(f"== 1/4 synthetic data -> {output / 'data'}")
     for kind, make, n in (("ixi", synthesize_ixi, ixi_subjects), ("brats", synthesize_brats, brats_subjects)):

@@ -22,14 +22,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from highres3d.config import Config, TransferConfig
+from highres3d.config import Config
 from highres3d.errors import ConfigError
 from highres3d.utils import atomic_path, parse_shard
 

@@ -20,6 +20,8 @@ Modes and what they cost (docs/inference.md has the figures):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import time
 from dataclasses import dataclass
@@ -228,7 +230,9 @@ def predict_subject(
     inf = config.inference
     whole = (inf.mode == "whole_volume") if whole_volume is None else whole_volume
     t0 = time.perf_counter()
-    volume = load_volume(subject, config.preprocessing, config.dataset.modalities, label_required=False)
+    # Prediction needs only the images: a label (and its mapping) is evaluation's business.
+    images_only = dataclasses.replace(subject, label=None) if getattr(subject, "label", None) is not None else subject
+    volume = load_volume(images_only, config.preprocessing, config.dataset.modalities, label_required=False)
     t1 = time.perf_counter()
     result = predict_volume(
         model,

@@ -44,6 +44,7 @@ def test_defaults_and_immutability():
         ("network: {num_classes: 2}\npreprocessing: {labels: {4: 3}}", "maps to class 3 but network.num_classes is 2"),
         ("dataset: {modalities: [T1], patterns: {T1: 't1.nii.gz'}}", "dataset.patterns.T1: the pattern must contain '{subject}'"),
         ("transfer: {freeze: 7}", "transfer.freeze: expected a number of layer groups between 0 and 5"),
+        ("sampler: {label_pad_value: 255}", "sampler.label_pad_value: expected a class index below network.num_classes=2"),
         ("- a\n- b", "expected a mapping of sections"),
         ("training: {lr: [1, 2", "invalid YAML"),
     ],

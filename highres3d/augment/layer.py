@@ -59,7 +59,6 @@ def resample_crops(image, label, matrices, window_size: Sequence[int], intensity
     crop_shape = tuple(int(s) for s in image.shape[1:4])
     n_ch = int(image.shape[4])
     batch = ops.shape(image)[0]
-    n_out = size[0] * size[1] * size[2]
     grid = np.stack(np.meshgrid(*[np.arange(s) - (s - 1) / 2 for s in size], indexing="ij"), -1)
     grid = ops.convert_to_tensor(grid.reshape(-1, 3).astype(np.float32))
     centre = ops.convert_to_tensor(np.asarray([(s - 1) / 2 for s in crop_shape], np.float32))

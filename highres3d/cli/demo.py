@@ -12,7 +12,7 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", default="demo_output", help="output folder (default: demo_output)")
     parser.add_argument("--iterations", type=int, help="training iterations per model (default: the demo configs')")
     parser.add_argument("--ixi-subjects", type=int, default=8, help="synthetic IXI-like subjects (default 8)")
-    parser.add_argument("--brats-subjects", type=int, default=12, help="synthetic BraTS-like subjects (default 12)")
+    parser.add_argument("--brats-subjects", type=int, default=20, help="synthetic BraTS-like subjects (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of both demo configs, e.g. --set sampler.window_size=[16,16,16]")

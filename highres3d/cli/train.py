@@ -11,7 +11,7 @@ def register(subparsers) -> None:
         description=__doc__ + "\n\nExample: highres3d train --config brats_freeze2.yaml --data-root /data/BraTS18/HGG",
     )
     add_config_arguments(parser)
-    parser.add_argument("--run-dir", help="run folder (default: <training.output_dir>/<dataset.name>)")
+    parser.add_argument("--run-dir", help="run folder (default: <training.output_dir>/<config file name>)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in the run folder")
     parser.add_argument("--subset", type=int, metavar="K", help="train on the nested training subset S_K only")

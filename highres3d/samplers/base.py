@@ -19,8 +19,8 @@ Edge policies
 ``pad`` (default)
     Any voxel of the volume may be a centre, so structures touching the border
     are sampled as often as any other (nnU-Net's choice).  Images are padded
-    with ``image_pad_value``, labels with ``label_pad_value`` (0 = background,
-    or an ignore index that the loss masks out).
+    with ``image_pad_value``, labels with ``label_pad_value`` (0 = background;
+    the losses have no ignore index, so training configs require a class).
 ``valid``
     Centres at least half a window from every edge, so windows lie entirely
     inside the volume (NiftyNet's and TorchIO's choice).  A volume smaller

@@ -115,6 +115,7 @@ class RunFolder:
         """Create a new run folder, or open an existing one to resume it."""
         if self.exists():
             if resume:
+                self._check_same_config(cfg)
                 return self.load_state()
             if not overwrite:
                 raise RunExistsError(
@@ -130,6 +131,22 @@ class RunFolder:
         state = RunState()
         self.save_state(state)
         return state
+
+    def _check_same_config(self, cfg: Config) -> None:
+        """A run may only be resumed with its own config (a longer ``max_iter`` is allowed)."""
+        import yaml
+
+        try:
+            saved = yaml.safe_load(self.config_path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise Highres3dError(f"{self.config_path}: cannot read the run's config ({err})") from None
+        differences = _differences(saved, yaml.safe_load(dump_config(cfg)))
+        differences = [key for key in differences if key != "training.max_iter"]
+        if differences:
+            raise Highres3dError(
+                f"{self.path}: cannot resume with a different config (changed: {', '.join(differences[:8])}); "
+                "use the run's own config.yaml, or --run-dir for a new run"
+            )
 
     def load_state(self) -> RunState:
         try:
@@ -164,11 +181,19 @@ class RunFolder:
                 np.savez(handle, **values)
         if path.name not in state.checkpoints:
             state.checkpoints.append(path.name)
-        while len(state.checkpoints) > keep:
-            old = self.checkpoint_dir / state.checkpoints.pop(0)
+        retired = state.checkpoints[:-keep] if len(state.checkpoints) > keep else []
+        state.checkpoints = state.checkpoints[len(retired):]
+        # The state names only files that exist before any old file goes away.
+        self.save_state(state)
+        for name in retired:
+            old = self.checkpoint_dir / name
             old.unlink(missing_ok=True)
             self.loop_state_path(old).unlink(missing_ok=True)
         return path
+
+    @staticmethod
+    def checkpoint_iterations(state: RunState) -> list[int]:
+        return [int(name.split("_")[1].split(".")[0]) for name in state.checkpoints]
 
     def restore_loop_variables(self, checkpoint: Path, loop_variables: Sequence[Any]) -> None:
         """Assign the values saved by :meth:`save_checkpoint` to the same list of variables."""
@@ -186,11 +211,13 @@ class RunFolder:
             variable.assign(value)
 
     def latest_checkpoint(self, state: RunState) -> Optional[Path]:
-        for name in reversed(state.checkpoints):
-            path = self.checkpoint_dir / name
-            if path.exists():
-                return path
-        return None
+        """The checkpoint of ``state.iteration`` (the run state is saved with each checkpoint)."""
+        if not state.checkpoints:
+            return None
+        path = self.checkpoint_dir / state.checkpoints[-1]
+        if not path.exists():
+            raise Highres3dError(f"{path}: the run's newest checkpoint is missing; the run cannot be resumed")
+        return path
 
     def model_for_inference(self) -> Path:
         """The model ``highres3d infer`` should use: best, else final, else the newest checkpoint."""
@@ -201,6 +228,15 @@ class RunFolder:
         if checkpoint is None:
             raise Highres3dError(f"{self.path}: no trained model here ({BEST_MODEL}, {FINAL_MODEL} or checkpoints)")
         return checkpoint
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out.extend(_differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return [] if a == b else [prefix]
 
 
 class MetricsLog:

@@ -9,7 +9,7 @@ restored weights and optimizer state, reproduces the uninterrupted loss curve.
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 import math
 import os
@@ -17,14 +17,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from highres3d.config import Config
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.data.preprocess import Volume, load_volume
-from highres3d.errors import ConfigError, DataError, Highres3dError
+from highres3d.errors import DataError, Highres3dError
 from highres3d.training.run import MetricsLog, RunFolder, RunState
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,9 @@ class Trainer:
         echo: Callable[[str], None] = print,
     ):
         self.cfg = cfg
-        name = cfg.dataset.name + (f"_S{subset}" if subset else "")
+        # One folder per config file, so brats_scratch and brats_freeze2 never collide.
+        base = cfg.source_file.stem if cfg.source_file is not None else cfg.dataset.name
+        name = base + (f"_S{subset}" if subset else "")
         self.run = RunFolder(run_dir if run_dir is not None else Path(cfg.training.output_dir) / name)
         self.resume = resume
         self.overwrite = overwrite
@@ -170,7 +172,16 @@ class Trainer:
             chosen = {s.id: "training" for s in train_subjects}
             chosen.update({sid: split for sid, split in dataset.splits.items() if split != "training"})
             write_split_csv(chosen, self.run.path / "split.csv", overwrite=True)
-        self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo)
+        if cfg.training.cache == "lazy":
+            # Each volume is loaded when the pipeline visits it, so RAM holds only a few at a time.
+            self.train_volumes = [
+                functools.partial(load_volume, s, cfg.preprocessing, cfg.dataset.modalities, label_required=True,
+                                  num_classes=cfg.network.num_classes)
+                for s in train_subjects
+            ]
+            self.echo(f"training: {len(train_subjects)} subjects, loaded lazily")
+        else:
+            self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo)
         self.val_volumes = load_volumes(val_subjects, cfg, "validation", self.echo) if val_subjects else []
 
     def _model(self, state: RunState):
@@ -198,6 +209,15 @@ class Trainer:
     # ---- run
     def fit(self) -> TrainResult:
         import keras
+
+        previous_policy = keras.mixed_precision.global_policy()
+        try:
+            return self._fit()
+        finally:
+            # Mixed precision is a process-wide setting: later runs and models must not inherit it.
+            keras.mixed_precision.set_global_policy(previous_policy)
+
+    def _fit(self) -> TrainResult:
         import tensorflow as tf
 
         cfg = self.cfg
@@ -215,8 +235,9 @@ class Trainer:
             trainable = model.trainable_variables
             optimizer.build(trainable)
             augment_layer = self._device_augmentation()
+            loop_variables = _loop_variables(optimizer, augment_layer)
             if state.iteration > 0:
-                self.run.restore_loop_variables(self.run.latest_checkpoint(state), _loop_variables(optimizer, augment_layer))
+                self.run.restore_loop_variables(self.run.latest_checkpoint(state), loop_variables)
         batches = self._training_batches(strategy, build_sampler(cfg), start_batch=state.iteration)
 
         def step(images, labels):
@@ -224,9 +245,12 @@ class Trainer:
                 images, labels = augment_layer((images, labels), training=True)
             with tf.GradientTape() as tape:
                 logits = model(images, training=True)
+                # Keras losses already divide by the number of replicas; the
+                # regulariser must be scaled the same way, so that the gradients
+                # summed over replicas equal those of the whole batch.
                 loss = loss_fn(labels, logits)
                 if model.losses:
-                    loss = loss + tf.add_n(model.losses)
+                    loss = loss + tf.nn.scale_regularization_loss(tf.add_n(model.losses))
                 scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
             grads = tape.gradient(scaled, trainable)
             optimizer.apply_gradients(zip(grads, trainable))
@@ -235,7 +259,7 @@ class Trainer:
         @tf.function
         def train_step(images, labels):
             per_replica = strategy.run(step, args=(images, labels))
-            return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
         validation = self._validation_windows() if self.val_volumes else None
         # A plain compiled call: Keras' predict_on_batch would split batches across replicas.
@@ -252,49 +276,61 @@ class Trainer:
         clock = time.perf_counter()
         wall_before = state.wall_time
         bar = _Bar(stop - start_iter, self.show_progress)
-        while state.iteration < stop:
-            images, labels = next(iterator)
-            loss = float(train_step(images, labels))
-            if not math.isfinite(loss):
-                raise Highres3dError(
-                    f"iteration {state.iteration + 1}: the loss is {loss}; lower training.lr or check the data "
-                    "(highres3d data check)"
-                )
-            state.iteration += 1
-            state.wall_time = wall_before + time.perf_counter() - clock
-            row = {"loss": loss, "lr": _current_lr(optimizer), "wall_time": state.wall_time}
-            bar.update(f"iter {state.iteration}/{t.max_iter} loss {loss:.4f}")
-            if validation is not None and state.iteration % t.validation_every == 0:
-                row.update(self._validate(model, loss_fn, validation))
-            if state.iteration % t.checkpoint_every == 0 or state.iteration == t.max_iter:
-                if self.val_volumes:
+
+        def checkpoint():
+            log.flush()
+            self.run.save_checkpoint(model, loop_variables, state, t.max_checkpoints)
+
+        try:
+            while state.iteration < stop:
+                images, labels = next(iterator)
+                loss = float(train_step(images, labels))
+                if not math.isfinite(loss):
+                    raise Highres3dError(
+                        f"iteration {state.iteration + 1}: the loss is {loss}; lower training.lr or check the data "
+                        "(highres3d data check)"
+                    )
+                state.iteration += 1
+                state.wall_time = wall_before + time.perf_counter() - clock
+                row = {"loss": loss, "lr": _current_lr(optimizer), "wall_time": state.wall_time}
+                bar.update(f"iter {state.iteration}/{t.max_iter} loss {loss:.4f}")
+                if validation is not None and state.iteration % t.validation_every == 0:
+                    row.update(self._validate(model, loss_fn, validation))
+                scheduled = state.iteration % t.checkpoint_every == 0 or state.iteration == t.max_iter
+                if scheduled and self.val_volumes:
                     row["val_volume_dice"] = self._validate_volumes(model)
                     self._update_best(model, state, row["val_volume_dice"])
-                self.run.save_checkpoint(model, _loop_variables(optimizer, augment_layer), state, t.max_checkpoints)
-            log.log(state.iteration, row)
-            with writer.as_default(step=state.iteration):
-                for key, value in row.items():
-                    tf.summary.scalar(key, value)
-            if state.iteration % t.checkpoint_every == 0 or state.iteration == stop:
-                log.flush()
-                self.run.save_state(state)
-            if t.patience and state.validations_since_best >= t.patience:
-                state.stopped_early = True
-                self.echo(f"early stop at iteration {state.iteration}: no better validation Dice "
-                          f"in {t.patience} whole-volume validations (best {state.best_score:.4f} "
-                          f"at {state.best_iteration})")
-                break
+                log.log(state.iteration, row)
+                with writer.as_default(step=state.iteration):
+                    for key, value in row.items():
+                        tf.summary.scalar(key, value)
+                # The run state never runs ahead of a checkpoint, so a resumed run
+                # continues exactly from what is on disk.
+                if scheduled or state.iteration == stop:
+                    checkpoint()
+                if t.patience and state.validations_since_best >= t.patience:
+                    state.stopped_early = True
+                    self.echo(f"early stop at iteration {state.iteration}: no better validation Dice "
+                              f"in {t.patience} whole-volume validations (best {state.best_score:.4f} "
+                              f"at {state.best_iteration})")
+                    break
+        except KeyboardInterrupt:
+            bar.close()
+            if state.iteration > start_iter and state.iteration not in self.run.checkpoint_iterations(state):
+                checkpoint()
+            self.echo(f"interrupted at iteration {state.iteration}; checkpoint saved, continue with --resume")
+            raise
+        finally:
+            writer.flush()
+            # A live iterator over numpy_function stages can hang the interpreter at exit.
+            del iterator, batches
         bar.close()
-        writer.flush()
-        # A live iterator over numpy_function stages can hang the interpreter at exit.
-        del iterator, batches
         if state.iteration >= t.max_iter or state.stopped_early:
             state.finished = True
             self.run.save_model(model, self.run.final_model_path)
             if not self.val_volumes:
                 self.run.save_model(model, self.run.best_model_path)
-        log.flush()
-        self.run.save_state(state)
+            self.run.save_state(state)
         return self._result(state)
 
     def _result(self, state: RunState) -> TrainResult:

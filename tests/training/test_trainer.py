@@ -67,18 +67,31 @@ def test_run_folder_is_complete_and_self_contained(data, tmp_path):
         train(tiny_config(data), run_dir, echo=lambda *_: None)
 
 
-@pytest.mark.parametrize("device", ["cpu", "accelerator"])
-def test_resume_gives_the_same_loss_curve(data, tmp_path, device):
-    extra = ["augmentation.rotation_degrees=10", "augmentation.scaling_percent=10", f"augmentation.device={device}"]
+@pytest.mark.parametrize("device, stop", [("cpu", 3), ("accelerator", 4)])
+def test_resume_gives_the_same_loss_curve(data, tmp_path, device, stop):
+    extra = ["augmentation.rotation_degrees=10", "augmentation.scaling_percent=10", f"augmentation.device={device}",
+             "training.cache=lazy"]
     cfg = tiny_config(data, *extra)
     full = tmp_path / "full"
     train(cfg, full, echo=lambda *_: None)
     split = tmp_path / "split"
-    first = train(cfg, split, stop_after=4, echo=lambda *_: None)  # "killed" after the checkpoint at 4
-    assert first.iterations == 4
+    # Stopped at 3 (between scheduled checkpoints) or 4 (on one), then resumed.
+    first = train(cfg, split, stop_after=stop, echo=lambda *_: None)
+    assert first.iterations == stop
+    assert json.loads((split / "state.json").read_text())["checkpoints"][-1] == f"iter_{stop:06d}.keras"
     train(cfg, split, resume=True, echo=lambda *_: None)
     np.testing.assert_allclose(losses(split), losses(full), rtol=1e-4, atol=1e-6)
     assert len(losses(split)) == 6
+
+
+def test_resume_refuses_another_config(data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(data), run, stop_after=2, echo=lambda *_: None)
+    with pytest.raises(Exception, match=r"different config \(changed: training.lr\)"):
+        train(tiny_config(data, "training.lr=0.5"), run, resume=True, echo=lambda *_: None)
+    # a longer max_iter is fine
+    result = train(tiny_config(data, "training.max_iter=7"), run, resume=True, echo=lambda *_: None)
+    assert result.iterations == 7
 
 
 def test_transfer_with_frozen_groups(data, tmp_path):
@@ -113,9 +126,17 @@ print("REPLICAS", tf.distribute.MirroredStrategy().num_replicas_in_sync, "ITER",
 """
 
 
+
+
 def test_mirrored_strategy_on_two_logical_cpus(data, tmp_path):
     overrides = TINY + ["training.strategy=mirrored", "training.max_iter=2"]
     out = subprocess.run([sys.executable, "-c", MIRRORED, str(data), str(tmp_path / "run")] + overrides,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REPLICAS 2 ITER 2" in out.stdout
+    # The logged loss is the whole batch's (not divided by the replicas): close to a
+    # single-device run, up to BatchNorm using per-replica statistics.
+    single = train(tiny_config(data, "training.max_iter=2"), tmp_path / "single", echo=lambda *_: None)
+    assert single.iterations == 2
+    mirrored, plain = losses(tmp_path / "run")[0], losses(tmp_path / "single")[0]
+    assert abs(mirrored - plain) / plain < 0.25, (mirrored, plain)
