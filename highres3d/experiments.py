@@ -197,10 +197,9 @@ def evaluate_run(
     from highres3d.evaluation import binary_metrics
     from highres3d.inference import predict_subject
     from highres3d.io.nifti import read_nifti, save_like
-    from highres3d.training.run import RunFolder
     from highres3d.transfer import load_model
 
-    model = load_model(RunFolder(run_dir).model_for_inference())
+    model = load_model(run_dir)
     truth_map = cfg.evaluation.truth_labels or cfg.preprocessing.labels
     rows = []
     for split, subjects in subjects_by_split.items():

@@ -259,9 +259,6 @@ def predict_subject(
     )
 
 
-MODEL_FILES = ("best.keras", "model.keras")
-
-
 def load_run(model_path: str | Path, config_path: Optional[str | Path] = None):
     """Load a trained Keras model and the config it was trained with.
 
@@ -269,23 +266,12 @@ def load_run(model_path: str | Path, config_path: Optional[str | Path] = None):
     and ``config.yaml``) or a ``.keras`` file (its folder's ``config.yaml``
     unless ``config_path`` is given).  Returns ``(model, config, model_file)``.
     """
-    import importlib
-
-    import keras
-
     from highres3d.config import load_config
+    from highres3d.transfer import load_model, resolve_source
 
-    path = Path(model_path)
-    if path.is_dir():
-        model_file = next((path / name for name in MODEL_FILES if (path / name).is_file()), None)
-        if model_file is None:
-            raise DataError(f"{path}: no {' or '.join(MODEL_FILES)} in this run folder")
-    elif path.is_file():
-        if path.suffix != ".keras":
-            raise DataError(f"{path}: expected a run folder or a .keras model file")
-        model_file = path
-    else:
-        raise DataError(f"{path}: model not found (expected a run folder or a .keras file)")
+    model_file = resolve_source(model_path)
+    if not model_file.name.endswith(".keras"):
+        raise DataError(f"{model_file}: expected a run folder or a .keras model file")
     if config_path is None:
         config_path = model_file.parent / "config.yaml"
         if not config_path.is_file():
@@ -294,12 +280,7 @@ def load_run(model_path: str | Path, config_path: Optional[str | Path] = None):
                 "config the model was trained with"
             )
     config = load_config(config_path)
-    # The package's layers register themselves for deserialisation on import.
-    importlib.import_module("highres3d.models")
-    try:
-        model = keras.saving.load_model(str(model_file), compile=False)
-    except Exception as err:  # Keras raises many types for unreadable files
-        raise DataError(f"{model_file}: cannot load the model ({err.__class__.__name__}: {err})") from None
+    model = load_model(model_file)
     try:
         in_channels = model.inputs[0].shape[-1]
     except (AttributeError, IndexError, TypeError):  # a subclassed model has no symbolic inputs

@@ -98,9 +98,11 @@ def load_model(source: str | Path) -> Any:
     """Loads a ``.keras`` model (or a run folder's best/last model) without compiling it."""
     import keras
 
-    import highres3d.losses  # noqa: F401  (registers the serialisable losses)
-    import highres3d.metrics  # noqa: F401
-    import highres3d.models  # noqa: F401  (registers HighResNet3D)
+    import importlib
+
+    # The package's layers, losses and metrics register themselves for deserialisation on import.
+    for module in ("highres3d.models", "highres3d.losses", "highres3d.metrics"):
+        importlib.import_module(module)
 
     path = resolve_source(source)
     if not path.name.endswith(".keras"):

@@ -8,8 +8,8 @@
       state.json           iteration, best score, checkpoints (rewritten atomically)
       metrics.csv          every logged scalar, one row per logged iteration
       checkpoints/iter_000150.keras   model + optimizer state, last ``max_checkpoints`` kept
-      best.keras           the model with the best validation Dice
-      model.keras          the final model
+      best.keras           the model with the best validation Dice (used by infer and transfer)
+      model.keras          the final model (used when there is no best.keras)
       tensorboard/         TensorBoard event files
 
 Every file is written to a temporary name and renamed, so an interrupted run
@@ -218,16 +218,6 @@ class RunFolder:
         if not path.exists():
             raise Highres3dError(f"{path}: the run's newest checkpoint is missing; the run cannot be resumed")
         return path
-
-    def model_for_inference(self) -> Path:
-        """The model ``highres3d infer`` should use: best, else final, else the newest checkpoint."""
-        for path in (self.best_model_path, self.final_model_path):
-            if path.exists():
-                return path
-        checkpoint = self.latest_checkpoint(self.load_state()) if self.exists() else None
-        if checkpoint is None:
-            raise Highres3dError(f"{self.path}: no trained model here ({BEST_MODEL}, {FINAL_MODEL} or checkpoints)")
-        return checkpoint
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
