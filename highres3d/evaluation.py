@@ -209,28 +209,18 @@ def parse_label_map(text: Optional[str]) -> dict[int, int]:
 
 
 def apply_label_map(labels: np.ndarray, mapping: Mapping[int, int], source: str, other: Optional[int] = None) -> np.ndarray:
-    """Map raw values to classes.
+    """Map raw values to classes, with the training preprocessing's rules.
 
     With an empty ``mapping`` the values are returned unchanged.  A value
     missing from a non-empty map gets class ``other``, or is an error naming
-    ``source`` when ``other`` is None.
+    ``source`` when ``other`` is None (see :func:`highres3d.data.preprocess.map_labels`).
     """
+    from highres3d.data.preprocess import map_labels
+
     labels = np.asarray(labels)
     if not mapping:
         return labels
-    high = int(labels.max()) if labels.size else 0
-    table = np.full(max(high, max(mapping)) + 1, -1 if other is None else other, dtype=np.int32)
-    for raw, cls in mapping.items():
-        if raw >= 0:
-            table[raw] = cls
-    mapped = table[labels]
-    if other is None and (mapped < 0).any():
-        unmapped = sorted(int(v) for v in np.unique(labels[mapped < 0]))
-        raise DataError(
-            f"{source}: label values {unmapped} are not in the label map {dict(mapping)}; "
-            f"add them (e.g. '{unmapped[0]}:0')"
-        )
-    return mapped
+    return map_labels(labels, mapping, other, source=source)
 
 
 # --------------------------------------------------------------------------- summaries
