@@ -12,17 +12,13 @@ is 240×240×155 at 1 mm with the real files' LPS-stored affine
 """
 from __future__ import annotations
 
-import logging
 import string
-import time
 from pathlib import Path
 
 import numpy as np
 
 from highres3d.data.synth import common
 from highres3d.data.synth import phantom as ph
-
-log = logging.getLogger(__name__)
 
 SIZES = {
     # storage shape, voxel size (mm), affine offset (world of voxel 0) or None to centre
@@ -141,26 +137,14 @@ def synthesize_brats(out_dir, n_subjects: int, size: str = "small", seed: int = 
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     if n_subjects < 1:
         raise ValueError(f"n_subjects must be at least 1, got {n_subjects}")
-    out_dir = Path(out_dir)
     ids = subject_ids(n_subjects, seed)
-    payload = manifest_payload(ids, size, seed)
-    common.check_free([p for s in ids for p in subject_files(out_dir, s).values()], overwrite)
-    common.check_manifest(out_dir, payload, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, subject in enumerate(ids):
-        start = time.perf_counter()
-        images, seg, affine = make_subject(i, seed, size)
-        files = subject_files(out_dir, subject)
-        desc = f"highres3d synthetic BraTS-like {subject}"
-        for modality, data in images.items():
-            common.write_nifti(common.nifti(data, affine, f"{desc} {modality}"), files[modality], overwrite)
-        common.write_nifti(common.nifti(seg, affine, f"{desc} seg"), files["label"], overwrite)
-        elapsed = time.perf_counter() - start
-        log.debug("%s written in %.1f s", subject, elapsed)
-        if progress is not None:
-            progress(i, n_subjects, subject, elapsed)
-    common.write_manifest(out_dir, payload)
-    return ids
+
+    def make(index: int, subject: str):
+        images, seg, affine = make_subject(index, seed, size)
+        return {**images, "label": seg}, affine
+
+    return common.write_dataset(out_dir, ids, manifest_payload(ids, size, seed), lambda s: subject_files(Path(out_dir), s),
+                                make, "BraTS-like", overwrite, progress)
 
 
 def manifest_payload(ids, size, seed) -> dict:

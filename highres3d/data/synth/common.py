@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import nibabel as nib
 import numpy as np
@@ -83,3 +86,38 @@ def write_manifest(out_dir, payload: dict) -> Path:
     with atomic_path(path, overwrite=True) as tmp:
         Path(tmp).write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def write_dataset(
+    out_dir,
+    ids: list[str],
+    payload: dict,
+    files_of: Callable[[str], dict],
+    make: Callable[[int, str], tuple[dict, np.ndarray]],
+    description: str,
+    overwrite: bool,
+    progress: Optional[Callable] = None,
+) -> list[str]:
+    """Write every subject's volumes, then the manifest.
+
+    ``files_of(subject)`` names the file of each volume; ``make(index, subject)``
+    returns ``({name: array}, affine)``.  Every output is checked before
+    anything is written, so a run never stops half-way on an existing file.
+    """
+    out_dir = Path(out_dir)
+    check_free([p for s in ids for p in files_of(s).values()], overwrite)
+    check_manifest(out_dir, payload, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, subject in enumerate(ids):
+        start = time.perf_counter()
+        volumes, affine = make(i, subject)
+        files = files_of(subject)
+        for name, data in volumes.items():
+            write_nifti(nifti(data, affine, f"highres3d synthetic {description} {subject} {name}"), files[name], overwrite)
+        elapsed = time.perf_counter() - start
+        logging.getLogger(__name__).debug("%s written in %.1f s", subject, elapsed)
+        if progress is not None:
+            progress(i, len(ids), subject, elapsed)
+    write_manifest(out_dir, payload)
+    return ids
+

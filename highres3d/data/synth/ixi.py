@@ -11,16 +11,12 @@ along the last axis), like the real IXI T1 files; small is 64×64×56 at 3.2 mm.
 """
 from __future__ import annotations
 
-import logging
-import time
 from pathlib import Path
 
 import numpy as np
 
 from highres3d.data.synth import common
 from highres3d.data.synth import phantom as ph
-
-log = logging.getLogger(__name__)
 
 SITES = ("Guys", "HH", "IOP")
 SIZES = {
@@ -117,27 +113,14 @@ def synthesize_ixi(out_dir, n_subjects: int, size: str = "small", seed: int = 0,
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     if n_subjects < 1:
         raise ValueError(f"n_subjects must be at least 1, got {n_subjects}")
-    out_dir = Path(out_dir)
     ids = subject_ids(n_subjects, seed)
-    payload = manifest_payload(ids, size, seed)
-    common.check_free([p for s in ids for p in subject_files(out_dir, s).values()], overwrite)
-    common.check_manifest(out_dir, payload, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, subject in enumerate(ids):
-        start = time.perf_counter()
-        site = subject.split("-")[1]
-        t1, t2, aseg, affine = make_subject(i, seed, size, site)
-        files = subject_files(out_dir, subject)
-        desc = f"highres3d synthetic IXI-like {subject}"
-        common.write_nifti(common.nifti(t1, affine, desc + " T1"), files["T1"], overwrite)
-        common.write_nifti(common.nifti(t2, affine, desc + " T2"), files["T2"], overwrite)
-        common.write_nifti(common.nifti(aseg, affine, desc + " aseg"), files["label"], overwrite)
-        elapsed = time.perf_counter() - start
-        log.debug("%s written in %.1f s", subject, elapsed)
-        if progress is not None:
-            progress(i, n_subjects, subject, elapsed)
-    common.write_manifest(out_dir, payload)
-    return ids
+
+    def make(index: int, subject: str):
+        t1, t2, aseg, affine = make_subject(index, seed, size, subject.split("-")[1])
+        return {"T1": t1, "T2": t2, "label": aseg}, affine
+
+    return common.write_dataset(out_dir, ids, manifest_payload(ids, size, seed), lambda s: subject_files(Path(out_dir), s),
+                                make, "IXI-like", overwrite, progress)
 
 
 def manifest_payload(ids, size, seed) -> dict:
