@@ -148,19 +148,4 @@ def synthesize_brats(out_dir, n_subjects: int, size: str = "small", seed: int = 
 
 
 def manifest_payload(ids, size, seed) -> dict:
-    shape, zooms, _ = SIZES[size]
-    return {
-        "dataset": "brats",
-        "generator": "highres3d.data.synth.brats",
-        "generator_version": common.GENERATOR_VERSION,
-        "seed": int(seed),
-        "size": size,
-        "shape": list(shape),
-        "voxel_size_mm": list(zooms),
-        "orientation": AXCODES,
-        "layout": "folder per subject",
-        "patterns": PATTERNS,
-        "modalities": list(MODALITIES),
-        "label_values": {str(k): v for k, v in LABEL_NAMES.items()},
-        "subjects": list(ids),
-    }
+    return common.manifest("brats", ids, size, seed, SIZES, AXCODES, "folder per subject", PATTERNS, MODALITIES, LABEL_NAMES)

@@ -88,6 +88,27 @@ def write_manifest(out_dir, payload: dict) -> Path:
     return path
 
 
+def manifest(kind: str, ids, size: str, seed: int, sizes: dict, axcodes: str, layout: str, patterns: dict,
+             modalities, label_names: dict) -> dict:
+    """The ``synth_manifest.json`` payload describing one generator run."""
+    shape, zooms, _ = sizes[size]
+    return {
+        "dataset": kind,
+        "generator": f"highres3d.data.synth.{kind}",
+        "generator_version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "size": size,
+        "shape": list(shape),
+        "voxel_size_mm": list(zooms),
+        "orientation": axcodes,
+        "layout": layout,
+        "patterns": patterns,
+        "modalities": list(modalities),
+        "label_values": {str(k): v for k, v in label_names.items()},
+        "subjects": list(ids),
+    }
+
+
 def write_dataset(
     out_dir,
     ids: list[str],

@@ -124,19 +124,4 @@ def synthesize_ixi(out_dir, n_subjects: int, size: str = "small", seed: int = 0,
 
 
 def manifest_payload(ids, size, seed) -> dict:
-    shape, zooms, _ = SIZES[size]
-    return {
-        "dataset": "ixi",
-        "generator": "highres3d.data.synth.ixi",
-        "generator_version": common.GENERATOR_VERSION,
-        "seed": int(seed),
-        "size": size,
-        "shape": list(shape),
-        "voxel_size_mm": list(zooms),
-        "orientation": AXCODES,
-        "layout": "flat",
-        "patterns": PATTERNS,
-        "modalities": ["T1", "T2"],
-        "label_values": {str(k): v for k, v in ASEG_NAMES.items()},
-        "subjects": list(ids),
-    }
+    return common.manifest("ixi", ids, size, seed, SIZES, AXCODES, "flat", PATTERNS, ("T1", "T2"), ASEG_NAMES)
