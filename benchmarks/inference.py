@@ -8,15 +8,19 @@ windows, blending, normalising and producing the output.  highres3d is asked
 for labels (argmax, uint8), its default product; MONAI and TorchIO return the
 blended logits, and their argmax is not included in their times.
 
-The peers (torch) live in another virtual environment: the script re-runs
-itself there with ``--peers-json`` and merges the result into one table.
+The peers (torch) live in another virtual environment, whose interpreter
+comes from ``--peers-python`` or ``$HIGHRES3D_PEERS_PYTHON`` (see
+benchmarks/README.md): the script re-runs itself there with ``--peers-json``
+and merges the result into one table.
 
 ``--real-net`` adds the real HighRes3DNet over the whole volume (windows 144^3,
 overlap 0.25, gaussian, batch 1, and highres3d's whole-volume pass) against
 MONAI's HighResNet with the same settings.  It takes minutes per method on a
 CPU.
 
-    flock /work/bench.lock python benchmarks/inference.py [--reps 3] [--real-net]
+Run from the repository root, never beside another benchmark:
+
+    .venv/bin/python benchmarks/inference.py [--reps 3] [--real-net]
 """
 from __future__ import annotations
 
@@ -31,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+import _peers  # benchmarks/_peers.py: this script's folder is sys.path[0]
+
 SHAPE = (240, 240, 155)
 CHANNELS = 2
 ROI = 96
 OVERLAPS = (0.0, 0.25, 0.5)
-PEERS_PYTHON = Path(os.environ.get("HIGHRES3D_PEERS_PYTHON", "/work/.peers-venv/bin/python"))
 
 
 def make_volume() -> np.ndarray:
@@ -149,7 +154,8 @@ def run_peers(args) -> dict:
     conv = torch.nn.Conv3d(CHANNELS, CHANNELS, 1).eval()
 
     def trivial(batch):
-        # torch's oneDNN path is pathologically slow for this 1x1x1 conv (peers_bench RESULTS §5a).
+        # On this 1x1x1 Conv3d torch's oneDNN (mkldnn) CPU path was far slower than its native
+        # one; kernel size 1 is a known weak case of oneDNN (pytorch/pytorch PRs 40610, 48885).
         with torch.backends.mkldnn.flags(enabled=False):
             return conv(batch)
 
@@ -216,7 +222,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=1, help="windows per model call, for every method")
     parser.add_argument("--real-net", action="store_true", help="also time the real HighRes3DNet (minutes)")
     parser.add_argument("--real-whole", action="store_true", help="with --real-net: also highres3d's whole-volume pass")
-    parser.add_argument("--no-peers", action="store_true", help="skip MONAI / TorchIO")
+    _peers.add_arguments(parser)
     parser.add_argument("--peers-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -226,8 +232,9 @@ def main() -> int:
         return 0
 
     peers = None
-    if not args.no_peers and PEERS_PYTHON.exists():
-        cmd = [str(PEERS_PYTHON), __file__, "--peers-json", "--reps", str(args.reps), "--threads", str(args.threads),
+    peers_python = _peers.resolve(args)
+    if peers_python:
+        cmd = [peers_python, __file__, "--peers-json", "--reps", str(args.reps), "--threads", str(args.threads),
                "--batch-size", str(args.batch_size)] + (["--real-net"] if args.real_net else [])
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         print(f"peers: {' '.join(cmd)}", file=sys.stderr, flush=True)
@@ -235,8 +242,6 @@ def main() -> int:
         sys.stderr.write(done.stderr[-3000:] if done.returncode else done.stderr)
         if done.returncode == 0:
             peers = json.loads(done.stdout.strip().splitlines()[-1])
-    elif not args.no_peers:
-        print(f"peers: {PEERS_PYTHON} not found; MONAI / TorchIO skipped", file=sys.stderr)
 
     ours = run_ours(args)
     import tensorflow as tf

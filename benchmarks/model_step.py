@@ -5,18 +5,19 @@ parameters) on random windows: a forward pass in inference mode and one
 training step (forward in training mode, NiftyNet Dice loss, backward, Adam),
 for each window size and batch size, with a fixed number of CPU threads.
 
-In the same run, when an interpreter with torch and MONAI is available
-(``--peer-python``, default ``/work/.peers-venv/bin/python`` if it exists), the
-script re-invokes itself there with ``--peer`` to time
+In the same run, when an interpreter with torch and MONAI is given
+(``--peers-python``, default ``$HIGHRES3D_PEERS_PYTHON``; see
+benchmarks/README.md), the script re-invokes itself there with ``--peer`` to time
 ``monai.networks.nets.HighResNet(spatial_dims=3, in_channels=2, out_channels=2)``
 the same way (``torch.set_num_threads``; forward under ``inference_mode``;
 train step = ``DiceLoss(to_onehot_y=True, softmax=True)`` + Adam), and prints
 both with the ratio MONAI / ours (> 1: we are faster) and the achieved GFLOP/s
 (1.616 MFLOP per voxel forward, a training step counted as 3x the forward).
 
-Run it alone on the machine (other load skews the numbers)::
+Run it from the repository root, alone on the machine (other load skews the
+numbers; never beside another benchmark)::
 
-    flock /work/bench.lock /work/.venv/bin/python benchmarks/model_step.py
+    .venv/bin/python benchmarks/model_step.py
 
 Options: ``--sizes 32,64 --batches 1,2 --threads 2 --reps 3 --jit on|off|both``;
 ``--quick`` for a smoke run at 16^3; ``--json FILE`` to keep the raw timings.
@@ -34,10 +35,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import _peers  # benchmarks/_peers.py: this script's folder is sys.path[0]
+
 #: 807,936 multiply-adds per output voxel (stride 1, 'same' padding everywhere).
 FORWARD_FLOP_PER_VOXEL = 2 * 807_936
 TRAIN_FLOP_FACTOR = 3.0
-DEFAULT_PEER_PYTHON = "/work/.peers-venv/bin/python"
 
 
 def timed(fn: Callable[[], Any], reps: int, warmup: int) -> list[float]:
@@ -206,9 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="timed repetitions (default: 5 at <= 32^3, else 3), after 1 warm-up")
     parser.add_argument("--jit", choices=("on", "off", "both"), default="both",
                         help="XLA compilation of our step (default: %(default)s)")
-    parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON if Path(DEFAULT_PEER_PYTHON).exists() else None,
-                        help="interpreter with torch + monai (default: %(default)s)")
-    parser.add_argument("--no-peer", action="store_true", help="skip MONAI")
+    _peers.add_arguments(parser, "MONAI")
     parser.add_argument("--quick", action="store_true", help="smoke run: 16^3, batch 1, 1 rep")
     parser.add_argument("--json", metavar="FILE", help="write all timings as JSON")
     parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
@@ -226,12 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         peer_server(args.threads)
         return 0
 
+    peers_python = _peers.resolve(args)
     jit_modes = {"on": [True], "off": [False], "both": [False, True]}[args.jit]
     ours = Ours(args.threads, jit_modes)
     peer = None
-    if args.peer_python and not args.no_peer:
+    if peers_python:
         try:
-            peer = Peer(args.peer_python, args.threads)
+            peer = Peer(peers_python, args.threads)
         except (OSError, RuntimeError) as err:
             print(f"MONAI not run: {err}", file=sys.stderr)
     ours_results: dict[str, list[dict[str, Any]]] = {variant: [] for variant in ours.models}

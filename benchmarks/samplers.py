@@ -13,14 +13,15 @@ Rows (one thread unless stated):
     from the volume (location + resampling = the whole cost of a window);
   * our tf.data pipeline on 2 cores delivering batches of 4: plain windows,
     margin crops for on-device augmentation, and CPU augmentation;
-  * peers, when /work/.peers-venv exists (re-runs this file there with
-    --section peers and reads its JSON): MONAI RandCropByLabelClassesd
+  * peers, when their interpreter is given by --peers-python or
+    $HIGHRES3D_PEERS_PYTHON (see benchmarks/README.md; re-runs this file
+    there with --section peers and reads its JSON): MONAI RandCropByLabelClassesd
     (indices per call, and with ClassesToIndicesd), RandAffined, TorchIO
     LabelSampler and RandomAffine.
 
 Run from the repository root, never beside another benchmark:
 
-    flock /work/bench.lock /work/.venv/bin/python benchmarks/samplers.py [--quick]
+    .venv/bin/python benchmarks/samplers.py [--quick]
 """
 from __future__ import annotations
 
@@ -41,10 +42,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+import _peers  # noqa: E402  (benchmarks/_peers.py: this script's folder is sys.path[0])
+
 W = 96
 SHAPE = (240, 240, 155)
 DEG, SCALE = 10.0, 0.10
-PEERS_PYTHON = Path("/work/.peers-venv/bin/python")
 
 
 # --------------------------------------------------------------------------- data
@@ -163,7 +165,7 @@ def ours(image, label, quick: bool) -> list[dict]:
 
     sampler = ClassWeightedSampler(W, {0: 1, 1: 1})
     state = sampler.prepare(volume)
-    aug = AffineAugmentation(max_rotation_deg=DEG, scale_range=SCALE)
+    aug = AffineAugmentation(rotation_degrees=DEG, scale_range=SCALE)
 
     def augmented():
         start = sampler.locations(volume, 1, rng, state)[0]
@@ -187,7 +189,7 @@ def pipeline(volume, quick: bool) -> list[dict]:
     from highres3d.samplers import ClassWeightedSampler
 
     batch = 4
-    aug = AffineAugmentation(max_rotation_deg=DEG, scale_range=SCALE)
+    aug = AffineAugmentation(rotation_degrees=DEG, scale_range=SCALE)
     rows = []
     margin_bytes = np.prod([W + 2 * m for m in aug.margin(W)]) / W**3
     configs = [
@@ -203,7 +205,7 @@ def pipeline(volume, quick: bool) -> list[dict]:
             n_batches = max(3, n_batches // 5)
         ds = make_training_dataset(
             [volume], ClassWeightedSampler(W, {0: 1, 1: 1}), batch_size=batch, windows_per_volume=8,
-            augmentation=augmentation, augment_on=where, seed=1, verbose=False,
+            augmentation=augmentation, augment_on=where, seed=1, echo=None,
         )
         it = iter(ds)
         for _ in range(4):
@@ -363,7 +365,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repetitions (smoke run)")
-    ap.add_argument("--skip-peers", action="store_true")
+    _peers.add_arguments(ap)
     ap.add_argument("--section", choices=("ours", "peers"), default="ours", help=argparse.SUPPRESS)
     ap.add_argument("--subject", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the rows as JSON here")
@@ -373,6 +375,7 @@ def main() -> None:
         print(json.dumps(peers(args.subject, args.quick)))
         return
 
+    peers_python = _peers.resolve(args)
     image, label = make_subject()
     print(
         f"subject: image {image.shape} float32, label {label.shape} uint8, tumour {label.mean() * 100:.2f} % of the volume; "
@@ -381,10 +384,10 @@ def main() -> None:
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_peers and PEERS_PYTHON.exists():
+        if peers_python:
             path = os.path.join(tmp, "subject.npz")
             np.savez(path, image=image, label=label)
-            cmd = [str(PEERS_PYTHON), __file__, "--section", "peers", "--subject", path] + (["--quick"] if args.quick else [])
+            cmd = [peers_python, __file__, "--section", "peers", "--subject", path] + (["--quick"] if args.quick else [])
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
             if done.returncode == 0:
                 rows_peers = json.loads(done.stdout.strip().splitlines()[-1])

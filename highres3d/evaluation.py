@@ -40,16 +40,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from highres3d.errors import ConfigError, DataError
+from highres3d.io.nifti import Grid, check_same_grid, read_nifti, spacing_of
 from highres3d.utils import atomic_path
 
 __all__ = [
     "EmptyPolicy", "METRICS", "surface", "surface_distances", "binary_metrics", "evaluate_labels",
-    "parse_label_map", "apply_label_map", "summarise", "evaluate_folders", "EvaluationResult",
-    "write_csv", "write_summary", "format_table",
+    "score_subject", "score_files", "read_label_file", "mean_foreground", "summarise", "evaluate_folders",
+    "EvaluationResult", "write_csv", "write_summary", "summary_table",
 ]
 
 #: Per-class columns, in CSV order.
@@ -135,8 +137,12 @@ def binary_metrics(
     truth: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     policy: EmptyPolicy = EmptyPolicy(),
+    distances: bool = True,
 ) -> dict[str, float]:
-    """All metrics of :data:`METRICS` for two boolean masks of one shape."""
+    """All metrics of :data:`METRICS` for two boolean masks of one shape.
+
+    With ``distances=False`` the surface distances (the costly part) are NaN.
+    """
     pred = np.asarray(pred, dtype=bool)
     truth = np.asarray(truth, dtype=bool)
     if pred.shape != truth.shape:
@@ -159,6 +165,9 @@ def binary_metrics(
         return out
     out["dice"] = 2.0 * tp / (2 * tp + fp + fn)
     out["jaccard"] = tp / (tp + fp + fn)
+    if not distances:
+        out.update({k: math.nan for k in _DISTANCES})
+        return out
     if n_pred == 0 or n_truth == 0:
         if policy.missing_distance == "diagonal":
             distance = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape, spacing))))
@@ -184,43 +193,101 @@ def evaluate_labels(
     return {int(c): binary_metrics(pred == c, truth == c, spacing, policy) for c in classes}
 
 
-# --------------------------------------------------------------------------- label maps
+# --------------------------------------------------------------------------- one subject
 
 
-def parse_label_map(text: Optional[str]) -> dict[int, int]:
-    """Parse ``"1:1,4:1,2:0"`` (raw value : class); ``"1+4:1"`` maps several values at once."""
-    if not text:
-        return {}
-    mapping: dict[int, int] = {}
-    for item in (part for part in text.replace(" ", "").split(",") if part):
-        if ":" not in item:
-            raise ConfigError(f"label map {text!r}: expected items 'value:class', e.g. '1:1,4:1,2:0'; got {item!r}")
-        sources, target = item.rsplit(":", 1)
-        try:
-            cls = int(target)
-            values = [int(v) for v in sources.split("+")]
-        except ValueError:
-            raise ConfigError(f"label map {text!r}: values and classes must be integers; got {item!r}") from None
-        for v in values:
-            if v in mapping and mapping[v] != cls:
-                raise ConfigError(f"label map {text!r}: value {v} mapped to both {mapping[v]} and {cls}")
-            mapping[v] = cls
-    return mapping
+def score_subject(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    *,
+    affine: Optional[np.ndarray] = None,
+    classes: Optional[Iterable[int]] = None,
+    truth_map: Optional[Mapping[int, int]] = None,
+    truth_other: Optional[int] = None,
+    pred_map: Optional[Mapping[int, int]] = None,
+    policy: EmptyPolicy = EmptyPolicy(),
+    distances: bool = True,
+    pred_source: str = "prediction",
+    truth_source: str = "truth",
+) -> dict[int, dict[str, float]]:
+    """Score one subject: the only scorer of highres3d.
 
+    ``evaluate``, the experiment runner and the trainer's whole-volume
+    validation all call this, so one pair of label maps gives the same
+    numbers everywhere.
 
-def apply_label_map(labels: np.ndarray, mapping: Mapping[int, int], source: str, other: Optional[int] = None) -> np.ndarray:
-    """Map raw values to classes, with the training preprocessing's rules.
+    Args:
+        prediction: integer label map (any shape; values are class indices, or
+            raw values mapped by ``pred_map``).
+        truth: integer label map of the same shape.
+        affine: the truth's voxel-to-mm affine; the spacing of the surface
+            distances and volumes comes from it (``None``: 1 mm voxels).
+        classes: classes to score; ``None`` = every non-zero class present
+            in either map.
+        truth_map, truth_other: raw truth value -> class, as
+            :func:`highres3d.data.preprocess.map_labels` (values missing from a
+            non-empty map get ``truth_other``, else are an error).
+        pred_map: the same for the prediction.
+        policy: what a metric is when a mask is empty.
+        distances: compute the surface distances (the costly part); without
+            them the distance metrics are NaN.
+        pred_source, truth_source: names used in error messages.
 
-    With an empty ``mapping`` the values are returned unchanged.  A value
-    missing from a non-empty map gets class ``other``, or is an error naming
-    ``source`` when ``other`` is None (see :func:`highres3d.data.preprocess.map_labels`).
+    Returns:
+        ``{class: {metric: value}}`` with the metrics of :data:`METRICS`.
+
+    Raises:
+        DataError: shapes differ, values are not non-negative integers, or a
+            value is missing from a label map.
     """
     from highres3d.data.preprocess import map_labels
 
-    labels = np.asarray(labels)
-    if not mapping:
-        return labels
-    return map_labels(labels, mapping, other, source=source)
+    prediction = np.asarray(prediction)
+    truth = np.asarray(truth)
+    if prediction.shape != truth.shape:
+        raise DataError(f"{pred_source}: shape {prediction.shape} differs from {truth.shape} of {truth_source}")
+    truth = map_labels(truth, truth_map or {}, truth_other, source=truth_source)
+    prediction = map_labels(prediction, pred_map or {}, source=pred_source)
+    spacing = spacing_of(affine) if affine is not None else (1.0,) * truth.ndim
+    if classes is None:
+        present = set(np.flatnonzero(np.bincount(prediction.ravel()))) | set(np.flatnonzero(np.bincount(truth.ravel())))
+        classes = sorted(int(c) for c in present if c != 0)
+    return {int(c): binary_metrics(prediction == c, truth == c, spacing, policy, distances=distances) for c in classes}
+
+
+def mean_foreground(scores: Mapping[int, Mapping[str, float]], metric: str = "dice") -> float:
+    """Mean of ``metric`` over the non-zero classes of :func:`score_subject`, undefined values left out (NaN if none)."""
+    values = [float(m[metric]) for c, m in scores.items() if c != 0 and not math.isnan(float(m[metric]))]
+    return float(np.mean(values)) if values else math.nan
+
+
+def read_label_file(path: str | Path) -> tuple[np.ndarray, Grid]:
+    """A label map file as int64 values and its grid (see :func:`highres3d.data.preprocess.as_label_values`)."""
+    from highres3d.data.preprocess import as_label_values
+
+    data, img = read_nifti(path)
+    return as_label_values(data, str(path)), Grid.of(path, data, img)
+
+
+def score_files(
+    pred_path: str | Path,
+    truth_path: str | Path,
+    *,
+    affine_tolerance: float = 1e-3,
+    **options,
+) -> dict[int, dict[str, float]]:
+    """:func:`score_subject` for a prediction file and a truth file on the same grid.
+
+    The prediction must be on the truth's grid (shape, and affine within
+    ``affine_tolerance`` mm); the spacing comes from the truth's affine.
+    ``options`` are those of :func:`score_subject`.
+    """
+    pred, pred_grid = read_label_file(pred_path)
+    truth, truth_grid = read_label_file(truth_path)
+    check_same_grid(pred_grid, truth_grid, affine_tolerance,
+                    hint="predictions must be on the truth's grid (highres3d infer writes them on the input's grid)")
+    return score_subject(pred, truth, affine=truth_grid.affine, pred_source=str(pred_path),
+                         truth_source=str(truth_path), **options)
 
 
 # --------------------------------------------------------------------------- summaries
@@ -307,27 +374,24 @@ def write_summary(summary: Mapping, path: str | Path, overwrite: bool = False) -
     return path
 
 
-def format_table(summary: Mapping) -> str:
-    """A plain-text table of the per-class summary: mean ± sd [median] per metric."""
+def summary_table(summary: Mapping):
+    """The per-class summary as a :class:`highres3d.reporting.Table`: mean ± sd [median] per metric."""
+    from highres3d.reporting import Table
+
     def cell(stat):
         if stat["n"] == 0:
-            return "-"
+            return "–"
         sd = "" if math.isnan(stat["sd"]) else f" ± {stat['sd']:.3g}"
         return f"{stat['mean']:.4g}{sd} [{stat['median']:.4g}]"
 
     header = ["class", "cases", "dice", "jaccard", "hd95 mm", "hausdorff mm", "assd mm", "both empty"]
-    lines = []
-    for c, entry in summary["classes"].items():
-        lines.append([
-            c, str(entry["cases"]), cell(entry["dice"]), cell(entry["jaccard"]), cell(entry["hd95_mm"]),
-            cell(entry["hausdorff_mm"]), cell(entry["assd_mm"]), str(entry["both_empty"]),
-        ])
-    widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    out.append("  ".join("-" * w for w in widths))
-    out.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in lines)
-    out.append("values: mean ± sd [median] over subjects with a defined value")
-    return "\n".join(out)
+    rows = [
+        [c, str(entry["cases"]), cell(entry["dice"]), cell(entry["jaccard"]), cell(entry["hd95_mm"]),
+         cell(entry["hausdorff_mm"]), cell(entry["assd_mm"]), str(entry["both_empty"])]
+        for c, entry in summary["classes"].items()
+    ]
+    return Table("per-class metrics over subjects", header, rows,
+                 ["values: mean ± sd [median] over subjects with a defined value (no sd for a single value)"])
 
 
 # --------------------------------------------------------------------------- folders
@@ -340,21 +404,6 @@ class EvaluationResult:
     rows: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     missing_predictions: list[str] = field(default_factory=list)
-
-
-def _read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from highres3d.io.nifti import read_nifti
-
-    data, img = read_nifti(path)
-    if data.dtype.kind == "f":
-        rounded = np.rint(data)
-        if not np.array_equal(rounded, data):
-            raise DataError(f"{path}: values are not integers; expected a label map (use --probabilities files elsewhere)")
-        data = rounded
-    data = np.asarray(data)
-    if data.size and data.min() < 0:
-        raise DataError(f"{path}: negative label values; expected class indices")
-    return data.astype(np.int64, copy=False), img.affine
 
 
 def evaluate_folders(
@@ -399,36 +448,22 @@ def evaluate_folders(
             f"{preds[unpaired[0]]}; set --truth-pattern"
         )
     result = EvaluationResult(missing_predictions=sorted(s for s in truths if s not in preds))
-    per_subject: dict[str, tuple[dict[int, dict], tuple, tuple]] = {}
+    per_subject: dict[str, tuple[dict[int, dict], int]] = {}
     seen: set[int] = set()
     subjects = list(preds)
     iterator = progress(subjects) if progress is not None else subjects
     for sid in iterator:
-        pred, pred_affine = _read_labels(preds[sid])
-        truth, truth_affine = _read_labels(truths[sid])
-        if pred.shape != truth.shape:
-            raise DataError(f"{preds[sid]}: shape {pred.shape} differs from {truth.shape} of {truths[sid]}")
-        diff = float(np.abs(pred_affine - truth_affine).max())
-        if diff > affine_tolerance:
-            raise DataError(
-                f"{preds[sid]}: affine differs from that of {truths[sid]} by {diff:.4g} mm; "
-                "predictions must be on the truth's grid (highres3d infer writes them on the input's grid)"
-            )
-        truth = apply_label_map(truth, truth_map or {}, str(truths[sid]), truth_other)
-        pred = apply_label_map(pred, pred_map or {}, str(preds[sid]))
-        spacing = tuple(float(v) for v in np.linalg.norm(truth_affine[:3, :3], axis=0))
-        present = set(np.flatnonzero(np.bincount(pred.ravel()))) | set(np.flatnonzero(np.bincount(truth.ravel())))
-        wanted = sorted(int(c) for c in present if c != 0) if classes is None else [int(c) for c in classes]
-        seen.update(wanted)
-        per_subject[sid] = (evaluate_labels(pred, truth, wanted, spacing, policy), pred.shape, spacing)
+        scores = score_files(preds[sid], truths[sid], affine_tolerance=affine_tolerance, classes=classes,
+                             truth_map=truth_map, truth_other=truth_other, pred_map=pred_map, policy=policy)
+        seen.update(scores)
+        per_subject[sid] = (scores, int(np.prod(nib.load(str(truths[sid])).shape[:3])))
     all_classes = sorted(seen) if classes is None else [int(c) for c in classes]
-    for sid, (metrics, shape, spacing) in per_subject.items():
+    for sid, (metrics, voxels) in per_subject.items():
         for c in all_classes:
             if c not in metrics:
+                # A class found in other subjects only: both masks empty here.
                 empty = np.zeros((1, 1, 1), dtype=bool)
-                m = binary_metrics(empty, empty, spacing, policy)
-                m["tn"] = int(np.prod(shape))
-                metrics[c] = m
+                metrics[c] = {**binary_metrics(empty, empty, policy=policy), "tn": voxels}
             result.rows.append({"subject": sid, "class": c, **metrics[c]})
     summary = summarise(result.rows, all_classes)
     summary.update(

@@ -57,18 +57,18 @@ def as_predict_fn(model) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
-def mirror_axes(mirror_tta: Union[bool, Sequence[int]]) -> list[tuple[int, ...]]:
+def mirror_axes(tta_mirror: Union[bool, Sequence[int]]) -> list[tuple[int, ...]]:
     """Axis combinations for mirroring test-time augmentation (identity first).
 
     ``True`` means all 8 combinations of the three spatial axes (nnU-Net's
     default); a sequence of axes limits the flips to those (e.g. ``(0,)`` for a
     left-right flip only, when training only flipped that axis).
     """
-    if mirror_tta is False or mirror_tta is None:
+    if tta_mirror is False or tta_mirror is None:
         return [()]
-    axes = (0, 1, 2) if mirror_tta is True else tuple(sorted(set(int(a) for a in mirror_tta)))
+    axes = (0, 1, 2) if tta_mirror is True else tuple(sorted(set(int(a) for a in tta_mirror)))
     if any(a not in (0, 1, 2) for a in axes):
-        raise ConfigError(f"mirror_tta: axes must be among 0, 1, 2; got {list(axes)}")
+        raise ConfigError(f"tta_mirror: axes must be among 0, 1, 2; got {list(axes)}")
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
@@ -98,7 +98,7 @@ def predict_volume(
     blend: str = "gaussian",
     batch_size: int = 1,
     output: str = "labels",
-    mirror_tta: Union[bool, Sequence[int]] = False,
+    tta_mirror: Union[bool, Sequence[int]] = False,
     pad_mode: str = "constant",
     pad_value: float = 0.0,
     sigma_scale: float = 0.125,
@@ -121,7 +121,7 @@ def predict_volume(
         batch_size: windows per model call.
         output: ``"labels"`` (uint8 (X, Y, Z)), ``"probabilities"`` (softmax,
             float32 (X, Y, Z, K)) or ``"logits"`` (float32 (X, Y, Z, K)).
-        mirror_tta: average over mirrored inputs: ``True`` (all 8 flips) or
+        tta_mirror: average over mirrored inputs: ``True`` (all 8 flips) or
             the axes to flip.
         pad_mode, pad_value: how a volume smaller than the window is padded
             (``numpy.pad`` modes).
@@ -143,7 +143,7 @@ def predict_volume(
         # One window has nothing to blend; writing it directly is exact and needs no accumulator.
         blend = "crop"
     predict = as_predict_fn(model)
-    combos = mirror_axes(mirror_tta)
+    combos = mirror_axes(tta_mirror)
     locations = sampler.locations
     wx, wy, wz = sampler.window
     batches = range(0, len(locations), batch_size)
@@ -208,7 +208,7 @@ def predict_subject(
     config,
     *,
     probabilities: bool = False,
-    mirror_tta: Optional[Union[bool, Sequence[int]]] = None,
+    tta_mirror: Optional[Union[bool, Sequence[int]]] = None,
     whole_volume: Optional[bool] = None,
     window_size: Optional[Sequence[int]] = None,
     overlap: Optional[float] = None,
@@ -242,7 +242,7 @@ def predict_subject(
         blend=blend or inf.blend,
         batch_size=batch_size or inf.batch_size,
         output="probabilities" if probabilities else "labels",
-        mirror_tta=inf.tta_mirror if mirror_tta is None else mirror_tta,
+        tta_mirror=inf.tta_mirror if tta_mirror is None else tta_mirror,
         progress=progress,
     )
     t2 = time.perf_counter()

@@ -561,22 +561,27 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> np.ndarray:
 
 
 def parameters_table(model: Any) -> Table:
-    """Table 6.1: per layer group trainable, non-trainable and NiftyNet-checkpoint counts.
+    """Table 6.1: per layer group trainable, frozen, non-trainable and NiftyNet-checkpoint counts.
 
     Adds the thesis' figure per group (:data:`THESIS_TABLE_6_1`) next to the
     checkpoint count this model implies; they agree for ``HighResNet3D(2, 2)``.
+    ``BN statistics`` says how the group's batch normalisation behaves in
+    training: ``batch`` (batch statistics, moving averages updated) or
+    ``fixed`` (inference mode, e.g. frozen with the ``keras`` BN policy).
     """
     from highres3d.models import parameter_table
 
     lines = []
     for r in parameter_table(model):
-        lines.append([r.group, r.trainable + r.frozen, r.non_trainable, r.niftynet_checkpoint,
+        lines.append([r.group, r.trainable, r.frozen, r.non_trainable, r.niftynet_checkpoint, r.bn_statistics,
                       THESIS_TABLE_6_1.get(r.group, math.nan)])
     return Table("Table 6.1: parameters per layer group",
-                 ["group", "trainable", "non-trainable", "NiftyNet checkpoint", "thesis Table 6.1"], lines,
-                 ["trainable: convolution kernels and BN gamma/beta; non-trainable: BN moving mean and variance.",
-                  "NiftyNet checkpoint: both, plus TF1's zero-debias copy and local_step of every moving statistic, "
-                  "plus Adam's beta1/beta2_power under conv_0; this is what the thesis counted."])
+                 ["group", "trainable", "frozen", "non-trainable", "NiftyNet checkpoint", "BN statistics",
+                  "thesis Table 6.1"], lines,
+                 ["trainable/frozen: convolution kernels, BN gamma/beta (and PReLU slopes); non-trainable: BN "
+                  "moving mean and variance.",
+                  "NiftyNet checkpoint: all of these, plus TF1's zero-debias copy and local_step of every moving "
+                  "statistic, plus Adam's beta1/beta2_power under conv_0; this is what the thesis counted."])
 
 
 def frozen_by_level(model: Any, levels: Sequence[int] = (1, 2, 3, 4, 5)) -> Table:

@@ -68,8 +68,10 @@ _INITIALIZER_ATTRIBUTES = {
 def resolve_source(source: str | Path) -> Path:
     """The model file a source path designates.
 
-    A ``.keras`` or ``.weights.h5`` file is returned as is; a run folder gives
-    its ``best.keras``, else its ``model.keras``.
+    A ``.keras`` file is returned as is; a run folder gives its ``best.keras``,
+    else its ``model.keras``.  Only ``.keras`` files are accepted because they
+    carry the architecture with the weights: a bare ``.weights.h5`` file stores
+    weights by layer position, which cannot be matched to another model safely.
 
     Raises:
         DataError: if the path does not exist, the folder holds neither file, or
@@ -85,13 +87,16 @@ def resolve_source(source: str | Path) -> Path:
             f"{path}: run folder without a model; expected one of {', '.join(RUN_FOLDER_MODEL_NAMES)} in it."
         )
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder (expected a .keras file, a .weights.h5 file or a run folder).")
-    if path.name.endswith(".keras") or path.name.endswith(".weights.h5"):
+        raise DataError(f"{path}: no such file or folder (expected a .keras file or a run folder).")
+    if path.name.endswith(".keras"):
         return path
-    raise DataError(
-        f"{path}: unsupported model file; use a .keras model, a .weights.h5 weights file or a run folder "
-        f"(legacy .h5 and TensorFlow checkpoints are not read)."
+    hint = (
+        " A .weights.h5 file holds no architecture; load it into the model it was saved from and save that "
+        "model with model.save('model.keras')."
+        if path.name.endswith(".weights.h5")
+        else " Legacy .h5 files and TensorFlow checkpoints are not read."
     )
+    raise DataError(f"{path}: unsupported model file; use a .keras model or a run folder.{hint}")
 
 
 def load_model(source: str | Path) -> Any:
@@ -105,84 +110,25 @@ def load_model(source: str | Path) -> Any:
         importlib.import_module(module)
 
     path = resolve_source(source)
-    if not path.name.endswith(".keras"):
-        raise DataError(f"{path}: a weights file holds no architecture; pass a .keras model or a run folder.")
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as err:  # Keras raises many types for a corrupt or foreign file
         raise DataError(f"{path}: cannot load the model: {err}") from err
 
 
-def _snake_case(name: str) -> str:
-    # Keras names the groups of a .weights.h5 file after the layer classes this way.
-    name = re.sub(r"\W+", "", name)
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
-
-
-def weights_file_layout(model: Any) -> dict[str, str]:
-    """Where each weight of ``model`` lives in a ``.weights.h5`` file Keras writes for it.
-
-    Keras 3 addresses layers in weights files by position and class
-    (``layers/high_res_block_3/conv_1/vars/0``), not by name; this gives the
-    dataset path for each weight path of :func:`highres3d.models.named_weights`.
-    """
-    from highres3d.models import named_layers
-
-    leaves = named_layers(model)
-    layout: dict[str, str] = {}
-    used: dict[str, int] = {}
-    for top in model.layers:
-        base = _snake_case(type(top).__name__)
-        count = used.get(base, 0)
-        used[base] = count + 1
-        group = base if count == 0 else f"{base}_{count}"
-        for path, leaf in leaves.items():
-            head, _, rest = path.partition("/")
-            if head != top.name:
-                continue
-            prefix = f"layers/{group}" + (f"/{rest}" if rest else "")
-            for index, variable in enumerate(leaf.weights):
-                layout[f"{path}/{variable.name}"] = f"{prefix}/vars/{index}"
-    return layout
-
-
-def read_source_weights(source: Any, like: Any = None) -> dict[str, np.ndarray]:
+def read_source_weights(source: Any) -> dict[str, np.ndarray]:
     """The weights of a source by weight path.
 
     Args:
-        source: a Keras model, a ``.keras`` file, a ``.weights.h5`` file or a run
-            folder.
-        like: a model of the same family, needed for ``.weights.h5`` files,
-            which hold positions rather than names (the target model).
+        source: a Keras model, a ``.keras`` file or a run folder.
 
     Raises:
         DataError: for an unreadable or unsupported source.
     """
     from highres3d.models import named_weights
 
-    if hasattr(source, "weights") and hasattr(source, "layers"):
-        return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in named_weights(source).items()}
-    path = resolve_source(source)
-    if path.name.endswith(".keras"):
-        model = load_model(path)
-        return {k: np.asarray(v.numpy()) for k, v in named_weights(model).items()}
-    if like is None:
-        raise DataError(f"{path}: reading a .weights.h5 file needs the target model to map its layout.")
-    import h5py
-
-    weights: dict[str, np.ndarray] = {}
-    try:
-        with h5py.File(path, "r") as handle:
-            for key, dataset_path in weights_file_layout(like).items():
-                dataset = handle.get(dataset_path)
-                if isinstance(dataset, h5py.Dataset):
-                    weights[key] = np.asarray(dataset[()])
-    except OSError as err:
-        raise DataError(f"{path}: not a readable HDF5 weights file: {err}") from err
-    if not weights:
-        raise DataError(f"{path}: no HighResNet3D weights found in this file.")
-    return weights
+    model = source if hasattr(source, "weights") and hasattr(source, "layers") else load_model(source)
+    return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in named_weights(model).items()}
 
 
 # --------------------------------------------------------------------------- loading
@@ -266,19 +212,17 @@ def load_weights(
     source: Any,
     *,
     channel_init: str = "mean",
-    verbose: bool = True,
-    print_fn: Callable[[str], None] | None = None,
+    echo: Callable[[str], None] | None = print,
 ) -> TransferReport:
     """Copies the weights of ``source`` into ``model`` by weight path.
 
     Args:
         model: the target :class:`~highres3d.models.HighResNet3D` (built).
-        source: a Keras model, a ``.keras`` file, a ``.weights.h5`` file, or a
-            run folder (``best.keras`` is used if present, else ``model.keras``).
+        source: a Keras model, a ``.keras`` file, or a run folder
+            (``best.keras`` is used if present, else ``model.keras``).
         channel_init: how to fill ``conv_0`` input channels the source lacks:
             ``"mean"`` (the mean of the source channels' kernels) or ``"zeros"``.
-        verbose: print the report.
-        print_fn: where the report goes when verbose (default: ``print``).
+        echo: where the report goes (``None``: nowhere).
 
     Returns:
         The :class:`TransferReport`.
@@ -291,7 +235,7 @@ def load_weights(
 
     if channel_init not in CHANNEL_INIT_RULES:
         raise ConfigError(f"channel_init must be one of {', '.join(CHANNEL_INIT_RULES)}, got {channel_init!r}")
-    source_weights = read_source_weights(source, like=model)
+    source_weights = read_source_weights(source)
     label = f"model {source.name!r}" if hasattr(source, "layers") else str(resolve_source(source))
     report = TransferReport(source=label)
     layers = named_layers(model)
@@ -319,8 +263,8 @@ def load_weights(
         else:
             report.skipped_shape.append((path, tuple(value.shape), target_shape))
     report.unused = sorted(set(source_weights) - set(target_weights))
-    if verbose:
-        (print_fn or print)(report.summary())
+    if echo is not None:
+        echo(report.summary())
     return report
 
 
@@ -537,30 +481,12 @@ def frozen_weight_paths(model: Any) -> list[str]:
     return [p for p, v in _parameter_weights(model).items() if id(v) not in trainable]
 
 
-def fine_tune_setup(
-    model: Any,
-    source: Any = None,
-    *,
-    freeze_spec: Any = None,
-    bn_policy: str = "niftynet",
-    channel_init: str = "mean",
-    verbose: bool = True,
-) -> tuple[TransferReport | None, FreezeReport]:
-    """Loads ``source`` (if given) into ``model`` and freezes per ``freeze_spec``: the thesis' recipe."""
-    report = load_weights(model, source, channel_init=channel_init, verbose=verbose) if source is not None else None
-    freeze_report = freeze(model, freeze_spec, bn_policy=bn_policy)
-    if verbose:
-        print(freeze_report.summary())
-    return report, freeze_report
-
-
 __all__: Sequence[str] = (
     "BN_POLICIES",
     "CHANNEL_INIT_RULES",
     "RUN_FOLDER_MODEL_NAMES",
     "FreezeReport",
     "TransferReport",
-    "fine_tune_setup",
     "freeze",
     "frozen_weight_paths",
     "load_model",
@@ -569,5 +495,4 @@ __all__: Sequence[str] = (
     "resolve_source",
     "select_frozen",
     "unfreeze",
-    "weights_file_layout",
 )

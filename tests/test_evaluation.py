@@ -9,9 +9,10 @@ from scipy.spatial import cKDTree
 from scipy.spatial.distance import directed_hausdorff
 
 from highres3d.errors import ConfigError, DataError
+from highres3d.data.preprocess import map_labels, parse_label_map
 from highres3d.evaluation import (
-    EmptyPolicy, apply_label_map, binary_metrics, evaluate_folders, evaluate_labels, format_table,
-    parse_label_map, summarise, surface, write_csv, write_summary,
+    EmptyPolicy, binary_metrics, evaluate_folders, evaluate_labels, summarise, summary_table, surface,
+    write_csv, write_summary,
 )
 
 
@@ -109,10 +110,10 @@ def test_empty_mask_policies():
 def test_label_maps_brats_tumour_core():
     assert parse_label_map("1+4:1,2:0,0:0") == {0: 0, 1: 1, 2: 0, 4: 1}
     raw = np.array([0, 1, 2, 4, 4])
-    np.testing.assert_array_equal(apply_label_map(raw, parse_label_map("0:0,1:1,2:0,4:1"), "t"), [0, 1, 0, 1, 1])
-    np.testing.assert_array_equal(apply_label_map(raw, {1: 1, 4: 1}, "t", other=0), [0, 1, 0, 1, 1])
+    np.testing.assert_array_equal(map_labels(raw, parse_label_map("0:0,1:1,2:0,4:1"), source="t"), [0, 1, 0, 1, 1])
+    np.testing.assert_array_equal(map_labels(raw, {1: 1, 4: 1}, 0, source="t"), [0, 1, 0, 1, 1])
     with pytest.raises(DataError, match=r"\[0, 2\]"):
-        apply_label_map(raw, {1: 1, 4: 1}, "truth.nii.gz")
+        map_labels(raw, {1: 1, 4: 1}, source="truth.nii.gz")
     with pytest.raises(ConfigError):
         parse_label_map("1=1")
     with pytest.raises(ConfigError):
@@ -131,7 +132,7 @@ def test_summary_statistics_skip_nan_and_count_empty_cases():
     assert d["n"] == 2 and d["mean"] == pytest.approx(0.7) and d["median"] == pytest.approx(0.7)
     assert d["sd"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
     assert s["classes"]["1"]["both_empty"] == 1 and s["foreground_mean"]["dice"] == pytest.approx(0.7)
-    assert "0.7" in format_table(s)
+    assert "0.7" in str(summary_table(s))
 
 
 def write_label(path, data, affine=np.diag([1.0, 2.0, 1.5, 1.0])):

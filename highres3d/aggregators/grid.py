@@ -106,8 +106,8 @@ def _thread_pool(threads: Optional[int]) -> Optional[ThreadPoolExecutor]:
     return _shared_pool(int(threads)) if threads > 1 else None
 
 
-def _label_dtype(num_channels: int) -> np.dtype:
-    return np.dtype(np.uint8) if num_channels <= 256 else np.dtype(np.uint16)
+def _label_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
 
 
 class GridAggregator:
@@ -115,7 +115,7 @@ class GridAggregator:
 
     Args:
         sampler: the grid the windows come from.
-        num_channels: channels C of the model output (classes).
+        num_classes: channels C of the model output (classes).
         blend: ``"crop"``, ``"average"`` or ``"gaussian"``.
         output: ``"labels"`` (argmax, uint8; uint16 above 256 classes),
             ``"probabilities"`` (softmax of the blended logits, float32
@@ -129,7 +129,7 @@ class GridAggregator:
     any order), then call :meth:`result`.
     """
 
-    def __init__(self, sampler: GridSampler, num_channels: int, blend: str = "gaussian",
+    def __init__(self, sampler: GridSampler, num_classes: int, blend: str = "gaussian",
                  output: str = "labels", sigma_scale: float = 0.125, from_logits: bool = True,
                  threads: Optional[int] = None):
         if blend not in BLEND_MODES:
@@ -137,7 +137,7 @@ class GridAggregator:
         if output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
         self.sampler = sampler
-        self.num_channels = int(num_channels)
+        self.num_classes = int(num_classes)
         self.blend = blend
         self.output = output
         self.from_logits = bool(from_logits)
@@ -146,9 +146,9 @@ class GridAggregator:
         self._received = 0
         shape = sampler.shape
         if output == "labels":
-            self._out = np.zeros(shape, dtype=_label_dtype(self.num_channels))
+            self._out = np.zeros(shape, dtype=_label_dtype(self.num_classes))
         else:
-            self._out = np.zeros(shape + (self.num_channels,), dtype=np.float32)
+            self._out = np.zeros(shape + (self.num_classes,), dtype=np.float32)
         if blend != "crop":
             if blend == "gaussian":
                 self._profiles = [gaussian_profile(w, sigma_scale) for w in sampler.window]
@@ -165,10 +165,10 @@ class GridAggregator:
             # (broadcasting a trailing axis of 1 makes NumPy loop over C at a time).
             self._weights = None if blend == "average" else np.ascontiguousarray(np.broadcast_to(
                 (self._profiles[0][:, None, None] * self._profiles[1][None, :, None] * self._profiles[2][None, None, :])[..., None],
-                tuple(sampler.window) + (self.num_channels,),
+                tuple(sampler.window) + (self.num_classes,),
             ))
             _, py, pz = sampler.padded_shape
-            self._slab = np.zeros((sampler.window[0], py, pz, self.num_channels), dtype=np.float32)
+            self._slab = np.zeros((sampler.window[0], py, pz, self.num_classes), dtype=np.float32)
             self._slab_start = 0
             self._pool = _thread_pool(threads)
             self._group = 0
@@ -180,7 +180,7 @@ class GridAggregator:
         """Add model outputs ``(B, wx, wy, wz, C)`` for window starts ``(B, 3)``."""
         windows = np.asarray(windows)
         locations = np.asarray(locations).reshape(-1, 3)
-        expected = tuple(self.sampler.window) + (self.num_channels,)
+        expected = tuple(self.sampler.window) + (self.num_classes,)
         if windows.ndim != 5 or tuple(windows.shape[1:]) != expected or len(windows) != len(locations):
             raise ValueError(
                 f"model output of shape {windows.shape} for {len(locations)} windows; expected (B,) + {expected}: "

@@ -14,7 +14,7 @@ from the window's geometric centre and reads the volume at
 ``centre + M @ u``.  ``M = R @ diag(1 / zoom) @ diag(flip)`` where
 
 * ``R = Rz @ Ry @ Rx`` rotates about the array axes 0 (``Rx``, in the (1, 2)
-  plane), 1 and 2 by angles drawn uniformly in ``±max_rotation_deg``;
+  plane), 1 and 2 by angles drawn uniformly in ``±rotation_degrees``;
 * ``zoom`` is the magnification of the content, drawn uniformly in
   ``1 ± scale_range`` per axis (one value for all axes when
   ``isotropic_scaling``), NiftyNet's ``scaling_percentage`` semantics;
@@ -23,7 +23,7 @@ from the window's geometric centre and reads the volume at
 
 Rotation is about the window centre in voxel space (like NiftyNet); with
 anisotropic voxels resample to isotropic spacing first.  Outside the volume
-the image reads ``image_pad_value`` and the label ``label_pad_value``,
+the image reads ``pad_value`` and the label ``label_pad_value``,
 blended trilinearly at the border like a zero-padded ``grid_sample``.
 
 Intensity: each channel becomes ``x * a + b`` with ``a`` uniform in
@@ -74,19 +74,19 @@ def _per_axis(value, name: str, upper: float) -> tuple[float, float, float]:
 
 def affine_margin(
     window_size: int | Sequence[int],
-    max_rotation_deg: float | Sequence[float] = 10.0,
+    rotation_degrees: float | Sequence[float] = 10.0,
     scale_range: float | Sequence[float] = 0.1,
 ) -> tuple[int, int, int]:
     """Voxels to add on each side of a window so that any draw stays inside the crop.
 
     A crop of ``window + 2 * margin`` centred on the window contains every
     position a trilinear read of the rotated and scaled window touches, for
-    any rotation up to ``max_rotation_deg`` per axis and any magnification
+    any rotation up to ``rotation_degrees`` per axis and any magnification
     down to ``1 - scale_range`` (flips never widen the footprint).  E.g. 96^3
     windows with 10 degrees and 10 % need 23-25 voxels per side (142x146x142 crops).
     """
     size = np.asarray(window_triple(window_size), dtype=np.float64)
-    theta = np.radians(_per_axis(max_rotation_deg, "max_rotation_deg", 90.0))
+    theta = np.radians(_per_axis(rotation_degrees, "rotation_degrees", 90.0))
     zoom_min = 1.0 - np.asarray(_per_axis(scale_range, "scale_range", 1.0))
     half = (size - 1) / 2
     # The footprint grows monotonically with |angle| near the identity, so the
@@ -115,11 +115,11 @@ class AffineDraw:
 class AffineAugmentation:
     """Random affine + intensity augmentation of windows (see the module docstring).
 
-    >>> aug = AffineAugmentation(max_rotation_deg=10, scale_range=0.1)
+    >>> aug = AffineAugmentation(rotation_degrees=10, scale_range=0.1)
     >>> image, label = aug.window(volume, start=(10, 20, 5), window_size=96, rng=rng)
     """
 
-    max_rotation_deg: float | Sequence[float] = 10.0
+    rotation_degrees: float | Sequence[float] = 10.0
     scale_range: float | Sequence[float] = 0.1
     isotropic_scaling: bool = False
     flip_axes: tuple[int, ...] = ()
@@ -128,7 +128,7 @@ class AffineAugmentation:
     intensity_shift: float = 0.0
 
     def __post_init__(self) -> None:
-        _per_axis(self.max_rotation_deg, "max_rotation_deg", 90.0)
+        _per_axis(self.rotation_degrees, "rotation_degrees", 90.0)
         _per_axis(self.scale_range, "scale_range", 1.0)
         if any(a not in (0, 1, 2) for a in self.flip_axes) or len(set(self.flip_axes)) != len(self.flip_axes):
             raise ConfigError(f"augmentation flip_axes: expected distinct axes among 0, 1, 2, got {list(self.flip_axes)}")
@@ -143,7 +143,7 @@ class AffineAugmentation:
     @property
     def is_identity(self) -> bool:
         return (
-            not any(_per_axis(self.max_rotation_deg, "", 90.0))
+            not any(_per_axis(self.rotation_degrees, "", 90.0))
             and not any(_per_axis(self.scale_range, "", 1.0))
             and not (self.flip_axes and self.flip_probability > 0)
             and self.intensity_scale == 0
@@ -152,11 +152,11 @@ class AffineAugmentation:
 
     def margin(self, window_size: int | Sequence[int]) -> tuple[int, int, int]:
         """:func:`affine_margin` for this augmentation."""
-        return affine_margin(window_size, self.max_rotation_deg, self.scale_range)
+        return affine_margin(window_size, self.rotation_degrees, self.scale_range)
 
-    def draw(self, rng: np.random.Generator, n_channels: int = 1) -> AffineDraw:
+    def draw(self, rng: np.random.Generator, in_channels: int = 1) -> AffineDraw:
         """One random transform; consumes a fixed number of variates from ``rng``."""
-        theta = np.radians(_per_axis(self.max_rotation_deg, "max_rotation_deg", 90.0))
+        theta = np.radians(_per_axis(self.rotation_degrees, "rotation_degrees", 90.0))
         srange = np.asarray(_per_axis(self.scale_range, "scale_range", 1.0))
         u = rng.random(10)
         angles = (2 * u[:3] - 1) * theta
@@ -166,7 +166,7 @@ class AffineAugmentation:
             if u[6 + axis] < self.flip_probability:
                 flips[axis] = -1.0
         matrix = rotation_matrix(angles) @ np.diag(flips / zoom)
-        v = rng.random((2, n_channels))
+        v = rng.random((2, in_channels))
         scale = 1 + (2 * v[0] - 1) * self.intensity_scale
         shift = (2 * v[1] - 1) * self.intensity_shift
         return AffineDraw(matrix, scale.astype(np.float32), shift.astype(np.float32))
@@ -178,7 +178,7 @@ class AffineAugmentation:
         window_size: int | Sequence[int],
         rng: np.random.Generator,
         *,
-        image_pad_value: float = 0.0,
+        pad_value: float = 0.0,
         label_pad_value: int = 0,
         out_image: Optional[np.ndarray] = None,
         out_label: Optional[np.ndarray] = None,
@@ -198,7 +198,7 @@ class AffineAugmentation:
             centre,
             size,
             draw.matrix,
-            image_pad_value=image_pad_value,
+            pad_value=pad_value,
             label_pad_value=label_pad_value,
             intensity_scale=draw.intensity_scale,
             intensity_shift=draw.intensity_shift,
@@ -220,7 +220,7 @@ def resample_window(
     size: Sequence[int],
     matrix: np.ndarray,
     *,
-    image_pad_value: float = 0.0,
+    pad_value: float = 0.0,
     label_pad_value: int = 0,
     intensity_scale: Optional[np.ndarray] = None,
     intensity_shift: Optional[np.ndarray] = None,
@@ -249,7 +249,7 @@ def resample_window(
     else:
         # The footprint crosses the border: copy just the footprint, padded.
         box = tuple(int(v) for v in hi - lo + 1)
-        src_img = crop(image, lo, box, image_pad_value)
+        src_img = crop(image, lo, box, pad_value)
         src_lab = None if label is None else crop(label, lo, box, label_pad_value)
         origin = lo.astype(np.float64)
     if src_lab is not None and not src_lab.flags.c_contiguous:

@@ -11,7 +11,7 @@ included); the CPU's only job is the crop.
 Use it in the training step, e.g. in a ``keras.Model.train_step`` or a custom
 loop::
 
-    augment = RandomAffine3D(window_size=96, max_rotation_deg=10, scale_range=0.1, seed=1)
+    augment = RandomAffine3D(window_size=96, rotation_degrees=10, scale_range=0.1, seed=1)
     image, label = augment((image_crop, label_crop), training=True)
 
 With ``training=False`` it returns the central window unchanged, so the same
@@ -120,7 +120,7 @@ class RandomAffine3D(keras.layers.Layer):
     def __init__(
         self,
         window_size: int | Sequence[int],
-        max_rotation_deg: float | Sequence[float] = 10.0,
+        rotation_degrees: float | Sequence[float] = 10.0,
         scale_range: float | Sequence[float] = 0.1,
         isotropic_scaling: bool = False,
         flip_axes: Sequence[int] = (),
@@ -133,7 +133,7 @@ class RandomAffine3D(keras.layers.Layer):
         super().__init__(**kwargs)
         self.window_size = window_triple(window_size)
         self.augmentation = AffineAugmentation(
-            max_rotation_deg=max_rotation_deg,
+            rotation_degrees=rotation_degrees,
             scale_range=scale_range,
             isotropic_scaling=isotropic_scaling,
             flip_axes=tuple(flip_axes),
@@ -141,7 +141,7 @@ class RandomAffine3D(keras.layers.Layer):
             intensity_scale=intensity_scale,
             intensity_shift=intensity_shift,
         )
-        self.margin = affine_margin(self.window_size, max_rotation_deg, scale_range)
+        self.margin = affine_margin(self.window_size, rotation_degrees, scale_range)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -152,7 +152,7 @@ class RandomAffine3D(keras.layers.Layer):
         """The layer matching a pipeline built with ``augmentation=..., augment_on="device"``."""
         a = augmentation
         return cls(
-            window_size, a.max_rotation_deg, a.scale_range, a.isotropic_scaling, a.flip_axes, a.flip_probability,
+            window_size, a.rotation_degrees, a.scale_range, a.isotropic_scaling, a.flip_axes, a.flip_probability,
             a.intensity_scale, a.intensity_shift, seed=seed, **kwargs,
         )
 
@@ -166,7 +166,7 @@ class RandomAffine3D(keras.layers.Layer):
         config = super().get_config()
         config.update(
             window_size=self.window_size,
-            max_rotation_deg=aug.max_rotation_deg,
+            rotation_degrees=aug.rotation_degrees,
             scale_range=aug.scale_range,
             isotropic_scaling=aug.isotropic_scaling,
             flip_axes=list(aug.flip_axes),
@@ -179,7 +179,7 @@ class RandomAffine3D(keras.layers.Layer):
 
     def _draw(self, batch, n_ch):
         aug = self.augmentation
-        theta = np.radians(np.broadcast_to(np.asarray(aug.max_rotation_deg, np.float32), (3,)))
+        theta = np.radians(np.broadcast_to(np.asarray(aug.rotation_degrees, np.float32), (3,)))
         srange = np.broadcast_to(np.asarray(aug.scale_range, np.float32), (3,))
         u = keras.random.uniform((batch, 10), seed=self.seed_generator)
         angles = (2 * u[:, :3] - 1) * theta

@@ -61,10 +61,9 @@ def _config_for(path: str):
 
 
 def run(args) -> int:
+    from highres3d.data.preprocess import parse_label_map
     from highres3d.errors import ConfigError
-    from highres3d.evaluation import (
-        EmptyPolicy, evaluate_folders, format_table, parse_label_map, write_csv, write_summary,
-    )
+    from highres3d.evaluation import EmptyPolicy, evaluate_folders, summary_table, write_csv, write_summary
     from highres3d.utils import progress
 
     truth_map = parse_label_map(args.truth_map)
@@ -102,7 +101,7 @@ def run(args) -> int:
     )
     write_csv(result.rows, csv_path, overwrite=True)
     write_summary(result.summary, json_path, overwrite=True)
-    print(format_table(result.summary))
+    print(summary_table(result.summary))
     if result.missing_predictions:
         log.warning("%d truth file(s) have no prediction and were not scored: %s", len(result.missing_predictions),
                     ", ".join(result.missing_predictions[:10]) + (" ..." if len(result.missing_predictions) > 10 else ""))

@@ -131,7 +131,7 @@ def run(args) -> int:
             result = predict_subject(
                 model, subject, cfg,
                 probabilities=args.probabilities,
-                mirror_tta=True if args.tta else None,
+                tta_mirror=True if args.tta else None,
                 whole_volume=True if args.whole_volume else None,
                 window_size=tuple(args.window) if args.window else None,
                 overlap=args.overlap,

@@ -72,29 +72,22 @@ def _parse_freeze(text: str | None):
 
 
 def run_model(args: argparse.Namespace) -> int:
-    from highres3d.models import HighResNet3D, format_parameter_table, parameter_table
+    from highres3d.reporting import parameters_table
     from highres3d.transfer import freeze, load_model
 
     freeze_spec = _parse_freeze(args.freeze)
     bn_policy = args.bn_policy
     if args.config:
         from highres3d.config import load_config
+        from highres3d.models import build_model
 
         cfg = load_config(args.config, overrides=args.overrides)
-        net = cfg.network
-        model = HighResNet3D(
-            in_channels=len(cfg.dataset.modalities),
-            num_classes=net.num_classes,
-            activation=net.activation,
-            width_multiplier=net.width_multiplier,
-            l2=net.l2_decay,
-        )
+        model = build_model(cfg)
         if args.freeze is None:
-            freeze_spec = getattr(getattr(cfg, "transfer", None), "freeze", None)
+            freeze_spec = cfg.transfer.freeze
             if isinstance(freeze_spec, tuple):
                 freeze_spec = list(freeze_spec)
-        if bn_policy is None:
-            bn_policy = getattr(getattr(cfg, "transfer", None), "bn_policy", None)
+        bn_policy = bn_policy or cfg.transfer.bn_policy
         described = f"config {args.config}"
     else:
         if args.overrides:
@@ -105,20 +98,12 @@ def run_model(args: argparse.Namespace) -> int:
         described = f"model {args.model}"
     bn_policy = bn_policy or "niftynet"
     report = freeze(model, freeze_spec, bn_policy=bn_policy)
-
-    widths = getattr(model, "widths", None)
     print(
         f"{model.name} from {described}: in_channels={getattr(model, 'in_channels', '?')}, "
         f"num_classes={getattr(model, 'num_classes', '?')}, activation={getattr(model, 'activation', '?')}, "
-        f"widths={widths}"
+        f"widths={getattr(model, 'widths', None)}"
     )
     print(f"freeze={freeze_spec!r}, bn_policy={bn_policy}: {report.summary()}")
     print()
-    print(format_parameter_table(parameter_table(model)))
-    print()
-    print(
-        "trainable/frozen: kernels, BN gamma/beta (and PReLU slopes); non-trainable: BN moving mean/variance.\n"
-        "NiftyNet ckpt: what a NiftyNet checkpoint stores per group without Adam slots (+ zero-debias 'biased'\n"
-        "copies and 2 'local_step' per BN layer, + Adam beta1/beta2 powers under conv_0): thesis Table 6.1."
-    )
+    print(parameters_table(model))
     return 0

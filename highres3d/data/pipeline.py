@@ -119,7 +119,7 @@ class _Cutter:
         self,
         source: _Source,
         out_size: tuple[int, int, int],
-        n_channels: int,
+        in_channels: int,
         label_dtype: np.dtype,
         augmentation: Optional[AffineAugmentation],
         margin: tuple[int, int, int],
@@ -127,7 +127,7 @@ class _Cutter:
     ) -> None:
         self.source = source
         self.out_size = out_size
-        self.n_channels = n_channels
+        self.in_channels = in_channels
         self.label_dtype = label_dtype
         self.augmentation = augmentation
         self.margin = np.asarray(margin, dtype=np.int64)
@@ -151,7 +151,7 @@ class _Cutter:
         pool = self._pools.get(n)
         if pool is None:
             shape = (n,) + self.out_size
-            pool = self._pools.setdefault(n, _BufferPool(shape + (self.n_channels,), shape, self.label_dtype))
+            pool = self._pools.setdefault(n, _BufferPool(shape + (self.in_channels,), shape, self.label_dtype))
         image, label = pool.get(n)
         sampler = self.source.sampler
         for b in range(n):
@@ -164,14 +164,14 @@ class _Cutter:
                     start,
                     self.out_size,
                     rng,
-                    image_pad_value=sampler.image_pad_value,
+                    pad_value=sampler.pad_value,
                     label_pad_value=sampler.label_pad_value,
                     out_image=image[b],
                     out_label=label[b],
                 )
             else:
                 start = start - self.margin
-                crop(vol.image, start, self.out_size, sampler.image_pad_value, image[b])
+                crop(vol.image, start, self.out_size, sampler.pad_value, image[b])
                 crop(vol.label, start, self.out_size, sampler.label_pad_value, label[b])
         return image, label
 
@@ -299,8 +299,8 @@ def make_training_dataset(
     num_shards: int = 1,
     shard_index: int = 0,
     input_context: Optional[tf.distribute.InputContext] = None,
-    n_channels: Optional[int] = None,
-    verbose: bool = True,
+    in_channels: Optional[int] = None,
+    echo: Optional[Callable[[str], None]] = print,
 ) -> tf.data.Dataset:
     """An endless, shuffled stream of ``(image, label)`` window batches for ``model.fit``.
 
@@ -339,10 +339,10 @@ def make_training_dataset(
         ``"uint8"`` (default) or ``"int32"``.
     num_shards, shard_index, input_context:
         Sharding for ``tf.distribute`` (see the module docstring).
-    n_channels:
+    in_channels:
         Image channels; only needed lazily, to avoid loading one volume up front.
-    verbose:
-        Print the memory estimate (one line, stderr).
+    echo:
+        Where the one-line memory estimate goes (``None``: nowhere).
     """
     _check_positive(
         batch_size=batch_size, windows_per_volume=windows_per_volume, shuffle_buffer=shuffle_buffer,
@@ -355,8 +355,8 @@ def make_training_dataset(
     num_shards, shard_index, batch_size = _sharding(num_shards, shard_index, input_context, batch_size)
     source = _Source(volumes, sampler)
     lab_dtype = _label_dtype(label_dtype, sampler)
-    if n_channels is None:
-        n_channels = int(source.first().image.shape[3]) if source.lazy else int(source.volumes[0].image.shape[3])
+    if in_channels is None:
+        in_channels = int(source.first().image.shape[3]) if source.lazy else int(source.volumes[0].image.shape[3])
 
     margin = (0, 0, 0)
     cpu_aug = None
@@ -365,21 +365,20 @@ def make_training_dataset(
     elif augmentation is not None:
         cpu_aug = augmentation
     out_size = tuple(w + 2 * m for w, m in zip(sampler.window_size, margin))
-    cutter = _Cutter(source, out_size, n_channels, lab_dtype, cpu_aug, margin, (int(seed), num_shards, shard_index))
+    cutter = _Cutter(source, out_size, in_channels, lab_dtype, cpu_aug, margin, (int(seed), num_shards, shard_index))
 
-    window_bytes = int(np.prod(out_size)) * (4 * n_channels + lab_dtype.itemsize)
+    window_bytes = int(np.prod(out_size)) * (4 * in_channels + lab_dtype.itemsize)
     in_flight = (num_parallel_calls or os.cpu_count() or 2) + prefetch + 1
-    if verbose:
+    if echo is not None:
         held = memory_estimate(volumes, window_bytes, batch_size, in_flight, 0 if not source.lazy else shuffle_buffer)
         where = (
             f"{cycle_length} volumes loaded at a time + {shuffle_buffer} buffered windows"
             if source.lazy
             else f"{len(source)} volumes in RAM"
         )
-        print(
+        echo(
             f"highres3d pipeline: ~{_gb(held)} ({where}, ~{in_flight} batches of {batch_size} x "
-            f"{'x'.join(map(str, out_size))} windows in flight)",
-            file=sys.stderr,
+            f"{'x'.join(map(str, out_size))} windows in flight)"
         )
 
     shard_volumes = len(source) >= num_shards
@@ -392,7 +391,7 @@ def make_training_dataset(
         .repeat()
         .enumerate()
     )
-    image_spec = tf.TensorSpec((None,) + out_size + (n_channels,), tf.float32)
+    image_spec = tf.TensorSpec((None,) + out_size + (in_channels,), tf.float32)
     label_spec = tf.TensorSpec((None,) + out_size, tf.as_dtype(lab_dtype))
 
     if not source.lazy:
@@ -428,7 +427,7 @@ def make_training_dataset(
                 [tf.float32, tf.as_dtype(lab_dtype)],
                 stateful=False,
             )
-            image.set_shape((windows_per_volume,) + out_size + (n_channels,))
+            image.set_shape((windows_per_volume,) + out_size + (in_channels,))
             label.set_shape((windows_per_volume,) + out_size)
             return tf.data.Dataset.from_tensor_slices((image, label))
 
@@ -458,8 +457,8 @@ def make_validation_dataset(
     num_shards: int = 1,
     shard_index: int = 0,
     input_context: Optional[tf.distribute.InputContext] = None,
-    n_channels: Optional[int] = None,
-    verbose: bool = False,
+    in_channels: Optional[int] = None,
+    echo: Optional[Callable[[str], None]] = None,
 ) -> tf.data.Dataset:
     """A finite dataset of the same ``windows_per_volume`` windows per volume every epoch.
 
@@ -472,15 +471,15 @@ def make_validation_dataset(
     num_shards, shard_index, batch_size = _sharding(num_shards, shard_index, input_context, batch_size)
     source = _Source(volumes, sampler)
     lab_dtype = _label_dtype(label_dtype, sampler)
-    if n_channels is None:
-        n_channels = int(source.first().image.shape[3]) if source.lazy else int(source.volumes[0].image.shape[3])
+    if in_channels is None:
+        in_channels = int(source.first().image.shape[3]) if source.lazy else int(source.volumes[0].image.shape[3])
     size = sampler.window_size
-    cutter = _Cutter(source, size, n_channels, lab_dtype, None, (0, 0, 0), (int(seed), 0, 0))
-    if verbose:
-        window_bytes = int(np.prod(size)) * (4 * n_channels + lab_dtype.itemsize)
-        print(f"highres3d validation pipeline: ~{_gb(memory_estimate(volumes, window_bytes, batch_size, 4))}", file=sys.stderr)
+    cutter = _Cutter(source, size, in_channels, lab_dtype, None, (0, 0, 0), (int(seed), 0, 0))
+    if echo is not None:
+        window_bytes = int(np.prod(size)) * (4 * in_channels + lab_dtype.itemsize)
+        echo(f"highres3d validation pipeline: ~{_gb(memory_estimate(volumes, window_bytes, batch_size, 4))}")
     ids = np.arange(len(source), dtype=np.int64)[shard_index::num_shards]
-    image_shape = (None,) + size + (n_channels,)
+    image_shape = (None,) + size + (in_channels,)
     if not source.lazy:
         specs = np.concatenate([cutter.starts(int(i), int(i), windows_per_volume) for i in ids]) if ids.size else np.zeros((0, 6), np.int64)
 
@@ -500,7 +499,7 @@ def make_validation_dataset(
                 [tf.float32, tf.as_dtype(lab_dtype)],
                 stateful=False,
             )
-            image.set_shape((windows_per_volume,) + size + (n_channels,))
+            image.set_shape((windows_per_volume,) + size + (in_channels,))
             label.set_shape((windows_per_volume,) + size)
             return image, label
 

@@ -15,8 +15,8 @@ import numpy as np
 
 from highres3d.config import PreprocessingConfig
 from highres3d.data.dataset import Subject
-from highres3d.errors import DataError
-from highres3d.io.nifti import SpatialInfo, load_image
+from highres3d.errors import ConfigError, DataError
+from highres3d.io.nifti import SpatialInfo, check_same_grid, load_image
 
 
 @dataclass(eq=False)
@@ -79,6 +79,51 @@ def whiten(image: np.ndarray, masks: Sequence[np.ndarray], foreground_only: bool
 # --------------------------------------------------------------------------- labels
 
 
+def as_label_values(data: np.ndarray, source: str = "label") -> np.ndarray:
+    """A label map's values as int64, or :class:`DataError` naming ``source``.
+
+    Floating-point files are accepted when every value is a whole number
+    (many tools store labels as float); fractional or negative values mean the
+    file is not a label map.  Preprocessing, ``data check`` and evaluation
+    all read labels through this one rule.
+    """
+    data = np.asarray(data)
+    if data.dtype.kind == "f":
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise DataError(f"{source}: label values are not integers (is this an image rather than a label map?)")
+        data = rounded
+    data = data.astype(np.int64, copy=False)
+    if data.size and int(data.min()) < 0:
+        raise DataError(f"{source}: negative label value {int(data.min())}; labels must be non-negative integers")
+    return data
+
+
+def parse_label_map(text: Optional[str]) -> dict[int, int]:
+    """Parse a label map written on the command line: ``"1:1,4:1,2:0"`` (raw value : class).
+
+    ``"1+4:1"`` maps several values at once.  The result is what
+    ``preprocessing.labels`` holds and :func:`map_labels` takes.
+    """
+    if not text:
+        return {}
+    mapping: dict[int, int] = {}
+    for item in (part for part in text.replace(" ", "").split(",") if part):
+        if ":" not in item:
+            raise ConfigError(f"label map {text!r}: expected items 'value:class', e.g. '1:1,4:1,2:0'; got {item!r}")
+        sources, target = item.rsplit(":", 1)
+        try:
+            cls = int(target)
+            values = [int(v) for v in sources.split("+")]
+        except ValueError:
+            raise ConfigError(f"label map {text!r}: values and classes must be integers; got {item!r}") from None
+        for v in values:
+            if v in mapping and mapping[v] != cls:
+                raise ConfigError(f"label map {text!r}: value {v} mapped to both {mapping[v]} and {cls}")
+            mapping[v] = cls
+    return mapping
+
+
 def label_lookup(mapping: Mapping[int, int], other: Optional[int], max_value: int) -> np.ndarray:
     """A lookup table raw value -> class; -1 marks values that are not allowed."""
     table = np.full(max_value + 1, -1 if other is None else other, dtype=np.int16)
@@ -101,12 +146,9 @@ def map_labels(
     (``< num_classes`` when given).  A value missing from the mapping is an
     error naming ``source`` unless ``other`` gives its class explicitly.
     """
-    label = np.asarray(label)
+    label = as_label_values(label, source)
     if label.size == 0:
         return label.astype(np.uint8)
-    low = int(label.min())
-    if low < 0:
-        raise DataError(f"{source}: negative label value {low}; labels must be non-negative integers")
     high = int(label.max())
     if not mapping:
         if num_classes is not None and high >= num_classes:
@@ -129,20 +171,6 @@ def map_labels(
 
 
 # --------------------------------------------------------------------------- subjects
-
-
-def check_same_grid(info: SpatialInfo, reference: SpatialInfo, tolerance: float) -> None:
-    """Raise DataError if two files of a subject do not share one voxel grid."""
-    if tuple(info.original_shape) != tuple(reference.original_shape):
-        raise DataError(
-            f"{info.path}: shape {info.original_shape} differs from {reference.original_shape} of {reference.path}"
-        )
-    diff = float(np.abs(info.original_affine - reference.original_affine).max())
-    if diff > tolerance:
-        raise DataError(
-            f"{info.path}: affine differs from that of {reference.path} by {diff:.4g} mm "
-            f"(tolerance preprocessing.affine_tolerance = {tolerance:g})"
-        )
 
 
 def load_volume(
@@ -175,7 +203,7 @@ def load_volume(
         if reference is None:
             reference = info
         else:
-            check_same_grid(info, reference, cfg.affine_tolerance)
+            check_same_grid(info.original_grid, reference.original_grid, cfg.affine_tolerance)
         channels.append(data)
     assert reference is not None
     image = np.stack(channels, axis=-1)
@@ -185,7 +213,7 @@ def load_volume(
             if subject.mask is None:
                 raise DataError(f"subject {subject.id}: preprocessing.foreground is 'mask' but the subject has no mask file")
             mask_data, mask_info = load_image(subject.mask, cfg.orientation, cfg.spacing, order=0, dtype=np.uint8)
-            check_same_grid(mask_info, reference, cfg.affine_tolerance)
+            check_same_grid(mask_info.original_grid, reference.original_grid, cfg.affine_tolerance)
             masks = [mask_data > 0] * image.shape[-1]
         else:
             masks = [foreground_mask(image[..., c], cfg.foreground) for c in range(image.shape[-1])]
@@ -196,11 +224,8 @@ def load_volume(
     label = None
     if subject.label is not None:
         raw, label_info = load_image(subject.label, cfg.orientation, cfg.spacing, order=cfg.label_interpolation, dtype=np.float32)
-        check_same_grid(label_info, reference, cfg.affine_tolerance)
-        rounded = np.rint(raw)
-        if not np.array_equal(rounded, raw):
-            raise DataError(f"{subject.label}: label values are not integers (is this an image rather than a label map?)")
-        label = map_labels(rounded.astype(np.int32), cfg.labels, cfg.other_labels, num_classes, source=str(subject.label))
+        check_same_grid(label_info.original_grid, reference.original_grid, cfg.affine_tolerance)
+        label = map_labels(raw, cfg.labels, cfg.other_labels, num_classes, source=str(subject.label))
     elif label_required:
         raise DataError(f"subject {subject.id}: no label file")
     return Volume(subject.id, np.ascontiguousarray(image), label, reference)

@@ -31,6 +31,49 @@ from highres3d.utils import atomic_path
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel spacing in mm along each array axis: the lengths of the affine's columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """A file's voxel grid: its shape and affine, with the file it came from (for messages)."""
+
+    path: str
+    shape: tuple[int, ...]
+    affine: np.ndarray
+
+    @classmethod
+    def of(cls, path: str | Path, data: np.ndarray, img: nib.Nifti1Image) -> "Grid":
+        """The grid of an array read by :func:`read_nifti`."""
+        return cls(str(path), tuple(int(n) for n in data.shape[:3]), np.asarray(img.affine))
+
+
+def check_same_grid(grid: Grid, reference: Grid, tolerance: float = 1e-3, hint: str = "") -> None:
+    """Raise :class:`DataError` unless two files share one voxel grid.
+
+    The shapes must be equal and the affines agree within ``tolerance`` mm.
+    This is the only place the rule lives: preprocessing, ``data check`` and
+    evaluation all call it.
+
+    Args:
+        grid: the file being checked.
+        reference: the file it must agree with.
+        tolerance: largest allowed difference of any affine entry, in mm.
+        hint: appended to the message (how to fix it in the caller's context).
+    """
+    hint = f"; {hint}" if hint else ""
+    if tuple(grid.shape) != tuple(reference.shape):
+        raise DataError(f"{grid.path}: shape {tuple(grid.shape)} differs from {tuple(reference.shape)} of {reference.path}{hint}")
+    diff = float(np.abs(np.asarray(grid.affine) - np.asarray(reference.affine)).max())
+    if diff > tolerance:
+        raise DataError(
+            f"{grid.path}: affine differs from that of {reference.path} by {diff:.4g} mm "
+            f"(tolerance preprocessing.affine_tolerance = {tolerance:g}){hint}"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class SpatialInfo:
     """What maps a working-space array back onto the original file's grid."""
@@ -50,11 +93,16 @@ class SpatialInfo:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Working-space voxel spacing in mm."""
-        return tuple(float(v) for v in np.linalg.norm(self.working_affine[:3, :3], axis=0))
+        return spacing_of(self.working_affine)
 
     @property
     def original_spacing(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in np.linalg.norm(self.original_affine[:3, :3], axis=0))
+        return spacing_of(self.original_affine)
+
+    @property
+    def original_grid(self) -> Grid:
+        """The grid of the file as it is on disk."""
+        return Grid(self.path, tuple(self.original_shape), self.original_affine)
 
     @property
     def original_axcodes(self) -> str:
@@ -126,6 +174,27 @@ def orientation_transform(affine: np.ndarray, orientation: str) -> np.ndarray:
     return ornt_transform(io_orientation(affine), axcodes2ornt(tuple(orientation.upper())))
 
 
+def working_shape(
+    shape: Sequence[int], affine: np.ndarray, orientation: str = "RAS", spacing: Optional[Sequence[float]] = None
+) -> tuple[int, int, int]:
+    """The shape a file of ``shape`` and ``affine`` has in the working space.
+
+    Reorientation permutes the axes; resampling to ``spacing`` (mm) rounds the
+    voxel count per axis (at least 1) and keeps the field of view.  :func:`load_image`
+    and ``data check`` both use this, so a window-size check never disagrees
+    with what training sees.
+    """
+    transform = orientation_transform(affine, orientation)
+    reoriented = [0, 0, 0]
+    reoriented_spacing = [0.0, 0.0, 0.0]
+    for axis, (target, _flip) in enumerate(transform):
+        reoriented[int(target)] = int(shape[axis])
+        reoriented_spacing[int(target)] = spacing_of(affine)[axis]
+    if spacing is None:
+        return tuple(reoriented)
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(reoriented, reoriented_spacing, spacing))
+
+
 def _resample_matrix(zoom: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Index map new -> old for a field-of-view-preserving resampling by ``zoom``."""
     scale = np.asarray(zoom, dtype=float)
@@ -167,20 +236,14 @@ def load_image(
     transform = orientation_transform(affine, orientation)
     data = apply_orientation(raw, transform)
     reoriented_affine = affine @ inv_ornt_aff(transform, raw.shape)
-    reoriented_spacing = np.linalg.norm(reoriented_affine[:3, :3], axis=0)
-    if spacing is None:
-        zoom = np.ones(3)
-        working_shape = data.shape
-    else:
-        target = np.asarray(spacing, dtype=float)
-        # Round the voxel count, then adjust the zoom so the field of view is kept exactly.
-        working_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(data.shape, reoriented_spacing, target))
-        zoom = np.array([n / m for n, m in zip(data.shape, working_shape)], dtype=float)
+    # The voxel count is rounded; the zoom then follows from it so the field of view is kept exactly.
+    new_shape = working_shape(raw.shape, affine, orientation, spacing)
+    zoom = np.array([n / m for n, m in zip(data.shape, new_shape)], dtype=float)
     if np.allclose(zoom, 1.0):
         zoom = np.ones(3)
         working_affine = reoriented_affine
     else:
-        data = _resample(data, zoom, working_shape, order)
+        data = _resample(data, zoom, new_shape, order)
         scale, offset = _resample_matrix(zoom)
         index_map = np.eye(4)
         index_map[:3, :3] = np.diag(scale)

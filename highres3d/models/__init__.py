@@ -1,4 +1,8 @@
 """Networks of highres3d (Keras 3, backend-agnostic: importable without TensorFlow)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from highres3d.models.highresnet import (
     BASE_FILTERS,
     GROUPS,
@@ -6,7 +10,6 @@ from highres3d.models.highresnet import (
     GroupParameters,
     HighResBlock,
     HighResNet3D,
-    format_parameter_table,
     is_state_variable,
     layer_group,
     named_layers,
@@ -16,13 +19,13 @@ from highres3d.models.highresnet import (
 )
 
 __all__ = [
+    "build_model",
     "BASE_FILTERS",
     "GROUPS",
     "ConvBNActivation",
     "GroupParameters",
     "HighResBlock",
     "HighResNet3D",
-    "format_parameter_table",
     "is_state_variable",
     "layer_group",
     "named_layers",
@@ -30,3 +33,23 @@ __all__ = [
     "niftynet_variable_name",
     "parameter_table",
 ]
+
+if TYPE_CHECKING:
+    from highres3d.config import Config
+
+
+def build_model(config: "Config") -> HighResNet3D:
+    """The network a config describes (logits output): the one constructor training and ``inspect`` share.
+
+    Args:
+        config: a :class:`highres3d.config.Config`; its ``network`` section and
+            the number of ``dataset.modalities`` (input channels) are used.
+    """
+    net = config.network
+    return HighResNet3D(
+        in_channels=config.in_channels,
+        num_classes=net.num_classes,
+        activation=net.activation,
+        width_multiplier=net.width_multiplier,
+        l2_decay=net.l2_decay,
+    )

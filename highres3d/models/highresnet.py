@@ -112,13 +112,13 @@ def _conv(
     filters: int,
     kernel_size: int,
     dilation: int,
-    l2: float,
+    l2_decay: float,
     kernel_initializer: Any,
     name: str,
 ) -> keras.layers.Conv3D:
     # NiftyNet's `decay` adds decay * tf.nn.l2_loss(w) = decay * sum(w^2) / 2, whereas
-    # keras.regularizers.L2(f) adds f * sum(w^2): halve it so `l2` means the same.
-    regularizer = keras.regularizers.L2(l2 / 2.0) if l2 > 0 else None
+    # keras.regularizers.L2(f) adds f * sum(w^2): halve it so `l2_decay` means the same.
+    regularizer = keras.regularizers.L2(l2_decay / 2.0) if l2_decay > 0 else None
     return keras.layers.Conv3D(
         filters,
         kernel_size,
@@ -157,7 +157,7 @@ class ConvBNActivation(keras.layers.Layer):
         filters: output channels.
         kernel_size: cubic kernel size (3 for ``conv_0``, 1 for the heads).
         activation: canonical activation name, or ``None`` for the logits layer.
-        l2: NiftyNet ``decay`` on the kernel (``l2 * sum(w**2) / 2``).
+        l2_decay: NiftyNet ``decay`` on the kernel (``l2_decay * sum(w**2) / 2``).
         kernel_initializer: Keras initializer (name, config or instance).
     """
 
@@ -166,7 +166,7 @@ class ConvBNActivation(keras.layers.Layer):
         filters: int,
         kernel_size: int,
         activation: str | None = "leaky_relu",
-        l2: float = 0.0,
+        l2_decay: float = 0.0,
         kernel_initializer: Any = "he_normal",
         **kwargs: Any,
     ) -> None:
@@ -174,9 +174,9 @@ class ConvBNActivation(keras.layers.Layer):
         self.filters = int(filters)
         self.kernel_size = int(kernel_size)
         self.activation = None if activation is None else canonical_activation(activation)
-        self.l2 = float(l2)
+        self.l2_decay = float(l2_decay)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.conv = _conv(self.filters, self.kernel_size, 1, self.l2, self.kernel_initializer, "conv")
+        self.conv = _conv(self.filters, self.kernel_size, 1, self.l2_decay, self.kernel_initializer, "conv")
         self.bn = _batch_norm("bn")
         self.act = None if self.activation is None else _make_activation(self.activation, "act")
 
@@ -203,7 +203,7 @@ class ConvBNActivation(keras.layers.Layer):
             filters=self.filters,
             kernel_size=self.kernel_size,
             activation=self.activation,
-            l2=self.l2,
+            l2_decay=self.l2_decay,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
         )
         return config
@@ -222,7 +222,7 @@ class HighResBlock(keras.layers.Layer):
         filters: output channels of both convolutions.
         dilation: dilation rate of both convolutions.
         activation: canonical activation name.
-        l2: NiftyNet ``decay`` on the kernels.
+        l2_decay: NiftyNet ``decay`` on the kernels.
         kernel_initializer: Keras initializer.
     """
 
@@ -231,7 +231,7 @@ class HighResBlock(keras.layers.Layer):
         filters: int,
         dilation: int = 1,
         activation: str = "leaky_relu",
-        l2: float = 0.0,
+        l2_decay: float = 0.0,
         kernel_initializer: Any = "he_normal",
         **kwargs: Any,
     ) -> None:
@@ -239,16 +239,16 @@ class HighResBlock(keras.layers.Layer):
         self.filters = int(filters)
         self.dilation = int(dilation)
         self.activation = canonical_activation(activation)
-        self.l2 = float(l2)
+        self.l2_decay = float(l2_decay)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         # Attribute names equal the layer names so that weight paths read
         # `res_1_0/conv_0/kernel`, mirroring NiftyNet's `res_1_0/conv_0/w`.
         self.bn_0 = _batch_norm("bn_0")
         self.act_0 = _make_activation(self.activation, "act_0")
-        self.conv_0 = _conv(self.filters, 3, self.dilation, self.l2, self.kernel_initializer, "conv_0")
+        self.conv_0 = _conv(self.filters, 3, self.dilation, self.l2_decay, self.kernel_initializer, "conv_0")
         self.bn_1 = _batch_norm("bn_1")
         self.act_1 = _make_activation(self.activation, "act_1")
-        self.conv_1 = _conv(self.filters, 3, self.dilation, self.l2, self.kernel_initializer, "conv_1")
+        self.conv_1 = _conv(self.filters, 3, self.dilation, self.l2_decay, self.kernel_initializer, "conv_1")
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         in_channels = input_shape[-1]
@@ -283,7 +283,7 @@ class HighResBlock(keras.layers.Layer):
             filters=self.filters,
             dilation=self.dilation,
             activation=self.activation,
-            l2=self.l2,
+            l2_decay=self.l2_decay,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
         )
         return config
@@ -313,7 +313,7 @@ class HighResNet3D(keras.Model):
             such as ``"leakyrelu"`` are accepted.
         width_multiplier: scales every channel count (16, 32, 64, 80); 0.25
             gives a fast variant for tests and demos.
-        l2: NiftyNet's ``decay``: adds ``l2 * sum(w**2) / 2`` per convolution
+        l2_decay: NiftyNet's ``decay``: adds ``l2_decay * sum(w**2) / 2`` per convolution
             kernel to the loss (TensorFlow's ``l2_loss`` convention). 0 disables.
         softmax: append a float32 softmax so the model outputs probabilities
             instead of logits (the losses here expect logits).
@@ -335,7 +335,7 @@ class HighResNet3D(keras.Model):
         num_classes: int,
         activation: str = "leaky_relu",
         width_multiplier: float = 1.0,
-        l2: float = 0.0,
+        l2_decay: float = 0.0,
         softmax: bool = False,
         filters: Sequence[int] | None = None,
         kernel_initializer: Any = "he_normal",
@@ -358,7 +358,7 @@ class HighResNet3D(keras.Model):
             if not widths[0] <= widths[1] <= widths[2]:
                 raise ValueError(f"filters of res_1..res_3 must not decrease, got {filters!r}")
         initializer = keras.initializers.get(kernel_initializer)
-        common = dict(l2=float(l2), kernel_initializer=initializer)
+        common = dict(l2_decay=float(l2_decay), kernel_initializer=initializer)
 
         inputs = keras.Input(shape=(None, None, None, in_channels), name="images")
         x = ConvBNActivation(widths[0], 3, activation, name="conv_0", **common)(inputs)
@@ -377,7 +377,7 @@ class HighResNet3D(keras.Model):
         self.num_classes = num_classes
         self.activation = activation
         self.width_multiplier = float(width_multiplier)
-        self.l2 = float(l2)
+        self.l2_decay = float(l2_decay)
         self.softmax = bool(softmax)
         self.filters = widths if filters is not None else None
         self.kernel_initializer = initializer
@@ -396,7 +396,7 @@ class HighResNet3D(keras.Model):
             "num_classes": self.num_classes,
             "activation": self.activation,
             "width_multiplier": self.width_multiplier,
-            "l2": self.l2,
+            "l2_decay": self.l2_decay,
             "softmax": self.softmax,
             "filters": None if self.filters is None else list(self.filters),
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
@@ -425,36 +425,30 @@ def layer_group(layer_name: str) -> str | None:
     return head if head in GROUPS else None
 
 
-def _leaf_layers(layer: keras.layers.Layer, prefix: str) -> Iterable[tuple[str, keras.layers.Layer]]:
-    children = [child for child in layer._layers if isinstance(child, keras.layers.Layer)]
-    if not children:
-        yield prefix, layer
-        return
-    for child in children:
-        yield from _leaf_layers(child, f"{prefix}/{child.name}")
+def named_weights(model: keras.Model) -> dict[str, Any]:
+    """Every weight of ``model`` by its path ``"<layer path>/<variable name>"``.
+
+    The path is Keras' ``Variable.path`` (``"res_2_0/conv_1/kernel"``,
+    ``"conv_0/bn/moving_mean"``): it follows the layer names, not how many
+    models were created before, so it is the key for transfer between models.
+    """
+    return {variable.path: variable for variable in model.weights}
 
 
 def named_layers(model: keras.Model) -> dict[str, keras.layers.Layer]:
-    """Leaf layers by path, e.g. ``"res_1_0/bn_0"`` or ``"conv_0/conv"``."""
-    named: dict[str, keras.layers.Layer] = {}
-    for top in model.layers:
-        for path, leaf in _leaf_layers(top, top.name):
-            named[path] = leaf
-    return named
+    """The layers that own weights, by path, e.g. ``"res_1_0/bn_0"`` or ``"conv_0/conv"``.
 
-
-def named_weights(model: keras.Model) -> dict[str, Any]:
-    """Every weight of ``model`` by a stable path ``"<layer path>/<variable name>"``.
-
-    The paths (``"res_2_0/conv_1/kernel"``, ``"conv_0/bn/moving_mean"``) do not
-    depend on how many models were created before, unlike auto-generated Keras
-    names, so they are the keys for transfer between models.
+    Sub-layers are attributes of their block named like the layer
+    (``block.bn_0``), so the path resolves through public attributes only.
     """
-    weights: dict[str, Any] = {}
-    for path, layer in named_layers(model).items():
-        for variable in layer.weights:
-            weights[f"{path}/{variable.name}"] = variable
-    return weights
+    named: dict[str, keras.layers.Layer] = {}
+    for path in named_weights(model):
+        layer_path = path.rsplit("/", 1)[0]
+        if layer_path not in named:
+            top, _, leaf = layer_path.partition("/")
+            layer = model.get_layer(top)
+            named[layer_path] = getattr(layer, leaf) if leaf else layer
+    return named
 
 
 def is_state_variable(weight_path: str) -> bool:
@@ -585,22 +579,3 @@ def _ancestors_trainable(model: keras.Model, path: str) -> bool:
         return False
     top = model.get_layer(path.split("/", 1)[0])
     return bool(top.trainable)
-
-
-def format_parameter_table(rows: Sequence[GroupParameters]) -> str:
-    """Renders :func:`parameter_table` rows as a fixed-width text table."""
-    header = ("group", "trainable", "frozen", "non-trainable", "NiftyNet ckpt", "BN statistics")
-    body = [
-        (r.group, f"{r.trainable:,}", f"{r.frozen:,}", f"{r.non_trainable:,}", f"{r.niftynet_checkpoint:,}", r.bn_statistics)
-        for r in rows
-    ]
-    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
-
-    def fmt(line: Sequence[str]) -> str:
-        cells = [str(line[0]).ljust(widths[0])] + [str(c).rjust(w) for c, w in zip(line[1:5], widths[1:5])]
-        cells.append(str(line[5]).ljust(widths[5]))
-        return "  ".join(cells).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    lines = [fmt(header), rule] + [fmt(line) for line in body[:-1]] + [rule, fmt(body[-1])]
-    return "\n".join(lines)

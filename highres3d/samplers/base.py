@@ -19,7 +19,7 @@ Edge policies
 ``pad`` (default)
     Any voxel of the volume may be a centre, so structures touching the border
     are sampled as often as any other (nnU-Net's choice).  Images are padded
-    with ``image_pad_value``, labels with ``label_pad_value`` (0 = background;
+    with ``pad_value``, labels with ``label_pad_value`` (0 = background;
     the losses have no ignore index, so training configs require a class).
 ``valid``
     Centres at least half a window from every edge, so windows lie entirely
@@ -152,26 +152,26 @@ class WindowSampler(abc.ABC):
         self,
         window_size: int | Sequence[int],
         *,
-        edge: EdgePolicy = "pad",
-        image_pad_value: float = 0.0,
+        edge_policy: EdgePolicy = "pad",
+        pad_value: float = 0.0,
         label_pad_value: int = 0,
     ) -> None:
         self.window_size = window_triple(window_size)
-        if edge not in EDGE_POLICIES:
-            raise ConfigError(f"sampler edge policy: expected one of {list(EDGE_POLICIES)}, got {edge!r}")
-        self.edge: EdgePolicy = edge
-        self.image_pad_value = float(image_pad_value)
+        if edge_policy not in EDGE_POLICIES:
+            raise ConfigError(f"sampler edge policy: expected one of {list(EDGE_POLICIES)}, got {edge_policy!r}")
+        self.edge_policy: EdgePolicy = edge_policy
+        self.pad_value = float(pad_value)
         self.label_pad_value = int(label_pad_value)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(window_size={self.window_size}, edge={self.edge!r})"
+        return f"{type(self).__name__}(window_size={self.window_size}, edge_policy={self.edge_policy!r})"
 
     # ------------------------------------------------------------------ geometry
     def centre_domain(self, shape: Sequence[int], subject_id: str = "?") -> tuple[np.ndarray, np.ndarray]:
         """Inclusive bounds ``(lo, hi)`` of the centre voxels allowed by the edge policy."""
         shape = np.asarray(shape[:3], dtype=np.int64)
         w = np.asarray(self.window_size, dtype=np.int64)
-        if self.edge != "valid":
+        if self.edge_policy != "valid":
             return np.zeros(3, np.int64), shape - 1
         if np.any(shape < w):
             raise DataError(
@@ -185,7 +185,7 @@ class WindowSampler(abc.ABC):
         """Start corners (volume coordinates) of the windows centred on ``centres`` ``(n, 3)``."""
         w = np.asarray(self.window_size, dtype=np.int64)
         starts = np.asarray(centres, dtype=np.int64) - w // 2
-        if self.edge == "clamp":
+        if self.edge_policy == "clamp":
             shape = np.asarray(shape[:3], dtype=np.int64)
             # Centred, not flush, on axes shorter than the window: pads both sides evenly.
             upper = np.where(shape >= w, shape - w, (shape - w) // 2)
@@ -224,7 +224,7 @@ class WindowSampler(abc.ABC):
     ) -> Window:
         """The aligned window at ``start``: all image channels, label, weight map if used."""
         start = tuple(int(s) for s in start)
-        image = crop(volume.image, start, self.window_size, self.image_pad_value, out_image)
+        image = crop(volume.image, start, self.window_size, self.pad_value, out_image)
         label = None
         if volume.label is not None:
             label = crop(volume.label, start, self.window_size, self.label_pad_value, out_label)

@@ -172,7 +172,7 @@ class ClassWeightedSampler(WindowSampler):
         (default): equal over the classes present in each volume.  A mapping
         ``{class: p}`` (unlisted classes get 0) or a sequence indexed by class.
         Values need not sum to 1.  Absent classes: see the module docstring.
-    edge:
+    edge_policy:
         ``"pad"`` (default), ``"valid"`` or ``"clamp"``; see
         :mod:`highres3d.samplers.base`.
     max_per_class:
@@ -180,7 +180,7 @@ class ClassWeightedSampler(WindowSampler):
     dense_fraction:
         Classes covering at least this fraction of the domain are drawn by
         rejection and keep no table.
-    image_pad_value, label_pad_value:
+    pad_value, label_pad_value:
         Fill values outside the volume (``label_pad_value`` may be an ignore index).
 
     >>> sampler = ClassWeightedSampler(96, {0: 1, 1: 1})     # half the windows centred on tumour
@@ -195,13 +195,13 @@ class ClassWeightedSampler(WindowSampler):
         window_size: int | Sequence[int],
         probabilities: Optional[Mapping[int, float] | Sequence[float]] = None,
         *,
-        edge: EdgePolicy = "pad",
+        edge_policy: EdgePolicy = "pad",
         max_per_class: int = 1_000_000,
         dense_fraction: float = 0.1,
-        image_pad_value: float = 0.0,
+        pad_value: float = 0.0,
         label_pad_value: int = 0,
     ) -> None:
-        super().__init__(window_size, edge=edge, image_pad_value=image_pad_value, label_pad_value=label_pad_value)
+        super().__init__(window_size, edge_policy=edge_policy, pad_value=pad_value, label_pad_value=label_pad_value)
         self.probabilities = _parse_probabilities(probabilities)
         if not (isinstance(max_per_class, (int, np.integer)) and max_per_class >= 1):
             raise ConfigError(f"sampler max_per_class: expected a positive integer, got {max_per_class!r}")

@@ -11,8 +11,8 @@ __all__ = ["UniformSampler"]
 class UniformSampler(WindowSampler):
     """Centre voxels drawn uniformly from the domain of the edge policy.
 
-    With ``edge="pad"`` every voxel of the volume is equally likely to be a
-    centre; with ``edge="valid"`` every window that fits inside the volume is
+    With ``edge_policy="pad"`` every voxel of the volume is equally likely to be a
+    centre; with ``edge_policy="valid"`` every window that fits inside the volume is
     equally likely (NiftyNet's ``uniform`` and TorchIO's ``UniformSampler``).
 
     >>> sampler = UniformSampler(96)

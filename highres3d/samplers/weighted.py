@@ -55,7 +55,7 @@ class WeightedSampler(WindowSampler):
         of another attribute of the volume (e.g. ``"weight"``), or a callable
         ``volume -> array (X, Y, Z)``.  Windows carry the cropped map as
         ``Window.weight`` unless it is the label.
-    edge:
+    edge_policy:
         ``"pad"`` (default), ``"valid"`` or ``"clamp"``.  With ``valid``, weights
         outside the valid region are ignored (NiftyNet and MONAI behaviour).
     """
@@ -65,11 +65,11 @@ class WeightedSampler(WindowSampler):
         window_size: int | Sequence[int],
         weights: str | Callable[[Any], np.ndarray] = "label",
         *,
-        edge: EdgePolicy = "pad",
-        image_pad_value: float = 0.0,
+        edge_policy: EdgePolicy = "pad",
+        pad_value: float = 0.0,
         label_pad_value: int = 0,
     ) -> None:
-        super().__init__(window_size, edge=edge, image_pad_value=image_pad_value, label_pad_value=label_pad_value)
+        super().__init__(window_size, edge_policy=edge_policy, pad_value=pad_value, label_pad_value=label_pad_value)
         if not (callable(weights) or isinstance(weights, str)):
             raise ConfigError(f"sampler weights: expected an attribute name or a callable, got {weights!r}")
         self.weights = weights

@@ -54,7 +54,7 @@ def build_model(cfg: Config):
         num_classes=cfg.network.num_classes,
         activation=cfg.network.activation,
         width_multiplier=cfg.network.width_multiplier,
-        l2=cfg.network.l2_decay,
+        l2_decay=cfg.network.l2_decay,
     )
 
 
@@ -95,7 +95,7 @@ def build_sampler(cfg: Config):
     from highres3d import samplers
 
     s = cfg.sampler
-    common = dict(edge=s.edge_policy, image_pad_value=s.pad_value, label_pad_value=s.label_pad_value)
+    common = dict(edge_policy=s.edge_policy, pad_value=s.pad_value, label_pad_value=s.label_pad_value)
     if s.type == "uniform":
         return samplers.UniformSampler(s.window_size, **common)
     if s.type == "label":
@@ -200,7 +200,7 @@ class Trainer:
             self.echo(f"resumed from {checkpoint} at iteration {state.iteration}")
         elif cfg.transfer.source is not None:
             transfer.load_weights(model, cfg.transfer.source, channel_init=cfg.transfer.channel_init,
-                                  print_fn=self.echo)
+                                  echo=self.echo)
         if cfg.transfer.freeze:
             report = transfer.freeze(model, cfg.transfer.freeze, bn_policy=cfg.transfer.bn_policy)
             self.echo(report.summary())
@@ -343,7 +343,7 @@ class Trainer:
 
         a = self.cfg.augmentation
         augmentation = AffineAugmentation(
-            max_rotation_deg=a.rotation_degrees, scale_range=a.scaling_percent / 100.0, flip_axes=tuple(a.flip_axes),
+            rotation_degrees=a.rotation_degrees, scale_range=a.scaling_percent / 100.0, flip_axes=tuple(a.flip_axes),
             intensity_scale=a.intensity_scale, intensity_shift=a.intensity_shift,
         )
         return None if augmentation.is_identity else augmentation
@@ -380,7 +380,7 @@ class Trainer:
         from highres3d.augment import RandomAffine3D
 
         return RandomAffine3D(
-            self.cfg.sampler.window_size, max_rotation_deg=augmentation.max_rotation_deg,
+            self.cfg.sampler.window_size, rotation_degrees=augmentation.rotation_degrees,
             scale_range=augmentation.scale_range, flip_axes=augmentation.flip_axes,
             intensity_scale=augmentation.intensity_scale, intensity_shift=augmentation.intensity_shift,
             seed=self.cfg.training.seed,

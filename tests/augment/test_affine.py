@@ -30,7 +30,7 @@ def test_identity_draw_returns_exactly_the_samplers_crop(start):
     volume = smooth_volume()
     size = (16, 14, 12)
     centre = np.asarray(start) + (np.asarray(size) - 1) / 2
-    image, label = resample_window(volume.image, volume.label, centre, size, np.eye(3), image_pad_value=-3, label_pad_value=7)
+    image, label = resample_window(volume.image, volume.label, centre, size, np.eye(3), pad_value=-3, label_pad_value=7)
     np.testing.assert_array_equal(image, crop(volume.image, start, size, -3))
     np.testing.assert_array_equal(label, crop(volume.label, start, size, 7))
 
@@ -50,7 +50,7 @@ def test_trilinear_is_exact_on_a_linear_image_under_rotation_and_scaling():
 @pytest.mark.parametrize("seed", range(4))
 def test_augmented_label_equals_threshold_of_augmented_image_away_from_boundaries(seed):
     volume = smooth_volume(seed=seed)
-    aug = AffineAugmentation(max_rotation_deg=15, scale_range=0.15, flip_axes=(0, 1, 2))
+    aug = AffineAugmentation(rotation_degrees=15, scale_range=0.15, flip_axes=(0, 1, 2))
     rng = np.random.default_rng(seed)
     image, label = aug.window(volume, (8, 10, 6), (16, 16, 16), rng)
     thresholded = (image[..., 0] > 0.3).astype(np.uint8)
@@ -61,7 +61,7 @@ def test_augmented_label_equals_threshold_of_augmented_image_away_from_boundarie
 
 def test_flip_alone_mirrors_the_window():
     volume = smooth_volume()
-    aug = AffineAugmentation(max_rotation_deg=0, scale_range=0, flip_axes=(1,), flip_probability=1.0)
+    aug = AffineAugmentation(rotation_degrees=0, scale_range=0, flip_axes=(1,), flip_probability=1.0)
     image, label = aug.window(volume, (5, 6, 7), 12, np.random.default_rng(0))
     plain = crop(volume.image, (5, 6, 7), (12, 12, 12))
     np.testing.assert_allclose(image, plain[:, ::-1], atol=1e-6)
@@ -70,7 +70,7 @@ def test_flip_alone_mirrors_the_window():
 
 def test_intensity_change_is_per_channel_scale_and_shift():
     volume = smooth_volume()
-    aug = AffineAugmentation(max_rotation_deg=0, scale_range=0, intensity_scale=0.2, intensity_shift=0.5)
+    aug = AffineAugmentation(rotation_degrees=0, scale_range=0, intensity_scale=0.2, intensity_shift=0.5)
     draw = aug.draw(np.random.default_rng(3), 2)
     image, _ = aug.window(volume, (5, 6, 7), 10, np.random.default_rng(3))
     plain = crop(volume.image, (5, 6, 7), (10, 10, 10))
@@ -91,7 +91,7 @@ def test_same_rng_same_window():
 @pytest.mark.parametrize("size,deg,scale", [((96, 96, 96), 10, 0.1), ((16, 24, 8), 20, 0.2), ((12, 12, 12), 0, 0)])
 def test_margin_contains_every_trilinear_read(size, deg, scale):
     margin = np.asarray(affine_margin(size, deg, scale))
-    aug = AffineAugmentation(max_rotation_deg=deg, scale_range=scale, flip_axes=(0, 1, 2))
+    aug = AffineAugmentation(rotation_degrees=deg, scale_range=scale, flip_axes=(0, 1, 2))
     rng = np.random.default_rng(0)
     half = (np.asarray(size) - 1) / 2
     corners = np.stack(np.meshgrid(*[[-h, h] for h in half], indexing="ij"), -1).reshape(-1, 3)
@@ -110,7 +110,7 @@ def test_margin_contains_every_trilinear_read(size, deg, scale):
 def test_bad_parameters_are_config_errors():
     with pytest.raises(ConfigError, match="scale_range"):
         AffineAugmentation(scale_range=1.0)
-    with pytest.raises(ConfigError, match="max_rotation_deg"):
-        AffineAugmentation(max_rotation_deg=(10, 10))
+    with pytest.raises(ConfigError, match="rotation_degrees"):
+        AffineAugmentation(rotation_degrees=(10, 10))
     with pytest.raises(ConfigError, match="flip_axes"):
         AffineAugmentation(flip_axes=(3,))

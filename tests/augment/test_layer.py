@@ -19,7 +19,7 @@ def crops(layer, batch=3, seed=0):
 
 
 def test_layer_resampling_matches_the_cpu_path():
-    layer = RandomAffine3D((10, 12, 8), max_rotation_deg=12, scale_range=0.1)
+    layer = RandomAffine3D((10, 12, 8), rotation_degrees=12, scale_range=0.1)
     image, label = crops(layer)
     rng = np.random.default_rng(1)
     aug = AffineAugmentation(12, 0.1, flip_axes=(0, 2), flip_probability=0.5)
@@ -35,7 +35,7 @@ def test_layer_resampling_matches_the_cpu_path():
 
 
 def test_training_call_keeps_label_aligned_with_image():
-    layer = RandomAffine3D(12, max_rotation_deg=15, scale_range=0.15, flip_axes=(0, 1, 2), seed=4)
+    layer = RandomAffine3D(12, rotation_degrees=15, scale_range=0.15, flip_axes=(0, 1, 2), seed=4)
     image, label = crops(layer, seed=2)
     out, lab = layer((image, label), training=True)
     out, lab = np.asarray(out), np.asarray(lab)
@@ -63,13 +63,13 @@ def test_wrong_crop_size_is_explained():
 
 
 def test_config_round_trip():
-    layer = RandomAffine3D((8, 8, 6), max_rotation_deg=5, scale_range=0.05, flip_axes=(1,), seed=3)
+    layer = RandomAffine3D((8, 8, 6), rotation_degrees=5, scale_range=0.05, flip_axes=(1,), seed=3)
     clone = RandomAffine3D.from_config(layer.get_config())
     assert clone.crop_size == layer.crop_size and clone.augmentation == layer.augmentation
 
 
 def test_layer_from_augmentation_expects_the_pipelines_crop_size():
-    aug = AffineAugmentation(max_rotation_deg=7, scale_range=0.05, flip_axes=(2,))
+    aug = AffineAugmentation(rotation_degrees=7, scale_range=0.05, flip_axes=(2,))
     layer = RandomAffine3D.from_augmentation(aug, (16, 12, 8), seed=1)
     assert layer.augmentation == aug
     assert layer.crop_size == tuple(w + 2 * m for w, m in zip((16, 12, 8), aug.margin((16, 12, 8))))

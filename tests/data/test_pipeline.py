@@ -34,18 +34,18 @@ def take(ds, n):
 
 
 def test_batches_have_documented_shapes_and_dtypes():
-    ds = make_training_dataset(volumes(), ClassWeightedSampler(SIZE), batch_size=3, verbose=False)
+    ds = make_training_dataset(volumes(), ClassWeightedSampler(SIZE), batch_size=3, echo=None)
     assert ds.element_spec[0].shape.as_list() == [None, *SIZE, 2]
     (x, y), = take(ds, 1)
     assert x.shape == (3, *SIZE, 2) and x.dtype == np.float32
     assert y.shape == (3, *SIZE) and y.dtype == np.uint8
-    ds = make_training_dataset(volumes(), ClassWeightedSampler(SIZE), batch_size=2, label_dtype="int32", verbose=False)
+    ds = make_training_dataset(volumes(), ClassWeightedSampler(SIZE), batch_size=2, label_dtype="int32", echo=None)
     assert take(ds, 1)[0][1].dtype == np.int32
 
 
 def test_windows_are_crops_of_the_volumes_and_mix_volumes():
     vols = volumes()
-    ds = make_training_dataset(vols, UniformSampler(SIZE), batch_size=4, windows_per_volume=2, verbose=False)
+    ds = make_training_dataset(vols, UniformSampler(SIZE), batch_size=4, windows_per_volume=2, echo=None)
     seen = set()
     for x, y in take(ds, 6):
         for b in range(4):
@@ -66,7 +66,7 @@ def test_windows_are_crops_of_the_volumes_and_mix_volumes():
 
 def test_same_seed_same_batches_other_seed_other_batches():
     def run(seed, **kw):
-        return take(make_training_dataset(volumes(), ClassWeightedSampler(SIZE), batch_size=2, seed=seed, verbose=False, **kw), 5)
+        return take(make_training_dataset(volumes(), ClassWeightedSampler(SIZE), batch_size=2, seed=seed, echo=None, **kw), 5)
 
     for kw in ({}, {"augmentation": AffineAugmentation(flip_axes=(0,))}):
         a, b, c = run(1, **kw), run(1, **kw), run(2, **kw)
@@ -85,26 +85,26 @@ def test_lazy_loaders_give_the_same_batches_as_volumes_in_ram():
 
         return load
 
-    kw = dict(batch_size=2, windows_per_volume=2, shuffle_buffer=4, seed=3, verbose=False)
-    lazy = take(make_training_dataset([loader(i) for i in range(3)], ClassWeightedSampler(SIZE), n_channels=2, **kw), 4)
+    kw = dict(batch_size=2, windows_per_volume=2, shuffle_buffer=4, seed=3, echo=None)
+    lazy = take(make_training_dataset([loader(i) for i in range(3)], ClassWeightedSampler(SIZE), in_channels=2, **kw), 4)
     assert calls  # loaded on demand
     for x, y in lazy:
         assert x.shape == (2, *SIZE, 2) and y.shape == (2, *SIZE)
 
 
 def test_device_augmentation_yields_crops_with_the_margin():
-    aug = AffineAugmentation(max_rotation_deg=10, scale_range=0.1)
+    aug = AffineAugmentation(rotation_degrees=10, scale_range=0.1)
     margin = affine_margin(SIZE, 10, 0.1)
-    ds = make_training_dataset(volumes(), UniformSampler(SIZE), batch_size=2, augmentation=aug, augment_on="device", verbose=False)
+    ds = make_training_dataset(volumes(), UniformSampler(SIZE), batch_size=2, augmentation=aug, augment_on="device", echo=None)
     (x, y), = take(ds, 1)
     assert x.shape == (2, *(w + 2 * m for w, m in zip(SIZE, margin)), 2)
     assert y.shape == x.shape[:4]
 
 
 def test_cpu_augmentation_changes_windows_but_keeps_shapes():
-    aug = AffineAugmentation(max_rotation_deg=20, scale_range=0.2)
-    plain = take(make_training_dataset(volumes(), UniformSampler(SIZE), batch_size=2, seed=5, verbose=False), 2)
-    augmented = take(make_training_dataset(volumes(), UniformSampler(SIZE), batch_size=2, seed=5, augmentation=aug, verbose=False), 2)
+    aug = AffineAugmentation(rotation_degrees=20, scale_range=0.2)
+    plain = take(make_training_dataset(volumes(), UniformSampler(SIZE), batch_size=2, seed=5, echo=None), 2)
+    augmented = take(make_training_dataset(volumes(), UniformSampler(SIZE), batch_size=2, seed=5, augmentation=aug, echo=None), 2)
     assert augmented[0][0].shape == plain[0][0].shape
     assert not np.allclose(augmented[0][0], plain[0][0])
 
@@ -113,7 +113,7 @@ def test_shards_are_disjoint_volume_subsets():
     vols = volumes(4)
     seen = []
     for index in range(2):
-        ds = make_training_dataset(vols, UniformSampler(SIZE), batch_size=2, num_shards=2, shard_index=index, verbose=False)
+        ds = make_training_dataset(vols, UniformSampler(SIZE), batch_size=2, num_shards=2, shard_index=index, echo=None)
         seen.append({source(x[b]) for x, _ in take(ds, 6) for b in range(2)})
     assert seen[0] == {0, 2} and seen[1] == {1, 3}
 
@@ -133,16 +133,16 @@ def test_user_errors_are_clear():
     with pytest.raises(ConfigError, match="batch_size"):
         make_training_dataset(volumes(), UniformSampler(SIZE), batch_size=0)
     with pytest.raises(ConfigError, match="label_dtype"):
-        make_training_dataset(volumes(), UniformSampler(SIZE, label_pad_value=-1), verbose=False)
+        make_training_dataset(volumes(), UniformSampler(SIZE, label_pad_value=-1), echo=None)
     unlabeled = volumes(1)
     unlabeled[0].label = None
     with pytest.raises(DataError, match="label"):
-        make_training_dataset(unlabeled, UniformSampler(SIZE), verbose=False)
+        make_training_dataset(unlabeled, UniformSampler(SIZE), echo=None)
 
 
 def test_input_context_sets_shard_and_per_replica_batch():
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=2)
-    ds = make_training_dataset(volumes(4), UniformSampler(SIZE), batch_size=4, input_context=context, verbose=False)
+    ds = make_training_dataset(volumes(4), UniformSampler(SIZE), batch_size=4, input_context=context, echo=None)
     batches = take(ds, 4)
     assert all(x.shape[0] == 2 for x, _ in batches)
     assert {source(x[b]) for x, _ in batches for b in range(2)} == {1, 3}

@@ -32,9 +32,9 @@ def test_whole_volume_window_larger_than_volume_and_tta(identity, image):
     np.testing.assert_array_equal(predict_volume(identity, image, None, output="logits"), image)
     np.testing.assert_array_equal(predict_volume(identity, image, 32, output="logits", blend="gaussian"), image)
     # flipping input and output back is the identity for a pointwise model
-    tta = predict_volume(identity, image, 8, overlap=0.25, blend="crop", output="logits", mirror_tta=True)
+    tta = predict_volume(identity, image, 8, overlap=0.25, blend="crop", output="logits", tta_mirror=True)
     np.testing.assert_allclose(tta, image, rtol=1e-6, atol=1e-6)
-    probs = predict_volume(identity, image, 8, overlap=0.25, output="probabilities", mirror_tta=(0,))
+    probs = predict_volume(identity, image, 8, overlap=0.25, output="probabilities", tta_mirror=(0,))
     np.testing.assert_allclose(probs, softmax(image), rtol=1e-5, atol=1e-6)
 
 
@@ -46,7 +46,7 @@ def test_tta_averages_over_flips():
 
     image = np.zeros((6, 3, 3, 1), np.float32)
     plain = predict_volume(ramp, image, None, output="logits")
-    flipped = predict_volume(ramp, image, None, output="logits", mirror_tta=(0,))
+    flipped = predict_volume(ramp, image, None, output="logits", tta_mirror=(0,))
     assert plain[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
     np.testing.assert_allclose(flipped[..., 0], 2.5)
     assert len(mirror_axes(True)) == 8 and mirror_axes(False) == [()]

@@ -18,7 +18,6 @@ from highres3d.models import (
     GROUPS,
     HighResBlock,
     HighResNet3D,
-    format_parameter_table,
     layer_group,
     named_layers,
     named_weights,
@@ -60,8 +59,10 @@ def test_niftynet_checkpoint_accounting_gives_thesis_table_6_1(full_model):
     thesis = {"conv_0": 964, "res_1": 42_060, "res_2": 153_132, "res_3": 610_380, "conv_1": 5_602, "conv_2": 174}
     assert {g: rows[g].niftynet_checkpoint for g in GROUPS} == thesis
     assert rows["total"].niftynet_checkpoint == 812_312
-    table = format_parameter_table(parameter_table(full_model))
-    assert "812,312" in table and "809,380" in table and table.splitlines()[2].startswith("conv_0")
+    from highres3d.reporting import parameters_table
+
+    table = str(parameters_table(full_model))
+    assert "812,312" in table and "809,380" in table and table.splitlines()[3].startswith("conv_0")
 
 
 # --------------------------------------------------------------------------- architecture
@@ -84,11 +85,11 @@ def test_layer_groups_names_and_niftynet_settings(full_model):
     assert len(bns) == 21
     assert all(b.momentum == pytest.approx(0.9) and b.epsilon == pytest.approx(1e-5) for b in bns)
     # conv_2 gives the logits: BN without activation.
-    assert "conv_2/act" not in leaves and "conv_1/act" in leaves
+    assert full_model.get_layer("conv_2").act is None and full_model.get_layer("conv_1").act is not None
 
 
 def test_leaky_relu_has_niftynets_slope_0_02(narrow_model):
-    act = named_layers(narrow_model)["res_1_0/act_0"]
+    act = narrow_model.get_layer("res_1_0").act_0
     out = keras.ops.convert_to_numpy(act(np.array([-1.0, 0.0, 2.0], dtype="float32")))
     np.testing.assert_allclose(out, [-0.02, 0.0, 2.0], rtol=1e-6)
 
@@ -175,7 +176,7 @@ def test_activation_variants_and_errors():
 
 
 def test_l2_follows_niftynets_decay_convention():
-    model = HighResNet3D(2, 2, width_multiplier=0.25, l2=0.1)
+    model = HighResNet3D(2, 2, width_multiplier=0.25, l2_decay=0.1)
     model(np.zeros((1, 4, 4, 4, 2), "float32"))
     kernels = [v.numpy() for p, v in named_weights(model).items() if p.endswith("kernel")]
     expected = 0.1 * sum(float(np.sum(k.astype("float64") ** 2)) for k in kernels) / 2  # decay * tf.nn.l2_loss

@@ -87,7 +87,7 @@ def test_no_requested_class_present_falls_back_to_uniform_centres():
 
 def test_valid_policy_counts_only_classes_inside_the_centre_domain():
     volume = three_class_volume()
-    sampler = ClassWeightedSampler(8, {2: 1}, edge="valid")
+    sampler = ClassWeightedSampler(8, {2: 1}, edge_policy="valid")
     coords = sampler.prepare(volume).coordinates
     assert coords.counts[2] == 27  # the two border voxels are outside the valid domain
     centres = sampler.locations(volume, 500, rng=0) + 4
@@ -126,7 +126,7 @@ def test_class_coordinates_round_trip_and_are_reused_from_the_volume(tmp_path):
     volume.class_coordinates = loaded
     assert sampler.prepare(volume).coordinates is loaded
     # A table for another domain (edge 'valid') is not mistaken for this one.
-    assert ClassWeightedSampler(8, edge="valid").prepare(volume).coordinates is not loaded
+    assert ClassWeightedSampler(8, edge_policy="valid").prepare(volume).coordinates is not loaded
 
 
 def test_table_memory_is_small_for_a_rare_class():

@@ -52,7 +52,7 @@ def test_window_carries_the_cropped_weight_map():
 
 def test_valid_policy_ignores_weights_near_the_border():
     volume = line_volume([9, 1, 1, 1, 9])
-    sampler = WeightedSampler((3, 1, 1), "weight", edge="valid")
+    sampler = WeightedSampler((3, 1, 1), "weight", edge_policy="valid")
     starts = sampler.locations(volume, 500, rng=0)
     assert set(starts[:, 0] + 1) == {1, 2, 3}
 

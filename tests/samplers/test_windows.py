@@ -32,7 +32,7 @@ SAMPLERS = [
 def test_every_window_is_the_slice_of_the_padded_volume_at_its_start(make, edge):
     volume = make_volume()
     size = (8, 6, 9)
-    sampler = make(window_size=size, edge=edge, image_pad_value=-7.0, label_pad_value=255)
+    sampler = make(window_size=size, edge_policy=edge, pad_value=-7.0, label_pad_value=255)
     pad = 10
     big_image = padded(volume.image, pad, -7.0)
     big_label = padded(volume.label, pad, 255)
@@ -59,7 +59,7 @@ def test_pad_policy_reaches_every_voxel_as_centre_including_edges():
 
 def test_valid_policy_centres_stay_half_a_window_from_the_edge():
     volume = make_volume(shape=(12, 12, 12))
-    sampler = UniformSampler(5, edge="valid")
+    sampler = UniformSampler(5, edge_policy="valid")
     starts = sampler.locations(volume, 8000, rng=1)
     assert starts.min() == 0 and starts.max() == 12 - 5
     assert len({tuple(s) for s in starts}) == 8**3
@@ -67,7 +67,7 @@ def test_valid_policy_centres_stay_half_a_window_from_the_edge():
 
 def test_clamp_policy_shifts_edge_centres_inside():
     volume = make_volume(shape=(12, 12, 12))
-    sampler = UniformSampler(6, edge="clamp")
+    sampler = UniformSampler(6, edge_policy="clamp")
     starts = sampler.locations(volume, 2000, rng=2)
     assert starts.min() == 0 and starts.max() == 6
     # Centres 0..3 all clamp to start 0, so start 0 is four times as frequent as start 3.
@@ -78,7 +78,7 @@ def test_clamp_policy_shifts_edge_centres_inside():
 @pytest.mark.parametrize("edge", ["pad", "clamp"])
 def test_volume_smaller_than_window_is_padded_not_skipped(edge):
     volume = make_volume(shape=(4, 10, 3))
-    sampler = ClassWeightedSampler(8, edge=edge, label_pad_value=9)
+    sampler = ClassWeightedSampler(8, edge_policy=edge, label_pad_value=9)
     windows = list(sampler(volume, num_windows=20, rng=0))
     assert len(windows) == 20
     for w in windows:
@@ -94,7 +94,7 @@ def test_volume_smaller_than_window_is_padded_not_skipped(edge):
 def test_valid_policy_with_a_volume_smaller_than_the_window_is_a_clear_error():
     volume = make_volume(shape=(4, 10, 10))
     with pytest.raises(DataError, match="smaller than the window.*'valid'"):
-        UniformSampler(8, edge="valid").prepare(volume)
+        UniformSampler(8, edge_policy="valid").prepare(volume)
 
 
 def test_crop_writes_into_a_given_buffer_and_pads_lazily():
@@ -123,7 +123,7 @@ def test_bad_window_sizes_are_config_errors(bad):
 
 def test_bad_edge_policy_is_a_config_error():
     with pytest.raises(ConfigError, match="edge"):
-        UniformSampler(4, edge="mirror")
+        UniformSampler(4, edge_policy="mirror")
 
 
 def test_same_seed_same_windows_different_seed_different_windows():
