@@ -101,6 +101,16 @@ def _field(default, doc: str, check=None, path: bool = False):
     return field(default=default, metadata=metadata)
 
 
+# --------------------------------------------------------------------------- closed sets
+
+#: HighResNet3D's layer groups in network order; defined here so a config is checked without importing
+#: Keras, and used by the model as ``highres3d.models.GROUPS``.
+LAYER_GROUPS: tuple[str, ...] = ("conv_0", "res_1", "res_2", "res_3", "conv_1", "conv_2")
+
+#: Training losses (:func:`highres3d.losses.get_loss` also reads NiftyNet's spellings in code).
+LossName = Literal["dice", "dice_ns", "generalised_dice", "cross_entropy", "dice_ce"]
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -126,6 +136,7 @@ class DatasetConfig:
     modalities: tuple[str, ...] = _field(("T1", "T2"), "image modalities, in channel order")
     patterns: dict[str, str] = _field({}, "layout 'patterns': one filename pattern with {subject} per modality, 'label' and optionally 'mask'")
     csv_files: dict[str, Path] = _field({}, "layout 'niftynet_csv': one 'subject_id,path' CSV per modality, 'label' and optionally 'mask'", path=True)
+    missing: Literal["error", "skip"] = _field("error", "a subject with a missing file (image, or the label of a training/validation subject): 'error' stops before training and lists them all; 'skip' leaves the subject out with a warning")
     split: SplitConfig = _field(SplitConfig(), "the data split")
 
 
@@ -191,7 +202,7 @@ class TrainingConfig:
     optimizer: Literal["adam", "sgd", "rmsprop", "adamw"] = _field("adam", "optimiser")
     lr: float = _field(1e-3, "learning rate", _positive)
     lr_schedule: Literal["constant", "cosine", "step"] = _field("constant", "learning-rate schedule")
-    loss: str = _field("dice", "loss: dice, generalised_dice, cross_entropy, dice_ce")
+    loss: LossName = _field("dice", "training loss (dice_ns: Dice with a plain, not squared, denominator)")
     class_weights: Optional[tuple[float, ...]] = _field(None, "per-class loss weights", _probabilities)
     validation_every: int = _field(10, "validate on windows every n iterations", _positive)
     validation_windows: int = _field(4, "validation windows per validation step", _positive)
@@ -444,9 +455,31 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"dataset.split.subset_sizes: expected strictly increasing sizes, got {list(sizes)}")
     if cfg.dataset.split.validation_fraction + cfg.dataset.split.inference_fraction >= 1:
         raise ConfigError("dataset.split: validation_fraction + inference_fraction must be < 1")
-    freeze = cfg.transfer.freeze
-    if isinstance(freeze, int) and not 0 <= freeze <= 5:
-        raise ConfigError(f"transfer.freeze: expected a number of layer groups between 0 and 5, got {freeze}")
+    _check_freeze(cfg.transfer.freeze)
+
+
+def _check_freeze(freeze) -> None:
+    if isinstance(freeze, int):
+        # Freezing all six groups would leave nothing to train.
+        if not 0 <= freeze < len(LAYER_GROUPS):
+            raise ConfigError(f"transfer.freeze: expected a number of layer groups between 0 and {len(LAYER_GROUPS) - 1}, got {freeze}")
+        return
+    names = [freeze] if isinstance(freeze, str) else list(freeze)
+    if isinstance(freeze, str) and (freeze.strip().isdigit() or freeze in LAYER_GROUPS):
+        return
+    if isinstance(freeze, str):
+        import re
+
+        try:
+            re.compile(freeze)
+        except re.error as err:
+            raise ConfigError(f"transfer.freeze: {freeze!r} is neither a layer group nor a valid regular expression ({err})") from None
+        return
+    unknown = [n for n in names if n not in LAYER_GROUPS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], LAYER_GROUPS, n=1)
+        hint = f", did you mean {close[0]!r}?" if close else f"; groups are {', '.join(LAYER_GROUPS)}"
+        raise ConfigError(f"transfer.freeze: unknown layer group {unknown[0]!r}{hint}")
 
 
 # --------------------------------------------------------------------------- loading

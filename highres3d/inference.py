@@ -148,9 +148,9 @@ def predict_volume(
     wx, wy, wz = sampler.window
     batches = range(0, len(locations), batch_size)
     if progress is not False:
-        from highres3d.utils import progress as progress_bar
+        from highres3d.progress import track
 
-        batches = progress_bar(batches, desc="windows", enabled=progress)
+        batches = track(batches, "windows", unit="batches", enabled=progress)
     aggregator = None
     buffer = None
     pool = _thread_pool(None)

@@ -29,11 +29,13 @@ like NiftyNet's losses. This module imports no TensorFlow.
 from __future__ import annotations
 
 import difflib
+import typing
 from typing import Any, Sequence
 
 import keras
 from keras import ops
 
+from highres3d.config import LossName
 from highres3d.errors import ConfigError
 
 PACKAGE = "highres3d"
@@ -421,7 +423,7 @@ _REGISTRY: dict[str, tuple[type[_SegmentationLoss], dict[str, Any]]] = {
 }
 
 #: The names :func:`get_loss` documents (aliases and NiftyNet spellings work too).
-LOSS_NAMES: tuple[str, ...] = ("dice", "dice_ns", "generalised_dice", "cross_entropy", "dice_ce")
+LOSS_NAMES: tuple[str, ...] = typing.get_args(LossName)
 
 
 def _normalise(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Small helpers shared by every module that writes files or reports progress."""
+"""Small helpers shared by every module that writes files: atomic writes and shard parsing."""
 from __future__ import annotations
 
 import contextlib
@@ -60,32 +60,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def progress(iterable, total: int | None = None, desc: str = "", stream=None, enabled: bool | None = None):
-    """A dependency-free progress bar that stays quiet when output is not a terminal."""
-    stream = stream or sys.stderr
-    if enabled is None:
-        enabled = hasattr(stream, "isatty") and stream.isatty()
-    if total is None:
-        try:
-            total = len(iterable)
-        except TypeError:
-            total = None
-    if not enabled:
-        yield from iterable
-        return
-    width = 30
-    for i, item in enumerate(iterable):
-        if total:
-            done = int(width * i / total)
-            stream.write(f"\r{desc} [{'#' * done}{'.' * (width - done)}] {i}/{total}")
-        else:
-            stream.write(f"\r{desc} {i}")
-        stream.flush()
-        yield item
-    if total:
-        stream.write(f"\r{desc} [{'#' * width}] {total}/{total}\n")
-    else:
-        stream.write("\n")
-    stream.flush()

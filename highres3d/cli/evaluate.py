@@ -64,7 +64,7 @@ def run(args) -> int:
     from highres3d.data.preprocess import parse_label_map
     from highres3d.errors import ConfigError
     from highres3d.evaluation import EmptyPolicy, evaluate_folders, summary_table, write_csv, write_summary
-    from highres3d.utils import progress
+    from highres3d.progress import track
 
     truth_map = parse_label_map(args.truth_map)
     truth_other = None
@@ -97,7 +97,7 @@ def run(args) -> int:
         pred_map=parse_label_map(args.pred_map),
         truth_other=truth_other,
         policy=EmptyPolicy(both_empty=args.both_empty, missing_distance=args.missing_distance),
-        progress=lambda items: progress(items, desc="subjects"),
+        progress=lambda items: track(items, "evaluate", unit="subjects"),
     )
     write_csv(result.rows, csv_path, overwrite=True)
     write_summary(result.summary, json_path, overwrite=True)

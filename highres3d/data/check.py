@@ -3,17 +3,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import nibabel as nib
 import numpy as np
 
 from highres3d.config import Config
 from highres3d.data.dataset import SPLITS, Dataset, Subject
-from highres3d.data.preprocess import label_lookup
-from highres3d.errors import DataError
-from highres3d.io.nifti import orientation_transform, read_nifti
-from highres3d.utils import progress
+from highres3d.data.preprocess import as_label_values, map_labels
+from highres3d.errors import DataError, Highres3dError
+from highres3d.io.nifti import Grid, check_same_grid, read_nifti, spacing_of, working_shape
+from highres3d.progress import track
 
 
 @dataclass
@@ -47,14 +47,15 @@ class CheckReport:
         lines.append("  orientations: " + _fmt_counter(self.orientations, str))
         total = sum(self.label_counts.values())
         if total:
-            lines.append("  label values (voxels, % of labelled volume):")
-            for value in sorted(self.label_counts):
-                n = self.label_counts[value]
-                lines.append(f"    {value:>6}: {n:>12,}  {100 * n / total:7.3f} %")
-            lines.append("  classes after mapping:")
-            for cls in sorted(self.class_counts):
-                n = self.class_counts[cls]
-                lines.append(f"    {cls:>6}: {n:>12,}  {100 * n / total:7.3f} %")
+            from highres3d.reporting import Table
+
+            for title, column, counts in (("label values", "value", self.label_counts),
+                                          ("classes after mapping", "class", self.class_counts)):
+                rows = [[str(k), counts[k], f"{100 * counts[k] / total:.3f}"] for k in sorted(counts)]
+                lines.append(Table(f"{title} (voxels, % of the labelled volume)", [column, "voxels", "%"], rows).to_text())
+        if self.dataset is not None and self.dataset.warnings:
+            lines.append(f"{len(self.dataset.warnings)} warning(s):")
+            lines.extend(f"  - {w}" for w in self.dataset.warnings)
         if self.problems:
             lines.append(f"{len(self.problems)} problem(s):")
             lines.extend(f"  - {p}" for p in self.problems)
@@ -69,110 +70,104 @@ def _fmt_counter(counter: Counter, fmt) -> str:
     return ", ".join(f"{fmt(k)} ({n})" for k, n in counter.most_common(6)) + (" …" if len(counter) > 6 else "")
 
 
-def _working_shape(shape, affine, cfg: Config) -> tuple[int, ...]:
-    transform = orientation_transform(affine, cfg.preprocessing.orientation)
-    reoriented = [0, 0, 0]
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    re_spacing = [0.0, 0.0, 0.0]
-    for axis, (target, _flip) in enumerate(transform):
-        reoriented[int(target)] = shape[axis]
-        re_spacing[int(target)] = spacing[axis]
-    if cfg.preprocessing.spacing is None:
-        return tuple(reoriented)
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(reoriented, re_spacing, cfg.preprocessing.spacing))
-
-
 def check_subject(subject: Subject, cfg: Config, report: CheckReport) -> None:
-    """Check one subject's files, appending problems and statistics to ``report``."""
+    """Check one subject's files, appending problems and statistics to ``report``.
+
+    Every rule is the one training applies, called from the module that owns
+    it: reading (:func:`~highres3d.io.nifti.read_nifti`), one grid per subject
+    (:func:`~highres3d.io.nifti.check_same_grid`), the working shape
+    (:func:`~highres3d.io.nifti.working_shape`), label values and their mapping
+    (:func:`~highres3d.data.preprocess.map_labels`).
+    """
     pp = cfg.preprocessing
-    reference = None
+    reference: Optional[Grid] = None
     for path in subject.files:
         try:
             data, img = read_nifti(path)
+            grid = Grid.of(path, data, img)
+            if reference is None:
+                reference = grid
+                _record_grid(grid, cfg, report)
+            else:
+                check_same_grid(grid, reference, pp.affine_tolerance)
+            if path == subject.label:
+                _check_label(path, data, cfg, report)
         except DataError as err:
             report.problems.append(str(err))
-            continue
-        affine = img.affine
-        if reference is None:
-            reference = (path, data.shape, affine)
-            report.shapes[tuple(data.shape)] += 1
-            report.spacings[tuple(round(float(v), 3) for v in np.linalg.norm(affine[:3, :3], axis=0))] += 1
-            report.orientations["".join(nib.aff2axcodes(affine))] += 1
-            working = _working_shape(data.shape, affine, cfg)
-            window = cfg.sampler.window_size
-            if cfg.sampler.edge_policy == "valid" and any(w > n for w, n in zip(window, working)):
-                report.problems.append(
-                    f"{path}: working-space shape {working} is smaller than the training window {tuple(window)}; "
-                    "use sampler.edge_policy: pad or a smaller sampler.window_size"
-                )
-        else:
-            ref_path, ref_shape, ref_affine = reference
-            if tuple(data.shape) != tuple(ref_shape):
-                report.problems.append(f"{path}: shape {tuple(data.shape)} differs from {tuple(ref_shape)} of {ref_path}")
-            else:
-                diff = float(np.abs(affine - ref_affine).max())
-                if diff > pp.affine_tolerance:
-                    report.problems.append(
-                        f"{path}: affine differs from that of {ref_path} by {diff:.4g} mm "
-                        f"(tolerance preprocessing.affine_tolerance = {pp.affine_tolerance:g})"
-                    )
-        if path == subject.label:
-            _check_label(path, data, cfg, report)
+
+
+def _record_grid(grid: Grid, cfg: Config, report: CheckReport) -> None:
+    report.shapes[tuple(grid.shape)] += 1
+    report.spacings[tuple(round(v, 3) for v in spacing_of(grid.affine))] += 1
+    report.orientations["".join(nib.aff2axcodes(grid.affine))] += 1
+    working = working_shape(grid.shape, grid.affine, cfg.preprocessing.orientation, cfg.preprocessing.spacing)
+    window = cfg.sampler.window_size
+    if cfg.sampler.edge_policy == "valid" and any(w > n for w, n in zip(window, working)):
+        raise DataError(
+            f"{grid.path}: working-space shape {working} is smaller than the training window {tuple(window)}; "
+            "use sampler.edge_policy: pad or a smaller sampler.window_size"
+        )
 
 
 def _check_label(path, data: np.ndarray, cfg: Config, report: CheckReport) -> None:
     pp = cfg.preprocessing
-    if data.dtype.kind == "f":
-        rounded = np.rint(data)
-        if not np.array_equal(rounded, data):
-            report.problems.append(f"{path}: label values are not integers (is this an image rather than a label map?)")
-            return
-        data = rounded
-    data = data.astype(np.int64, copy=False)
-    low = int(data.min())
-    if low < 0:
-        report.problems.append(f"{path}: negative label value {low}")
-        return
-    counts = np.bincount(data.ravel())
-    values = np.flatnonzero(counts)
-    for v in values:
+    values = as_label_values(data, str(path))
+    counts = np.bincount(values.ravel())
+    for v in np.flatnonzero(counts):
         report.label_counts[int(v)] += int(counts[v])
-    if pp.labels:
-        table = label_lookup(pp.labels, pp.other_labels, int(values.max()))
-        unmapped = [int(v) for v in values if table[v] < 0]
-        if unmapped:
-            report.problems.append(
-                f"{path}: label values {unmapped} are not covered by preprocessing.labels {dict(pp.labels)} "
-                "(add them or set preprocessing.other_labels)"
-            )
-            return
-        for v in values:
-            report.class_counts[int(table[v])] += int(counts[v])
-    else:
-        too_big = [int(v) for v in values if v >= cfg.network.num_classes]
-        if too_big:
-            report.problems.append(
-                f"{path}: label values {too_big} exceed network.num_classes={cfg.network.num_classes}; "
-                "set preprocessing.labels to map raw values to classes"
-            )
-            return
-        for v in values:
-            report.class_counts[int(v)] += int(counts[v])
+    mapped = map_labels(values, pp.labels, pp.other_labels, cfg.network.num_classes, source=str(path))
+    mapped_counts = np.bincount(mapped.ravel())
+    for c in np.flatnonzero(mapped_counts):
+        report.class_counts[int(c)] += int(mapped_counts[c])
 
 
-def check_dataset(cfg: Config, require_labels: bool = True, show_progress: Optional[bool] = None) -> CheckReport:
-    """Validate every subject of ``cfg.dataset``; never raises for bad files, it lists them."""
+def check_dataset(
+    cfg: Config,
+    require_labels: bool = True,
+    show_progress: Optional[bool] = None,
+    splits: Optional[Sequence[str]] = None,
+    subset: Optional[int] = None,
+) -> CheckReport:
+    """Validate the subjects of ``cfg.dataset``; never raises for bad files, it lists them.
+
+    Args:
+        cfg: the config whose dataset, preprocessing and sampler rules apply.
+        require_labels: training and validation subjects must have a label.
+        show_progress: progress display (``None``: automatic, ``False``: none).
+        splits: check only the subjects of these splits (default: every subject).
+        subset: with ``splits`` containing ``training``, only the training subset S_k.
+    """
     report = CheckReport()
     try:
-        dataset = Dataset.from_config(cfg.dataset)
-    except DataError as err:
+        dataset = Dataset.from_config(cfg.dataset, require_labels=require_labels)
+    except Highres3dError as err:
         report.problems.append(str(err))
         return report
     report.dataset = dataset
     report.problems.extend(dataset.problems)
-    for subject in progress(dataset.subjects, desc="checking", enabled=show_progress):
-        if require_labels and subject.label is None and dataset.splits.get(subject.id) in ("training", "validation"):
-            report.problems.append(f"{subject.id}: no label file (needed for {dataset.splits[subject.id]})")
+    if splits is None:
+        subjects = dataset.subjects
+    else:
+        subjects = [s for name in splits for s in dataset.split(name, subset=subset if name == "training" else None)]
+    for subject in track(subjects, "data check", unit="subjects", enabled=show_progress):
         check_subject(subject, cfg, report)
         report.subjects_checked += 1
     return report
+
+
+def require_valid_data(cfg: Config, *, subset: Optional[int] = None, splits: Sequence[str] = ("training", "validation"),
+                       show_progress: Optional[bool] = None) -> Dataset:
+    """Run :func:`check_dataset` on the subjects training uses; raise one error listing every problem.
+
+    ``train`` and ``experiment`` call this before they create anything, so a
+    bad file never leaves a half-made run folder behind.
+    """
+    report = check_dataset(cfg, show_progress=show_progress, splits=splits, subset=subset)
+    if not report.ok:
+        listed = "\n".join(f"  - {p}" for p in report.problems)
+        raise DataError(
+            f"{len(report.problems)} problem(s) in the data of {cfg.source_file or 'the config'}; nothing was created:\n"
+            f"{listed}\nFix them (or set dataset.missing: skip to leave out subjects with missing files) and run again; "
+            "'highres3d data check CONFIG' prints the full report."
+        )
+    return report.dataset

@@ -271,10 +271,18 @@ class Dataset:
     subsets: list[list[str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     name: str = "dataset"
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, cfg: DatasetConfig) -> "Dataset":
-        """Find every subject and assign splits; raises DataError if there are none."""
+    def from_config(cls, cfg: DatasetConfig, require_labels: bool = True) -> "Dataset":
+        """Find every subject and assign splits; raises DataError if there are none.
+
+        Subjects with a missing file (an image, or with ``require_labels`` the
+        label of a training or validation subject) are left out of the splits.
+        With ``dataset.missing: error`` (the default) each is listed in
+        :attr:`problems`, which stops training before it starts; with ``skip``
+        they are listed in :attr:`warnings` instead.
+        """
         problems: list[str] = []
         test_ids: list[str] = []
         if cfg.layout == "patterns":
@@ -297,13 +305,25 @@ class Dataset:
                 + ". To try highres3d without real data, create a synthetic stand-in with "
                 "'highres3d synth brats DIR' or 'highres3d synth ixi DIR' and point dataset.root (or --data-root) at it."
             )
-        splits = cls._assign_splits(subjects, cfg.split, test_ids, problems)
-        dataset = cls(subjects, splits, [], problems, cfg.name)
+        warnings: list[str] = []
+        splits = cls._assign_splits(subjects, cfg.split, test_ids, problems, warnings)
+        if require_labels:
+            for subject in subjects:
+                split = splits.get(subject.id)
+                if subject.label is None and split in ("training", "validation"):
+                    problems.append(f"{subject.id}: no label file (needed for {split})")
+                    del splits[subject.id]
+        if cfg.missing == "skip":
+            warnings.extend(f"skipped {p}" for p in problems)
+            problems = []
+        dataset = cls(subjects, splits, [], problems, cfg.name, warnings)
         dataset.subsets = dataset._make_subsets(cfg.split)
         return dataset
 
     @staticmethod
-    def _assign_splits(subjects: list[Subject], cfg: SplitConfig, test_ids: list[str], problems: list[str]) -> dict[str, str]:
+    def _assign_splits(
+        subjects: list[Subject], cfg: SplitConfig, test_ids: list[str], problems: list[str], warnings: list[str]
+    ) -> dict[str, str]:
         ids = [s.id for s in subjects]
         if cfg.file is not None:
             listed = read_split_csv(Path(cfg.file))
@@ -315,7 +335,7 @@ class Dataset:
                 )
             unlisted = [sid for sid in ids if sid not in listed]
             if unlisted:
-                problems.append(
+                warnings.append(
                     f"{cfg.file}: {len(unlisted)} subject(s) of the dataset are not in the split file and are not used: "
                     + ", ".join(unlisted[:5]) + (" …" if len(unlisted) > 5 else "")
                 )
@@ -375,8 +395,3 @@ class Dataset:
 
     def counts(self) -> dict[str, int]:
         return {name: len(self.ids(name)) for name in SPLITS}
-
-    def with_subjects(self, ids: Iterable[str]) -> "Dataset":
-        keep = set(ids)
-        return Dataset([s for s in self.subjects if s.id in keep], {k: v for k, v in self.splits.items() if k in keep},
-                       [[i for i in sub if i in keep] for sub in self.subsets], list(self.problems), self.name)

@@ -38,12 +38,14 @@ import re
 from typing import Any, Iterable, Sequence
 
 import keras
+
+from highres3d.config import LAYER_GROUPS
 from keras import ops
 
 PACKAGE = "highres3d"
 
 #: The six layer groups of HighRes3DNet, in network order.
-GROUPS: tuple[str, ...] = ("conv_0", "res_1", "res_2", "res_3", "conv_1", "conv_2")
+GROUPS: tuple[str, ...] = LAYER_GROUPS
 
 #: Channel widths of (conv_0 and res_1, res_2, res_3, conv_1) at width 1.
 BASE_FILTERS: tuple[int, int, int, int] = (16, 32, 64, 80)

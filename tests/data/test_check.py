@@ -75,7 +75,7 @@ def test_every_problem_is_listed_with_its_file(dataset):
     assert "truncated_t1.nii.gz: truncated or corrupt file" in text
     assert "shape_t2.nii.gz: shape (20, 20, 19) differs from (20, 20, 20)" in text
     assert "affine_seg.nii.gz: affine differs" in text
-    assert "labels_seg.nii.gz: label values [3] are not covered by preprocessing.labels" in text
+    assert "labels_seg.nii.gz: label values [3] are not in preprocessing.labels" in text
     assert "four_d_t1.nii.gz: expected a 3-D volume" in text
     assert "small_t1.nii.gz: working-space shape (20, 20, 10) is smaller than the training window (16, 16, 16)" in text
     assert "missing: missing" in text and "missing_t2.nii.gz" in text
