@@ -34,7 +34,14 @@ from highres3d.aggregators.grid import GridAggregator, _thread_pool, argmax_chan
 from highres3d.errors import ConfigError, DataError
 from highres3d.samplers.grid import GridSampler
 
-__all__ = ["predict_volume", "predict_subject", "SubjectPrediction", "load_run", "mirror_axes", "as_predict_fn"]
+__all__ = [
+    "predict_volume", "predict_subject", "SubjectPrediction", "load_run", "mirror_axes", "as_predict_fn",
+    "input_patterns", "predict_subjects", "predict_folder", "FolderPrediction", "SEG_SUFFIX", "PROB_SUFFIX",
+]
+
+#: Output file names: ``<subject>_seg.nii.gz`` (labels) and ``<subject>_prob.nii.gz`` (probabilities).
+SEG_SUFFIX = "_seg.nii.gz"
+PROB_SUFFIX = "_prob.nii.gz"
 
 
 def as_predict_fn(model) -> Callable[[np.ndarray], np.ndarray]:
@@ -291,3 +298,186 @@ def load_run(model_path: str | Path, config_path: Optional[str | Path] = None):
             f"({', '.join(config.dataset.modalities)}) but {model_file} takes {in_channels} input channels"
         )
     return model, config, model_file
+
+
+# --------------------------------------------------------------------------- folders
+
+
+@dataclass
+class FolderPrediction:
+    """What :func:`predict_subjects` / :func:`predict_folder` did, subject by subject."""
+
+    output_dir: Path
+    written: list[str] = dataclasses.field(default_factory=list)
+    existing: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def segmentation(self, subject_id: str) -> Path:
+        """The label file of a subject."""
+        return self.output_dir / f"{subject_id}{SEG_SUFFIX}"
+
+    def summary(self) -> str:
+        text = (f"done in {self.seconds:.1f} s: {len(self.written)} written, {len(self.existing)} already there "
+                f"(--overwrite replaces them), {len(self.skipped)} skipped (missing input files), "
+                f"{len(self.failed)} failed")
+        if self.skipped:
+            text += "\nskipped subjects:\n" + "\n".join(f"  {p}" for p in self.skipped)
+        if self.failed:
+            text += "\nfailed subjects:\n" + "\n".join(f"  {sid}: {msg}" for sid, msg in self.failed)
+        return text
+
+
+def input_patterns(config, input_dir: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """Filename pattern (with ``{subject}``) of each input modality of a model.
+
+    ``overrides`` are ``MODALITY=PATTERN`` strings (a bare ``PATTERN`` for a
+    single-modality model); without them the run's config decides: its
+    ``dataset.patterns``, or for an nnU-Net layout ``<case>_<XXXX>`` files
+    matched to the modalities **by name** through ``dataset.json`` (looked up in
+    ``input_dir``, its parent, then the training ``dataset.root``), so a config
+    listing its modalities in another order than ``dataset.json`` still reads
+    the right file per channel.
+    """
+    from highres3d.data.dataset import read_nnunet_channels
+
+    modalities = list(config.dataset.modalities)
+    if overrides:
+        patterns = {}
+        for item in overrides:
+            modality, sep, pattern = item.partition("=")
+            if not sep:
+                if len(modalities) != 1 or len(overrides) != 1:
+                    raise ConfigError(
+                        f"--pattern {item}: the model takes {len(modalities)} modalities ({', '.join(modalities)}); "
+                        "give one --pattern MODALITY=PATTERN for each"
+                    )
+                modality, pattern = modalities[0], item
+            if modality not in modalities:
+                raise ConfigError(f"--pattern {item}: unknown modality {modality!r}; the model takes {', '.join(modalities)}")
+            patterns[modality] = pattern
+    elif config.dataset.layout == "nnunet":
+        places = [Path(input_dir), Path(input_dir).parent] if input_dir is not None else []
+        places += [Path(config.dataset.root)] if config.dataset.root is not None else []
+        meta = next((p / "dataset.json" for p in places if (p / "dataset.json").is_file()), None)
+        if meta is None:
+            raise ConfigError(
+                f"nnU-Net input: no dataset.json in {', '.join(map(str, places)) or 'any known folder'} to match "
+                "channels to modalities by name; pass --pattern MODALITY={subject}_0000.nii.gz for each modality"
+            )
+        index, ending = read_nnunet_channels(meta, modalities)
+        patterns = {m: f"{{subject}}_{index[m]:04d}{ending}" for m in modalities}
+    else:
+        patterns = {m: p for m, p in config.dataset.patterns.items() if m in modalities}
+    missing = [m for m in modalities if m not in patterns]
+    if missing:
+        raise ConfigError(
+            f"no filename pattern for modality {', '.join(missing)}; pass --pattern {missing[0]}=... "
+            "(e.g. {subject}_" + missing[0].lower() + ".nii.gz)"
+        )
+    for m, p in patterns.items():
+        if "{subject}" not in p:
+            raise ConfigError(f"pattern {p!r} for {m}: must contain {{subject}}")
+    return patterns
+
+
+def predict_subjects(
+    model,
+    config,
+    subjects: Sequence,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    probabilities: bool = False,
+    echo: Optional[Callable[[str], None]] = print,
+    show_progress: Optional[bool] = None,
+    **options,
+) -> FolderPrediction:
+    """Segment subjects into ``output_dir`` on their original grids; the loop behind ``infer``.
+
+    Each subject gives ``<id>_seg.nii.gz`` (and ``<id>_prob.nii.gz`` with
+    ``probabilities``), written atomically.  A subject whose outputs exist is
+    skipped unless ``overwrite``; a subject that fails (unreadable file, out
+    of memory) is recorded in :attr:`FolderPrediction.failed` and the others
+    go on.  ``options`` go to :func:`predict_subject` (``tta_mirror``,
+    ``whole_volume``, ``window_size``, ``overlap``, ``blend``, ``batch_size``).
+    """
+    from highres3d.io.nifti import save_like
+    from highres3d.progress import Progress
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = FolderPrediction(output_dir)
+    started = time.perf_counter()
+    say = echo or (lambda text: None)
+    with Progress(len(subjects), "infer", unit="subjects", enabled=show_progress) as progress:
+        for subject in subjects:
+            seg_path = output_dir / f"{subject.id}{SEG_SUFFIX}"
+            prob_path = output_dir / f"{subject.id}{PROB_SUFFIX}"
+            wanted = [seg_path] + ([prob_path] if probabilities else [])
+            if not overwrite and all(p.exists() for p in wanted):
+                result.existing.append(subject.id)
+                progress.update()
+                continue
+            try:
+                t0 = time.perf_counter()
+                prediction = predict_subject(model, subject, config, probabilities=probabilities, **options)
+                t1 = time.perf_counter()
+                save_like(prediction.labels, prediction.info, seg_path, dtype=prediction.labels.dtype, overwrite=True)
+                if prediction.probabilities is not None:
+                    save_like(prediction.probabilities, prediction.info, prob_path, dtype="float32", overwrite=True)
+                t = prediction.seconds
+                result.written.append(subject.id)
+                say(f"{subject.id}: {time.perf_counter() - t0:.1f} s (load {t['load']:.1f}, predict {t['predict']:.1f}, "
+                    f"restore {t['restore']:.1f}, write {time.perf_counter() - t1:.1f}) -> {seg_path}")
+            except Exception as err:
+                # One bad subject must not cost the others their segmentations; Ctrl-C still stops the run.
+                result.failed.append((subject.id, f"{err.__class__.__name__}: {err}"))
+                say(f"{subject.id}: FAILED: {result.failed[-1][1]}")
+            progress.update()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def predict_folder(
+    model,
+    config,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    patterns: Sequence[str] = (),
+    shard: Optional[str] = None,
+    echo: Optional[Callable[[str], None]] = print,
+    **kwargs,
+) -> FolderPrediction:
+    """Segment every subject found in ``input_dir`` (see :func:`input_patterns`) into ``output_dir``.
+
+    ``shard="I/N"`` takes every N-th subject (in sorted order) from the I-th,
+    numbered from 0.  Subjects lacking one of their modality files are listed
+    in :attr:`FolderPrediction.skipped`.  Other arguments as :func:`predict_subjects`.
+    """
+    from highres3d.data.dataset import discover_subjects
+    from highres3d.utils import parse_shard
+
+    index, count = parse_shard(shard)
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise DataError(f"{input_dir}: input folder not found")
+    found = input_patterns(config, input_dir, patterns)
+    problems: list[str] = []
+    subjects = discover_subjects(input_dir, found, list(config.dataset.modalities), problems)
+    if not subjects:
+        raise DataError(f"{input_dir}: no subjects match {found}; set --pattern")
+    subjects = sorted(subjects, key=lambda s: s.id)[index::count]
+    if echo is not None:
+        echo(f"{len(subjects)} subject(s)" + (f" (shard {index}/{count})" if count > 1 else "") + f" -> {output_dir}")
+        for problem in problems:
+            echo(f"skipped {problem}")
+    result = predict_subjects(model, config, subjects, output_dir, echo=echo, **kwargs)
+    result.skipped = problems
+    return result

@@ -147,8 +147,13 @@ def _subjects_from_csv(cfg: DatasetConfig, problems: list[str]) -> list[Subject]
 # --------------------------------------------------------------------------- nnU-Net raw
 
 
-def _subjects_from_nnunet(root: Path, modalities: Sequence[str], problems: list[str]) -> tuple[list[Subject], list[str]]:
-    meta_path = root / "dataset.json"
+def read_nnunet_channels(meta_path: Path, modalities: Sequence[str]) -> tuple[dict[str, int], str]:
+    """The channel index of each modality, matched by name in an nnU-Net ``dataset.json``, and its file ending.
+
+    Names match case-insensitively; file ``<case>_0001.nii.gz`` holds the
+    channel that ``channel_names`` calls ``"1"``, whatever order the config
+    lists its modalities in.
+    """
     if not meta_path.is_file():
         raise DataError(f"{meta_path}: not found; an nnU-Net raw dataset folder needs dataset.json")
     try:
@@ -164,7 +169,11 @@ def _subjects_from_nnunet(root: Path, modalities: Sequence[str], problems: list[
         raise ConfigError(
             f"dataset.modalities: {', '.join(missing)} not among the channels of {meta_path} ({', '.join(map(str, channels.values()))})"
         )
-    ending = meta.get("file_ending", ".nii.gz")
+    return {m: by_name[m.lower()] for m in modalities}, str(meta.get("file_ending", ".nii.gz"))
+
+
+def _subjects_from_nnunet(root: Path, modalities: Sequence[str], problems: list[str]) -> tuple[list[Subject], list[str]]:
+    index, ending = read_nnunet_channels(root / "dataset.json", modalities)
     subjects: list[Subject] = []
     test_ids: list[str] = []
     for folder, label_folder in (("imagesTr", "labelsTr"), ("imagesTs", None)):
@@ -173,15 +182,14 @@ def _subjects_from_nnunet(root: Path, modalities: Sequence[str], problems: list[
             continue
         cases = sorted({p.name[: -len(ending) - 5] for p in image_dir.glob(f"*_0000{ending}")})
         for case in cases:
-            images = {m: image_dir / f"{case}_{by_name[m.lower()]:04d}{ending}" for m in modalities}
+            images = {m: image_dir / f"{case}_{index[m]:04d}{ending}" for m in modalities}
             absent = [str(p) for p in images.values() if not p.is_file()]
             if absent:
                 problems.append(f"{case}: missing {', '.join(absent)}")
                 continue
             label = root / label_folder / f"{case}{ending}" if label_folder else None
             if label is not None and not label.is_file():
-                problems.append(f"{case}: missing label {label}")
-                label = None
+                label = None  # Dataset.from_config reports labels that training needs
             subjects.append(Subject(case, images, label))
             if label_folder is None:
                 test_ids.append(case)

@@ -137,7 +137,7 @@ def test_modes_probabilities_and_tta_agree(run_dir, input_dir, tmp_path):
     assert cli("infer", "--model", run_dir / "best.keras", "-i", input_dir, "-o", a, "--blend", "crop",
                "--window", 12, 12, 12, "--overlap", 0.5, "--probabilities") == 0
     assert cli("infer", "--model", run_dir, "--config", run_dir / "config.yaml", "-i", input_dir, "-o", b,
-               "--whole-volume", "--tta") == 0
+               "--whole-volume", "--tta-mirror") == 0
     for name in AFFINES:
         seg_a = np.asarray(nib.load(str(a / f"{name}_seg.nii.gz")).dataobj)
         seg_b = np.asarray(nib.load(str(b / f"{name}_seg.nii.gz")).dataobj)
@@ -229,3 +229,34 @@ def test_evaluate_cli_on_infer_output(run_dir, input_dir, tmp_path, capsys):
     assert summary["classes"]["1"]["dice"]["mean"] > 0.85
     lps = [line for line in (tmp_path / "eval" / "evaluation.csv").read_text().splitlines() if line.startswith("lps,")]
     assert lps[0].split(",")[2] == "1.0"  # same grid: perfect
+
+
+def test_nnunet_inputs_are_matched_to_channels_by_name(tmp_path):
+    # dataset.json says file _0000 is T1 and _0001 is T2; the config lists T2 first, so channel 0 must read _0001.
+    import json
+
+
+    from highres3d.config import config_from_dict
+    from highres3d.inference import input_patterns, predict_folder
+
+    root = tmp_path / "Dataset001_Test"
+    images = root / "imagesTs"
+    images.mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T2"}, "file_ending": ".nii.gz"}))
+    affine = np.eye(4)
+    nib.save(nib.Nifti1Image(np.full((6, 6, 6), -1.0, np.float32), affine), images / "case_0000.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((6, 6, 6), 1.0, np.float32), affine), images / "case_0001.nii.gz")
+    cfg = config_from_dict({
+        "dataset": {"layout": "nnunet", "root": str(root), "modalities": ["T2", "T1"]},
+        "preprocessing": {"normalisation": "none"},
+        "inference": {"mode": "whole_volume"},
+    })
+    assert input_patterns(cfg, images) == {"T2": "{subject}_0001.nii.gz", "T1": "{subject}_0000.nii.gz"}
+
+    def channel_0_positive(batch):  # class 1 wherever the first channel (T2 here) is positive
+        return np.stack([-batch[..., 0], batch[..., 0]], axis=-1)
+
+    result = predict_folder(channel_0_positive, cfg, images, tmp_path / "out", echo=None)
+    assert result.written == ["case"]
+    seg = np.asarray(nib.load(result.segmentation("case")).dataobj)
+    assert (seg == 1).all()
