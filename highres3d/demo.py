@@ -57,7 +57,7 @@ def run_demo(
     three trainings; ``overrides`` are further ``key=value`` settings (e.g. a
     smaller window for a quick smoke run).
     """
-    from highres3d import experiments
+    from highres3d import experiments, reporting
     from highres3d.data.synth import synthesize_brats, synthesize_ixi
     from highres3d.training import train
     from highres3d.training.run import RunFolder
@@ -86,7 +86,7 @@ def run_demo(
     folder = output / "brats_experiment"
     specs = experiments.freeze_level_grid(target_cfg, levels=("scratch", 2))
     rows = experiments.run_experiment(target_cfg, specs, folder, echo=lambda text: echo("   " + text),
-                                      show_progress=show_progress, save_predictions=True)
+                                      show_progress=show_progress)
 
     echo(f"== 4/4 overlays -> {output / 'overlays'}")
     overlays = []
@@ -96,7 +96,7 @@ def run_demo(
     for subject in dataset.split("inference"):
         t1 = subject.images[target_cfg.dataset.modalities[0]]
         pictures = [("truth", subject.label)] + [
-            (spec.name, folder / "predictions" / spec.name / f"{subject.id}_seg.nii.gz") for spec in specs
+            (spec.name, folder / "predictions" / spec.name / "inference" / f"{subject.id}_seg.nii.gz") for spec in specs
         ]
         for name, label in pictures:
             if label is None or not Path(label).exists():
@@ -104,7 +104,7 @@ def run_demo(
             png = output / "overlays" / f"{subject.id}_{name}.png"
             show(t1, label, png, overwrite=True)
             overlays.append(png)
-    table = experiments.summary_table([r for r in rows if r["run"] in {s.name for s in specs}])
+    table = "\n".join(str(t) for t in reporting.experiment_tables([r for r in rows if r["run"] in {s.name for s in specs}]))
     seconds = time.perf_counter() - start
     echo("")
     echo("Tumour-core Dice on the synthetic BraTS-like subjects (scratch vs. fine-tuned from the IXI-like model):")

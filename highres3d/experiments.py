@@ -12,7 +12,7 @@ foreground class goes to ``results.csv``::
 
 A grid that is interrupted resumes where it stopped: finished runs are skipped
 (their rows are already in ``results.csv``) and a half-trained run continues
-from its newest checkpoint.  ``--list``, ``--only RUN`` and ``--shard i/n``
+from its newest checkpoint.  Each run's segmentations stay in ``predictions/<run>/<split>/``.  ``--list``, ``--only RUN`` and ``--shard i/n``
 spread a grid over a cluster's job array; every shard writes its own
 ``results.<i>of<n>.csv`` (shards numbered from 0) so that shards never write the same file, and
 :func:`read_results` reads them all.
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 
 from highres3d.config import Config
-from highres3d.errors import ConfigError
+from highres3d.data.dataset import SPLITS
+from highres3d.errors import ConfigError, DataError
 from highres3d.utils import atomic_path, parse_shard
 
 RESULT_COLUMNS = [
@@ -150,34 +150,6 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
             writer.writerows(rows)
 
 
-def summary_table(rows: Sequence[dict], metric: str = "dice") -> str:
-    """Mean ± sd of a metric per run cell (repeats pooled) and split, as in the thesis tables."""
-    cells: dict[tuple[str, str], dict[str, list[float]]] = {}
-    order: list[tuple[str, str]] = []
-    for row in rows:
-        key = (row["subset"] or "all", _level_name(None if row["freeze"] in ("", "None") else int(row["freeze"])))
-        if key not in cells:
-            cells[key] = {}
-            order.append(key)
-        # Subjects of all repeats are pooled, as the thesis pooled subjects (one repeat per cell).
-        cells[key].setdefault(row["split"], []).append(float(row[metric]) if row[metric] not in ("", "nan") else math.nan)
-    splits = ["training", "validation", "inference"]
-    header = f"{'subset':<7}{'model':<10}" + "".join(f"{s:>22}" for s in splits)
-    lines = [f"{metric} per subject (mean ± sd)", header, "-" * len(header)]
-    for key in order:
-        parts = []
-        for split in splits:
-            values = np.asarray(cells[key].get(split, []), dtype=float)
-            values = values[~np.isnan(values)]
-            if values.size == 0:
-                parts.append(f"{'-':>22}")
-            else:
-                sd = values.std(ddof=1) if values.size > 1 else 0.0
-                parts.append(f"{values.mean():>14.3f} ± {sd:<5.3f}")
-        lines.append(f"{key[0]:<7}{key[1]:<10}" + "".join(parts))
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- running
 
 
@@ -185,37 +157,41 @@ def evaluate_run(
     cfg: Config,
     run_dir: Path,
     subjects_by_split: dict[str, list],
+    predictions_dir: Path,
     echo: Callable[[str], None],
-    save_dir: Optional[Path] = None,
+    show_progress: Optional[bool] = None,
 ) -> list[dict]:
-    """Segment and score every subject of every split with a run's best model.
+    """Segment every subject of every split with a run's best model, then score the written files.
 
-    With ``save_dir``, the test (``inference``) segmentations are also written
-    there as ``<subject>_seg.nii.gz`` on each subject's original grid.
+    Segmentations go to ``<predictions_dir>/<split>/<subject>_seg.nii.gz`` on
+    each subject's original grid (:func:`highres3d.inference.predict_subjects`,
+    the loop behind ``infer``) and are scored against the truth files by
+    :func:`highres3d.evaluation.score_files` (the scorer behind ``evaluate``),
+    so ``highres3d evaluate`` on that folder gives the same numbers.
     """
-    from highres3d.data.preprocess import map_labels
-    from highres3d.evaluation import binary_metrics
-    from highres3d.inference import predict_subject
-    from highres3d.io.nifti import read_nifti, save_like
+    from highres3d.evaluation import score_files
+    from highres3d.inference import predict_subjects
     from highres3d.transfer import load_model
 
     model = load_model(run_dir)
     truth_map = cfg.evaluation.truth_labels or cfg.preprocessing.labels
+    classes = range(1, cfg.network.num_classes)
     rows = []
     for split, subjects in subjects_by_split.items():
+        # The run's model may be newer than segmentations left by an interrupted evaluation: always rewrite.
+        done = predict_subjects(model, cfg, subjects, predictions_dir / split, overwrite=True, echo=None,
+                                show_progress=show_progress)
+        if done.failed:
+            raise DataError(f"{run_dir}: segmenting the {split} subjects failed:\n"
+                            + "\n".join(f"  {sid}: {msg}" for sid, msg in done.failed))
         for subject in subjects:
-            prediction = predict_subject(model, subject, cfg)
-            if save_dir is not None and split == "inference":
-                save_like(prediction.labels, prediction.info, Path(save_dir) / f"{subject.id}_seg.nii.gz", overwrite=True)
-            raw, img = read_nifti(subject.label)
-            truth = map_labels(np.rint(raw).astype(np.int64), truth_map, cfg.preprocessing.other_labels,
-                               cfg.network.num_classes, source=str(subject.label))
-            spacing = img.header.get_zooms()[:3]
-            for cls in range(1, cfg.network.num_classes):
-                m = binary_metrics(prediction.labels == cls, truth == cls, spacing)
+            scores = score_files(done.segmentation(subject.id), subject.label, classes=classes, truth_map=truth_map,
+                                 truth_other=cfg.preprocessing.other_labels,
+                                 affine_tolerance=cfg.preprocessing.affine_tolerance)
+            for cls, m in scores.items():
                 rows.append({"split": split, "subject": subject.id, "class": cls, "dice": m["dice"],
                              "jaccard": m["jaccard"], "hd95_mm": m["hd95_mm"], "hausdorff_mm": m["hausdorff_mm"]})
-        echo(f"  evaluated {len(subjects)} {split} subjects")
+        echo(f"evaluated {len(subjects)} {split} subjects")
     return rows
 
 
@@ -227,16 +203,24 @@ def run_experiment(
     shard: Optional[str] = None,
     echo: Callable[[str], None] = print,
     show_progress: Optional[bool] = None,
-    save_predictions: bool = False,
 ) -> list[dict]:
     """Train and evaluate every run of ``specs`` not yet in the results; return all result rows.
 
-    ``save_predictions`` writes each run's test segmentations to ``<folder>/predictions/<run>/``.
+    Before anything is created, every subject of the training, validation and
+    test splits is checked (:func:`highres3d.data.check.require_valid_data`);
+    a problem stops the experiment with the full list.  Each run's
+    segmentations stay in ``<folder>/predictions/<run>/<split>/``.
     """
-    from highres3d.data.dataset import Dataset
+    from highres3d.data.check import require_valid_data
     from highres3d.training import train
     from highres3d.training.run import RunFolder
 
+    if any(s.freeze is not None for s in specs) and cfg.transfer.source is None:
+        raise ConfigError(
+            "transfer.source: the freeze levels need a pretrained source model; train it first "
+            "(e.g. highres3d train --config ixi_hippocampus.yaml) and set transfer.source to its run folder"
+        )
+    dataset = require_valid_data(cfg, splits=SPLITS, show_progress=show_progress)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out_path = results_path(folder, shard)
@@ -245,12 +229,6 @@ def run_experiment(
     if out_path.exists():
         with open(out_path, newline="") as handle:
             own_rows = list(csv.DictReader(handle))
-    if any(s.freeze is not None for s in specs) and cfg.transfer.source is None:
-        raise ConfigError(
-            "transfer.source: the freeze levels need a pretrained source model; train it first "
-            "(e.g. highres3d train --config ixi_hippocampus.yaml) and set transfer.source to its run folder"
-        )
-    dataset = Dataset.from_config(cfg.dataset)
     for i, spec in enumerate(specs, 1):
         if spec.name in done:
             echo(f"[{i}/{len(specs)}] {spec.name}: already in the results, skipped")
@@ -259,7 +237,7 @@ def run_experiment(
         run_cfg = spec.config(cfg)
         run_dir = folder / "runs" / spec.name
         result = train(run_cfg, run_dir, resume=RunFolder(run_dir).exists(), subset=spec.subset,
-                       show_progress=show_progress, echo=lambda text: echo("  " + text))
+                       show_progress=show_progress, echo=lambda text: echo("  " + text), check_data=False)
         state = RunFolder(run_dir).load_state()
         splits = {
             "training": dataset.split("training", subset=spec.subset),
@@ -274,8 +252,8 @@ def run_experiment(
             "iterations": result.iterations, "best_iteration": state.best_iteration or result.iterations,
             "time_to_best_s": time_to_best, "wall_time_s": round(result.wall_time, 2),
         }
-        save_dir = folder / "predictions" / spec.name if save_predictions else None
-        for row in evaluate_run(run_cfg, run_dir, splits, echo, save_dir):
+        for row in evaluate_run(run_cfg, run_dir, splits, folder / "predictions" / spec.name,
+                                lambda text: echo("  " + text), show_progress):
             own_rows.append({**common, **row})
         _write_rows(out_path, own_rows)
     return read_results(folder)

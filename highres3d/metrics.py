@@ -9,8 +9,9 @@ were one image), not a mean of per-window Dice scores, and it does not depend
 on how the windows were batched.
 
 A class that is absent from both the labels and the predictions of everything
-seen so far has a Dice of 1 (perfect agreement), matching the loss's
-``eps / eps`` convention and keeping training logs free of NaN.
+seen so far has no Dice (NaN) and is left out of :class:`MeanForegroundDice`,
+the rule :mod:`highres3d.evaluation` applies by default (nnU-Net's), so
+validation windows and whole volumes are scored alike.
 
 This module imports no TensorFlow.
 """
@@ -67,11 +68,11 @@ class _DiceAccumulator(keras.metrics.Metric):
         self.reference.assign_add(ops.sum(g, axis=0))
 
     def per_class_dice(self) -> Any:
-        """Dice of every class from the accumulated counts, shape ``(C,)``."""
+        """Dice of every class from the accumulated counts, shape ``(C,)``; NaN for a class never seen."""
         total = self.predicted + self.reference
         empty = ops.equal(total, 0.0)
         safe_total = ops.where(empty, ops.ones_like(total), total)
-        return ops.where(empty, ops.ones_like(total), 2.0 * self.intersection / safe_total)
+        return ops.where(empty, ops.full_like(total, float("nan")), 2.0 * self.intersection / safe_total)
 
     def reset_state(self) -> None:
         for variable in (self.intersection, self.predicted, self.reference):
@@ -128,7 +129,12 @@ class MeanForegroundDice(_DiceAccumulator):
             raise ValueError("MeanForegroundDice needs at least 2 classes (background + foreground)")
 
     def result(self) -> Any:
-        return ops.mean(self.per_class_dice()[1:])
+        """Mean over the foreground classes seen; NaN when none was."""
+        dice = self.per_class_dice()[1:]
+        seen = ops.logical_not(ops.isnan(dice))
+        count = ops.sum(ops.cast(seen, "float32"))
+        total = ops.sum(ops.where(seen, dice, ops.zeros_like(dice)))
+        return ops.where(count > 0, total / ops.maximum(count, 1.0), float("nan"))
 
 
 def segmentation_metrics(num_classes: int, class_names: Sequence[str] | None = None) -> list[keras.metrics.Metric]:

@@ -399,6 +399,24 @@ def dice_table(
     return Table(title, header, lines, notes)
 
 
+def experiment_tables(rows: Iterable[Mapping[str, Any]], metric: str = "dice") -> list[Table]:
+    """Every :func:`dice_table` of an experiment's results: one per training subset and foreground class.
+
+    ``rows`` may be raw ``results.csv`` rows (as :func:`highres3d.experiments.read_results`
+    returns them) or parsed ones.  ``highres3d experiment`` and the demo print these.
+    """
+    parsed = [row if "model" in row else parse_row(row) for row in rows]
+    subsets = sorted({r["subset"] for r in parsed if r["subset"]}, key=_subset_key) or [None]
+    classes = sorted({r["class"] for r in parsed})
+    tables = []
+    for subset in subsets:
+        for cls in classes:
+            title = f"{metric} per subject, mean ± sd" + (f" — training subset {subset}" if subset else "")
+            title += f" — class {cls}" if len(classes) > 1 else ""
+            tables.append(dice_table(parsed, metric=metric, subset=subset, cls=cls, title=title))
+    return tables
+
+
 def per_run(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per run (the run-level columns of its first result row), in results order."""
     out: dict[str, dict[str, Any]] = {}

@@ -43,14 +43,17 @@ def test_select_runs_only_and_shards():
         experiments.select_runs(specs, shard="3/3")
 
 
-def test_summary_table_mean_and_sd():
+def test_experiment_tables_mean_and_sd():
+    from highres3d.reporting import experiment_tables
+
     rows = []
-    for run, freeze, dices in (("scratch", "", [0.5, 0.7]), ("freeze2", "2", [0.8, 0.8])):
+    for run, freeze, dices in (("scratch", "", [0.5, 0.7]), ("freeze2", "2", [0.8, 0.8]), ("freeze3", "3", [0.9])):
         for i, dice in enumerate(dices):
             rows.append({"run": run, "freeze": freeze, "subset": "", "split": "inference", "subject": f"s{i}",
-                         "dice": str(dice)})
-    table = experiments.summary_table(rows)
-    assert "scratch" in table and "freeze2" in table
-    scratch_line = next(l for l in table.splitlines() if "scratch" in l)
-    assert "0.600 ± 0.141" in scratch_line
-    assert "0.800 ± 0.000" in next(l for l in table.splitlines() if "freeze2" in l)
+                         "class": "1", "dice": str(dice)})
+    (table,) = experiment_tables(rows)
+    text = str(table)
+    assert "0.600 ± 0.141" in next(line for line in text.splitlines() if line.startswith("scratch"))
+    assert "0.800 ± 0.000" in next(line for line in text.splitlines() if line.startswith("freeze2"))
+    # One convention for a single value: its mean alone, no standard deviation.
+    assert next(line for line in text.splitlines() if line.startswith("freeze3")).split()[1:] == ["0.900"]

@@ -21,13 +21,14 @@ def register(subparsers) -> None:
         p.add_argument("--only", action="append", metavar="RUN", help="run only this run (repeatable)")
         p.add_argument("--shard", metavar="I/N", help="run every N-th run starting at the I-th, I from 0 (job arrays)")
         p.add_argument("--max-iter", type=int, help="override training.max_iter")
+        p.add_argument("--no-progress", action="store_true", help="no progress display")
         p.set_defaults(func=run, grid=name)
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from highres3d import experiments
+    from highres3d import experiments, reporting
 
     if args.max_iter is not None:
         args.overrides.append(f"training.max_iter={args.max_iter}")
@@ -43,7 +44,9 @@ def run(args) -> int:
             print(spec.name)
         return 0
     folder = Path(args.output) if args.output else Path(cfg.training.output_dir) / f"{args.grid}_{cfg.dataset.name}"
-    rows = experiments.run_experiment(cfg, specs, folder, shard=args.shard)
-    print(experiments.summary_table(rows))
+    rows = experiments.run_experiment(cfg, specs, folder, shard=args.shard,
+                                      show_progress=False if args.no_progress else None)
+    for table in reporting.experiment_tables(rows):
+        print(table)
     print(f"results: {experiments.results_path(folder, args.shard)}")
     return 0

@@ -10,10 +10,8 @@ restored weights and optimizer state, reproduces the uninterrupted loss curve.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +24,6 @@ from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.data.preprocess import Volume, load_volume
 from highres3d.errors import DataError, Highres3dError
 from highres3d.training.run import MetricsLog, RunFolder, RunState
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,19 +39,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def build_model(cfg: Config):
-    """The network of a config (logits output)."""
-    from highres3d.models import HighResNet3D
-
-    return HighResNet3D(
-        in_channels=cfg.in_channels,
-        num_classes=cfg.network.num_classes,
-        activation=cfg.network.activation,
-        width_multiplier=cfg.network.width_multiplier,
-        l2_decay=cfg.network.l2_decay,
-    )
 
 
 def build_optimizer(cfg: Config):
@@ -118,14 +101,18 @@ def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None]) 
     return volumes
 
 
-def _foreground_dice(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
-    """Mean Dice over foreground classes; a class absent from both counts as 1."""
-    scores = []
-    for c in range(1, num_classes):
-        p, t = prediction == c, truth == c
-        denom = p.sum() + t.sum()
-        scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(p, t).sum() / denom)
-    return float(np.mean(scores)) if scores else float("nan")
+def volume_dice(prediction: np.ndarray, volume: Volume, num_classes: int) -> float:
+    """Mean foreground Dice of a working-space prediction: whole-volume validation's score.
+
+    Scored by :func:`highres3d.evaluation.score_subject` (spacing from the
+    working affine, absent classes left out), so it equals what ``evaluate``
+    reports for the same label maps.
+    """
+    from highres3d.evaluation import mean_foreground, score_subject
+
+    scores = score_subject(prediction, volume.label, affine=volume.info.working_affine,
+                           classes=range(1, num_classes), distances=False)
+    return mean_foreground(scores)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -145,6 +132,7 @@ class Trainer:
         stop_after: Optional[int] = None,
         show_progress: Optional[bool] = None,
         echo: Callable[[str], None] = print,
+        check_data: bool = True,
     ):
         self.cfg = cfg
         # One folder per config file, so brats_scratch and brats_freeze2 never collide.
@@ -155,15 +143,25 @@ class Trainer:
         self.overwrite = overwrite
         self.subset = subset
         self.stop_after = stop_after
-        self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+        self.show_progress = show_progress
         self.echo = echo
+        self.check_data = check_data
 
     # ---- setup
-    def _data(self):
+    def _dataset(self) -> Dataset:
+        """The dataset, checked first (unless the caller did) so that bad data never creates a run folder."""
+        from highres3d.data.check import require_valid_data
+
+        if self.check_data:
+            dataset = require_valid_data(self.cfg, subset=self.subset, show_progress=self.show_progress)
+        else:
+            dataset = Dataset.from_config(self.cfg.dataset)
+        for warning in dataset.warnings:
+            self.echo(f"warning: {warning}")
+        return dataset
+
+    def _data(self, dataset: Dataset):
         cfg = self.cfg
-        dataset = Dataset.from_config(cfg.dataset)
-        for problem in dataset.problems:
-            self.echo(f"warning: {problem}")
         train_subjects = dataset.split("training", subset=self.subset)
         val_subjects = dataset.split("validation")
         if not train_subjects:
@@ -188,6 +186,7 @@ class Trainer:
         import keras
 
         from highres3d import transfer
+        from highres3d.models import build_model
 
         cfg = self.cfg
         keras.utils.set_random_seed(cfg.training.seed)
@@ -220,13 +219,17 @@ class Trainer:
     def _fit(self) -> TrainResult:
         import tensorflow as tf
 
+        from highres3d.metrics import MeanForegroundDice
+        from highres3d.progress import Progress
+
         cfg = self.cfg
         t = cfg.training
+        dataset = self._dataset()
         state = self.run.prepare(cfg, resume=self.resume, overwrite=self.overwrite)
         if state.finished:
             self.echo(f"{self.run.path}: this run already finished ({state.iteration} iterations)")
             return self._result(state)
-        self._data()
+        self._data(dataset)
         strategy = _strategy(t.strategy)
         with strategy.scope():
             model = self._model(state)
@@ -262,6 +265,7 @@ class Trainer:
             return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
         validation = self._validation_windows() if self.val_volumes else None
+        self._window_dice = MeanForegroundDice(cfg.network.num_classes)
         # A plain compiled call: Keras' predict_on_batch would split batches across replicas.
         self._infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         log = MetricsLog(self.run.metrics_path)
@@ -275,7 +279,8 @@ class Trainer:
                   f"for iterations {start_iter + 1}..{stop} -> {self.run.path}")
         clock = time.perf_counter()
         wall_before = state.wall_time
-        bar = _Bar(stop - start_iter, self.show_progress)
+        bar = Progress(stop, "train", unit="windows", rate_scale=t.batch_size, start=start_iter,
+                       enabled=self.show_progress)
 
         def checkpoint():
             log.flush()
@@ -293,7 +298,7 @@ class Trainer:
                 state.iteration += 1
                 state.wall_time = wall_before + time.perf_counter() - clock
                 row = {"loss": loss, "lr": _current_lr(optimizer), "wall_time": state.wall_time}
-                bar.update(f"iter {state.iteration}/{t.max_iter} loss {loss:.4f}")
+                bar.update(status=f"loss {loss:.4f}")
                 if validation is not None and state.iteration % t.validation_every == 0:
                     row.update(self._validate(model, loss_fn, validation))
                 scheduled = state.iteration % t.checkpoint_every == 0 or state.iteration == t.max_iter
@@ -366,7 +371,7 @@ class Trainer:
                 augment_on="device" if cfg.augmentation.device == "accelerator" else "cpu",
                 seed=cfg.training.seed,
                 input_context=input_context,
-                verbose=False,
+                echo=None,
             )
             return dataset.skip(start_batch)
 
@@ -379,38 +384,30 @@ class Trainer:
             return None
         from highres3d.augment import RandomAffine3D
 
-        return RandomAffine3D(
-            self.cfg.sampler.window_size, rotation_degrees=augmentation.rotation_degrees,
-            scale_range=augmentation.scale_range, flip_axes=augmentation.flip_axes,
-            intensity_scale=augmentation.intensity_scale, intensity_shift=augmentation.intensity_shift,
-            seed=self.cfg.training.seed,
-        )
+        return RandomAffine3D.from_augmentation(augmentation, self.cfg.sampler.window_size, seed=self.cfg.training.seed)
 
-    def _validation_windows(self):
+    def _validation_windows(self) -> tuple[np.ndarray, np.ndarray]:
         """A fixed set of validation windows, drawn once, so scores are comparable across iterations."""
+        from highres3d.data.pipeline import make_validation_dataset
+
         cfg = self.cfg
-        sampler = build_sampler(cfg)
-        rng = np.random.default_rng(cfg.training.seed + 7919)
-        images, labels = [], []
-        for i in range(cfg.training.validation_windows):
-            volume = self.val_volumes[i % len(self.val_volumes)]
-            start = sampler.locations(volume, 1, rng)[0]
-            window = sampler.crop(volume, start)
-            images.append(window.image)
-            labels.append(window.label)
-        return np.stack(images), np.stack(labels)
+        per_volume = math.ceil(cfg.training.validation_windows / len(self.val_volumes))
+        batches = make_validation_dataset(self.val_volumes, build_sampler(cfg), batch_size=cfg.training.batch_size,
+                                          windows_per_volume=per_volume, seed=cfg.training.seed + 7919)
+        images, labels = zip(*batches.as_numpy_iterator())
+        n = cfg.training.validation_windows
+        return np.concatenate(images)[:n], np.concatenate(labels)[:n]
 
     def _validate(self, model, loss_fn, validation) -> dict[str, float]:
         images, labels = validation
         batch = self.cfg.training.batch_size
-        losses, predictions = [], []
+        losses = []
+        self._window_dice.reset_state()
         for first in range(0, len(images), batch):
             logits = self._infer(images[first:first + batch])
             losses.append(float(loss_fn(labels[first:first + batch], logits)) * len(images[first:first + batch]))
-            predictions.append(np.argmax(np.asarray(logits), axis=-1))
-        prediction = np.concatenate(predictions)
-        return {"val_loss": sum(losses) / len(images),
-                "val_window_dice": _foreground_dice(prediction, labels, self.cfg.network.num_classes)}
+            self._window_dice.update_state(labels[first:first + batch], logits)
+        return {"val_loss": sum(losses) / len(images), "val_window_dice": float(self._window_dice.result())}
 
     def _validate_volumes(self, model) -> float:
         from highres3d.inference import predict_volume
@@ -421,21 +418,19 @@ class Trainer:
             window = None if inf.mode == "whole_volume" else inf.window_size
             prediction = predict_volume(self._infer, volume.image, window, overlap=inf.overlap, blend=inf.blend,
                                         batch_size=inf.batch_size)
-            scores.append(_foreground_dice(prediction, volume.label, self.cfg.network.num_classes))
-        return float(np.mean(scores))
+            scores.append(volume_dice(prediction, volume, self.cfg.network.num_classes))
+        # A volume without any foreground class has no score; the mean is over those that have one.
+        scores = [v for v in scores if not math.isnan(v)]
+        return float(np.mean(scores)) if scores else math.nan
 
     def _update_best(self, model, state: RunState, score: float) -> None:
-        if state.best_score is None or score > state.best_score:
+        if not math.isnan(score) and (state.best_score is None or score > state.best_score):
             state.best_score = score
             state.best_iteration = state.iteration
             state.validations_since_best = 0
             self.run.save_model(model, self.run.best_model_path)
         else:
             state.validations_since_best += 1
-
-
-def _augments(a) -> bool:
-    return bool(a.rotation_degrees or a.scaling_percent or a.flip_axes or a.intensity_scale or a.intensity_shift)
 
 
 def _strategy(name: str):
@@ -462,31 +457,6 @@ def _loop_variables(optimizer, augment_layer) -> list:
     return variables
 
 
-class _Bar:
-    """A one-line progress display for the training loop (silent when not a terminal)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total = max(total, 1)
-        self.enabled = enabled
-        self.count = 0
-        self.start = time.perf_counter()
-
-    def update(self, text: str) -> None:
-        self.count += 1
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.count * (self.total - self.count)
-        width = 24
-        done = int(width * self.count / self.total)
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {text}  {elapsed:.0f}s elapsed, ~{eta:.0f}s left ")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 def train(
     cfg: Config,
     run_dir: Optional[str | os.PathLike] = None,
@@ -497,7 +467,14 @@ def train(
     stop_after: Optional[int] = None,
     show_progress: Optional[bool] = None,
     echo: Callable[[str], None] = print,
+    check_data: bool = True,
 ) -> TrainResult:
-    """Train the model a config describes; see :class:`Trainer`."""
+    """Train the model a config describes; see :class:`Trainer`.
+
+    Unless ``check_data=False`` (a caller that checked already), every subject
+    of the training and validation splits is checked first
+    (:func:`highres3d.data.check.require_valid_data`): a problem stops training
+    with the full list before the run folder is created.
+    """
     return Trainer(cfg, run_dir, resume=resume, overwrite=overwrite, subset=subset, stop_after=stop_after,
-                   show_progress=show_progress, echo=echo).fit()
+                   show_progress=show_progress, echo=echo, check_data=check_data).fit()

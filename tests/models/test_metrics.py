@@ -45,17 +45,22 @@ def test_dice_accumulates_over_batches_as_one_pooled_volume():
     assert abs(per_window - expected[1]) > 0.1
 
 
-def test_empty_class_scores_one_and_reset_clears_the_state():
+def test_empty_class_has_no_score_and_reset_clears_the_state():
+    # The evaluation's rule: a class absent from both masks has no score (NaN) and leaves the foreground mean.
     metric = DiceScore(3, 2)
     truth = np.zeros((1, 4, 4, 4), "int32")
     metric.update_state(truth, logits_for(truth, 3))
-    assert result(metric) == 1.0
+    assert np.isnan(result(metric))
     pred = truth.copy()
     pred[0, 0, 0, 0] = 2  # a false positive of class 2
     metric.update_state(truth, logits_for(pred, 3))
     assert result(metric) == 0.0
     metric.reset_state()
-    assert result(metric) == 1.0
+    assert np.isnan(result(metric))
+    mean_fg = MeanForegroundDice(3)
+    truth[0, 1:3] = 1
+    mean_fg.update_state(truth, logits_for(truth, 3))  # class 1 perfect, class 2 absent
+    assert result(mean_fg) == pytest.approx(1.0)
 
 
 def test_sample_weight_masks_windows():

@@ -140,3 +140,37 @@ def test_mirrored_strategy_on_two_logical_cpus(data, tmp_path):
     assert single.iterations == 2
     mirrored, plain = losses(tmp_path / "run")[0], losses(tmp_path / "single")[0]
     assert abs(mirrored - plain) / plain < 0.25, (mirrored, plain)
+
+
+def test_bad_data_is_listed_before_anything_is_created(data, tmp_path, capsys):
+    # Two bad subjects: a truncated image and a missing label. Both are listed at once, the exit code is
+    # non-zero, and no run folder is left behind to block the next attempt.
+    import shutil
+
+    from highres3d.cli.main import main
+
+    broken = tmp_path / "brats"
+    shutil.copytree(data, broken)
+    subjects = sorted(p.name for p in broken.iterdir() if p.is_dir())
+    t1 = next((broken / subjects[0]).glob("*_t1.nii.gz"))
+    t1.write_bytes(t1.read_bytes()[:100])
+    next((broken / subjects[1]).glob("*_seg.nii.gz")).unlink()
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", "demo/brats.yaml", "--data-root", str(broken), "--run-dir", str(run_dir),
+            "--no-progress", "--set", "dataset.split.validation_fraction=0", "--set", "dataset.split.inference_fraction=0"]
+    args += [x for o in TINY for x in ("--set", o)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and f"{t1.name}: cannot read" in err and f"{subjects[1]}: no label file" in err
+    assert not run_dir.exists()
+    # dataset.missing: skip leaves the subject without a label out and trains; the corrupt file is still an error.
+    assert main(args + ["--set", "dataset.missing=skip"]) == 2
+    assert "1 problem(s)" in capsys.readouterr().err and not run_dir.exists()
+
+
+def test_plain_progress_lines_when_output_is_not_a_terminal(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HIGHRES3D_PROGRESS_INTERVAL", "0")
+    train(tiny_config(data), tmp_path / "run", echo=lambda *_: None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    assert len(lines) >= 6 and "\r" not in "".join(lines)
+    assert lines[-1].startswith("train: 6/6 (100%) loss") and "windows/s" in lines[-1] and "ETA" in lines[-1]
