@@ -33,9 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 import _peers  # benchmarks/_peers.py: this script's folder is sys.path[0]
+import numpy as np
 
 SHAPE = (240, 240, 155)
 CHANNELS = 2

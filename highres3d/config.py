@@ -22,9 +22,10 @@ import difflib
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -88,15 +89,13 @@ def _probabilities(value) -> Optional[str]:
     return None
 
 
-def _opt(check):
-    return lambda v: None if v is None else check(v)
-
-
 def _field(default, doc: str, check=None, path: bool = False):
     """A config field with documentation, an optional value check and path resolution."""
     metadata = {"doc": doc, "check": check, "path": path}
     if isinstance(default, (dict, list)):
-        factory = (lambda d=default: type(d)(d))
+        def factory(d=default):
+            return type(d)(d)
+
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 

@@ -13,9 +13,10 @@ Everything goes below one output folder; a second run resumes what is missing
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from highres3d.config import Config, load_config
 

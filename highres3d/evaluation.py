@@ -36,9 +36,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -224,14 +225,16 @@ def score_subject(
             distances and volumes comes from it (``None``: 1 mm voxels).
         classes: classes to score; ``None`` = every non-zero class present
             in either map.
-        truth_map, truth_other: raw truth value -> class, as
-            :func:`highres3d.data.preprocess.map_labels` (values missing from a
-            non-empty map get ``truth_other``, else are an error).
-        pred_map: the same for the prediction.
+        truth_map: raw truth value -> class, as
+            :func:`highres3d.data.preprocess.map_labels`.
+        truth_other: class of raw truth values missing from a non-empty
+            ``truth_map`` (``None``: such values are an error).
+        pred_map: the same as ``truth_map`` for the prediction.
         policy: what a metric is when a mask is empty.
         distances: compute the surface distances (the costly part); without
             them the distance metrics are NaN.
-        pred_source, truth_source: names used in error messages.
+        pred_source: name of the prediction in error messages.
+        truth_source: name of the truth in error messages.
 
     Returns:
         ``{class: {metric: value}}`` with the metrics of :data:`METRICS`.

@@ -22,10 +22,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
-
+from typing import Optional
 
 from highres3d.config import Config
 from highres3d.data.dataset import SPLITS

@@ -21,12 +21,12 @@ Modes and what they cost (docs/inference.md has the figures):
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -130,8 +130,10 @@ def predict_volume(
             float32 (X, Y, Z, K)) or ``"logits"`` (float32 (X, Y, Z, K)).
         tta_mirror: average over mirrored inputs: ``True`` (all 8 flips) or
             the axes to flip.
-        pad_mode, pad_value: how a volume smaller than the window is padded
-            (``numpy.pad`` modes).
+        pad_mode: how a volume smaller than the window is padded (a
+            ``numpy.pad`` mode).
+        pad_value: the value of ``constant`` padding.
+        sigma_scale: Gaussian blending's sigma as a fraction of the window.
         from_logits: whether the model outputs logits; None reads the
             model's ``softmax`` attribute (HighResNet3D) and otherwise assumes logits.
         progress: show a progress bar over the windows (None = when stderr is a terminal).

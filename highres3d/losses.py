@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import difflib
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 from keras import ops

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Optional, TextIO, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Optional, TextIO, TypeVar
 
 T = TypeVar("T")
 
@@ -155,7 +156,7 @@ class Progress:
         else:
             self._print_line()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import csv
 import html
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -91,7 +92,7 @@ class Experiment:
         """Training subsets present (``S1`` ...), in order; empty for a freeze-level experiment."""
         return sorted({row["subset"] for row in self.rows if row["subset"]}, key=_subset_key)
 
-    def loss_curves(self, subset: Optional[str] = None) -> dict[str, "Curves"]:
+    def loss_curves(self, subset: Optional[str] = None) -> dict[str, Curves]:
         """:func:`loss_curves` of the runs whose rows :func:`metric_values` would pick for ``subset``."""
         wanted = {row["run"] for row in _rows_of_subset(self.rows, subset)}
         return {run: c for run, c in loss_curves(self.folder).items() if run in wanted}
@@ -217,7 +218,7 @@ class Summary:
     digits: int = field(default=3, compare=False)
 
     @classmethod
-    def of(cls, values: Iterable[float], digits: int = 3) -> "Summary":
+    def of(cls, values: Iterable[float], digits: int = 3) -> Summary:
         array = np.asarray(list(values), dtype=float)
         finite = array[np.isfinite(array)]
         missing = int(array.size - finite.size)

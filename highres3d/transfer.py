@@ -34,17 +34,15 @@ the variable list they were created with).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from highres3d.errors import ConfigError, DataError
-
-logger = logging.getLogger(__name__)
 
 #: File names looked up, in this order, when the source is a run folder.
 RUN_FOLDER_MODEL_NAMES: tuple[str, ...] = ("best.keras", "model.keras")
@@ -101,9 +99,9 @@ def resolve_source(source: str | Path) -> Path:
 
 def load_model(source: str | Path) -> Any:
     """Loads a ``.keras`` model (or a run folder's best/last model) without compiling it."""
-    import keras
-
     import importlib
+
+    import keras
 
     # The package's layers, losses and metrics register themselves for deserialisation on import.
     for module in ("highres3d.models", "highres3d.losses", "highres3d.metrics"):
@@ -471,7 +469,6 @@ def freeze(model: Any, spec: Any, *, bn_policy: str = "niftynet") -> FreezeRepor
         frozen_parameters=sum(size(p) for p in selected),
         total_parameters=sum(size(p) for p in parameters),
     )
-    logger.debug("%s", report.summary())
     return report
 
 

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 class OutputExistsError(FileExistsError):

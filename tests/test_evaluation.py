@@ -8,11 +8,18 @@ import pytest
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import directed_hausdorff
 
-from highres3d.errors import ConfigError, DataError
 from highres3d.data.preprocess import map_labels, parse_label_map
+from highres3d.errors import ConfigError, DataError
 from highres3d.evaluation import (
-    EmptyPolicy, binary_metrics, evaluate_folders, evaluate_labels, summarise, summary_table, surface,
-    write_csv, write_summary,
+    EmptyPolicy,
+    binary_metrics,
+    evaluate_folders,
+    evaluate_labels,
+    summarise,
+    summary_table,
+    surface,
+    write_csv,
+    write_summary,
 )
 
 

@@ -95,7 +95,7 @@ def argmax_channels(values: np.ndarray, dtype=np.uint8) -> np.ndarray:
 _BLOCK_PLANES = 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shared_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="highres3d-blend")
 

@@ -19,7 +19,8 @@ crops can be validated without augmentation.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import keras
 import numpy as np
@@ -148,7 +149,7 @@ class RandomAffine3D(keras.layers.Layer):
     @classmethod
     def from_augmentation(
         cls, augmentation: AffineAugmentation, window_size: int | Sequence[int], seed: Optional[int] = None, **kwargs
-    ) -> "RandomAffine3D":
+    ) -> RandomAffine3D:
         """The layer matching a pipeline built with ``augmentation=..., augment_on="device"``."""
         a = augmentation
         return cls(

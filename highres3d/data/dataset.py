@@ -20,9 +20,10 @@ import csv
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -282,7 +283,7 @@ class Dataset:
     warnings: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, cfg: DatasetConfig, require_labels: bool = True) -> "Dataset":
+    def from_config(cls, cfg: DatasetConfig, require_labels: bool = True) -> Dataset:
         """Find every subject and assign splits; raises DataError if there are none.
 
         Subjects with a missing file (an image, or with ``require_labels`` the

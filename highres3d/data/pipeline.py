@@ -55,7 +55,8 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any, Callable, Literal, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Optional
 
 import numpy as np
 import tensorflow as tf

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -45,7 +46,7 @@ class Grid:
     affine: np.ndarray
 
     @classmethod
-    def of(cls, path: str | Path, data: np.ndarray, img: nib.Nifti1Image) -> "Grid":
+    def of(cls, path: str | Path, data: np.ndarray, img: nib.Nifti1Image) -> Grid:
         """The grid of an array read by :func:`read_nifti`."""
         return cls(str(path), tuple(int(n) for n in data.shape[:3]), np.asarray(img.affine))
 
@@ -226,6 +227,7 @@ def load_image(
         spacing: working voxel spacing in mm, or None to keep the file's.
         order: spline order for resampling (3 for images, 0 for labels).
         dtype: output dtype (labels: an integer type keeps exact values).
+        allow_nonfinite: accept NaN/Inf voxels instead of raising.
 
     Returns:
         ``(array, info)`` with the array in working space, shape ``info.working_shape``.

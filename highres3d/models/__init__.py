@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from highres3d.config import Config
 
 
-def build_model(config: "Config") -> HighResNet3D:
+def build_model(config: Config) -> HighResNet3D:
     """The network a config describes (logits output): the one constructor training and ``inspect`` share.
 
     Args:

@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import keras
+from keras import ops
 
 from highres3d.config import LAYER_GROUPS
-from keras import ops
 
 PACKAGE = "highres3d"
 
@@ -405,7 +406,7 @@ class HighResNet3D(keras.Model):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "HighResNet3D":
+    def from_config(cls, config: dict[str, Any]) -> HighResNet3D:
         config = dict(config)
         config["kernel_initializer"] = keras.initializers.deserialize(config.get("kernel_initializer", "he_normal"))
         return cls(**config)

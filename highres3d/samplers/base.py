@@ -34,8 +34,9 @@ Edge policies
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import numpy as np
 
@@ -65,7 +66,7 @@ def window_triple(size: int | Sequence[int], name: str = "window_size") -> tuple
     return tuple(int(s) for s in size)
 
 
-def as_generator(rng: "np.random.Generator | int | None") -> np.random.Generator:
+def as_generator(rng: np.random.Generator | int | None) -> np.random.Generator:
     """Accept a Generator, a seed, or None (fresh OS entropy)."""
     if isinstance(rng, np.random.Generator):
         return rng
@@ -204,7 +205,7 @@ class WindowSampler(abc.ABC):
         """``n`` centre voxels ``(n, 3)`` int64 in volume coordinates."""
 
     def locations(
-        self, volume: Any, n: int, rng: "np.random.Generator | int | None" = None, state: Any = None
+        self, volume: Any, n: int, rng: np.random.Generator | int | None = None, state: Any = None
     ) -> np.ndarray:
         """``n`` window starts ``(n, 3)`` int64 (volume coordinates).
 
@@ -234,7 +235,7 @@ class WindowSampler(abc.ABC):
         return None
 
     def __call__(
-        self, volume: Any, num_windows: Optional[int] = None, rng: "np.random.Generator | int | None" = None
+        self, volume: Any, num_windows: Optional[int] = None, rng: np.random.Generator | int | None = None
     ) -> Iterator[Window]:
         """Yield windows from ``volume``: ``num_windows`` of them, or forever if ``None``.
 

@@ -28,9 +28,10 @@ actually uses.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -80,7 +81,7 @@ class ClassCoordinates:
         max_per_class: int = 1_000_000,
         dense_fraction: float = 0.1,
         seed: int = 0,
-    ) -> "ClassCoordinates":
+    ) -> ClassCoordinates:
         """Scan ``label`` once (plus once more only when the background is rare)."""
         if label.dtype.kind not in "biu":
             raise DataError(f"class-weighted sampling needs an integer label map, got dtype {label.dtype}")
@@ -124,7 +125,7 @@ class ClassCoordinates:
         np.savez(path, shape=self.shape, lo=self.lo, hi=self.hi, counts=self.counts, **arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClassCoordinates":
+    def load(cls, path: str | Path) -> ClassCoordinates:
         with np.load(path) as data:
             tables = {int(k[6:]): data[k] for k in data.files if k.startswith("table_")}
             return cls(

@@ -17,8 +17,8 @@ aggregators rely on that order to stream their output slab by slab along x.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 

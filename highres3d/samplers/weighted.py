@@ -18,8 +18,9 @@ domain gives uniform centres over the domain (NiftyNet's and MONAI's rule).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 

@@ -235,7 +235,6 @@ def test_nnunet_inputs_are_matched_to_channels_by_name(tmp_path):
     # dataset.json says file _0000 is T1 and _0001 is T2; the config lists T2 first, so channel 0 must read _0001.
     import json
 
-
     from highres3d.config import config_from_dict
     from highres3d.inference import input_patterns, predict_folder
 
