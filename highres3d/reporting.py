@@ -8,7 +8,7 @@ and reads the files :mod:`highres3d.experiments` writes::
     <experiment>/results.<i>of<n>.csv   the same, one file per cluster shard
     <experiment>/runs/<run>/metrics.csv the logged scalars of each run
 
-How the thesis computed its tables (research notes niftynet.md §9.3), and so
+How the thesis computed its tables (Kaliyugarsan 2019, section 6.3), and so
 how these functions do: the value of a cell is the mean over *subjects* of the
 foreground (tumour-core) Dice of one split; with ``--repeats`` the subjects of
 all repeats are pooled.  The splits are ``training``, ``validation`` and

@@ -26,7 +26,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows if r["dice"] != "nan")
     test_subjects = {r["subject"] for r in rows if r["split"] == "inference"}
     for subject in test_subjects:
-        assert (out / "brats_experiment" / "predictions" / "freeze2" / f"{subject}_seg.nii.gz").exists()
+        assert (out / "brats_experiment" / "predictions" / "freeze2" / "inference" / f"{subject}_seg.nii.gz").exists()
         assert (out / "overlays" / f"{subject}_truth.png").exists()
         assert (out / "overlays" / f"{subject}_scratch.png").exists()
     # the fine-tuned run started from the source model and froze conv_0 + res_1
