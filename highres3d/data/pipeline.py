@@ -305,45 +305,33 @@ def make_training_dataset(
 ) -> tf.data.Dataset:
     """An endless, shuffled stream of ``(image, label)`` window batches for ``model.fit``.
 
-    Parameters
-    ----------
-    volumes:
-        Preprocessed volumes (objects with ``image`` ``(X, Y, Z, C)`` float32,
-        ``label`` ``(X, Y, Z)``, ``subject_id``) held in RAM, or zero-argument
-        callables that load one (lazy).
-    sampler:
-        A :class:`~highres3d.samplers.WindowSampler`; its ``window_size``,
-        edge policy and pad values apply.
-    batch_size:
-        Windows per batch (the global batch with ``input_context``).
-    windows_per_volume:
-        Windows drawn per visit of a volume before the next visit (TorchIO's
-        ``samples_per_volume``; NiftyNet's ``sample_per_volume``).
-    shuffle_buffer:
-        Shuffle buffer, in windows.  In RAM it holds window locations only,
-        so a large buffer costs nothing; lazily it holds windows.
-    cycle_length:
-        Volumes interleaved at once (loaded in parallel when lazy).
-    augmentation, augment_on:
-        ``None`` for plain windows, else an :class:`AffineAugmentation` applied
-        on the ``"cpu"`` in the pipeline or on the ``"device"`` (the dataset
-        then yields crops larger by the augmentation's margin; apply
-        :class:`~highres3d.augment.RandomAffine3D` in the training step).
-    num_parallel_calls:
-        Batches assembled in parallel (``None``: tf.data autotuning).
-    prefetch:
-        Batches prefetched (a fixed number keeps memory predictable: an
-        autotuned buffer of 96^3 margin crops can grow by 100 MB a batch).
-    seed:
-        Everything random derives from it; same seed, same batches.
-    label_dtype:
-        ``"uint8"`` (default) or ``"int32"``.
-    num_shards, shard_index, input_context:
-        Sharding for ``tf.distribute`` (see the module docstring).
-    in_channels:
-        Image channels; only needed lazily, to avoid loading one volume up front.
-    echo:
-        Where the one-line memory estimate goes (``None``: nowhere).
+    Args:
+        volumes: Preprocessed volumes (objects with ``image`` ``(X, Y, Z, C)`` float32,
+            ``label`` ``(X, Y, Z)``, ``subject_id``) held in RAM, or zero-argument
+            callables that load one (lazy).
+        sampler: A :class:`~highres3d.samplers.WindowSampler`; its ``window_size``,
+            edge policy and pad values apply.
+        batch_size: Windows per batch (the global batch with ``input_context``).
+        windows_per_volume: Windows drawn per visit of a volume before the next visit (TorchIO's
+            ``samples_per_volume``; NiftyNet's ``sample_per_volume``).
+        shuffle_buffer: Shuffle buffer, in windows.  In RAM it holds window locations only,
+            so a large buffer costs nothing; lazily it holds windows.
+        cycle_length: Volumes interleaved at once (loaded in parallel when lazy).
+        augmentation: ``None`` for plain windows, else an :class:`AffineAugmentation` applied
+            on the ``"cpu"`` in the pipeline or on the ``"device"`` (the dataset
+            then yields crops larger by the augmentation's margin; apply
+            :class:`~highres3d.augment.RandomAffine3D` in the training step).
+        augment_on: see ``augmentation``.
+        num_parallel_calls: Batches assembled in parallel (``None``: tf.data autotuning).
+        prefetch: Batches prefetched (a fixed number keeps memory predictable: an
+            autotuned buffer of 96^3 margin crops can grow by 100 MB a batch).
+        seed: Everything random derives from it; same seed, same batches.
+        label_dtype: ``"uint8"`` (default) or ``"int32"``.
+        num_shards: Sharding for ``tf.distribute`` (see the module docstring).
+        shard_index: see ``num_shards``.
+        input_context: see ``num_shards``.
+        in_channels: Image channels; only needed lazily, to avoid loading one volume up front.
+        echo: Where the one-line memory estimate goes (``None``: nowhere).
     """
     _check_positive(
         batch_size=batch_size, windows_per_volume=windows_per_volume, shuffle_buffer=shuffle_buffer,

@@ -164,25 +164,19 @@ class ClassWeightedState:
 class ClassWeightedSampler(WindowSampler):
     """Window centres balanced over classes, background included.
 
-    Parameters
-    ----------
-    window_size:
-        Window size in voxels (one int or three).
-    probabilities:
-        Probability of each class being at the window centre.  ``None``
-        (default): equal over the classes present in each volume.  A mapping
-        ``{class: p}`` (unlisted classes get 0) or a sequence indexed by class.
-        Values need not sum to 1.  Absent classes: see the module docstring.
-    edge_policy:
-        ``"pad"`` (default), ``"valid"`` or ``"clamp"``; see
-        :mod:`highres3d.samplers.base`.
-    max_per_class:
-        Largest table kept per class; larger classes keep a random subset.
-    dense_fraction:
-        Classes covering at least this fraction of the domain are drawn by
-        rejection and keep no table.
-    pad_value, label_pad_value:
-        Fill values outside the volume (``label_pad_value`` may be an ignore index).
+    Args:
+        window_size: Window size in voxels (one int or three).
+        probabilities: Probability of each class being at the window centre.  ``None``
+            (default): equal over the classes present in each volume.  A mapping
+            ``{class: p}`` (unlisted classes get 0) or a sequence indexed by class.
+            Values need not sum to 1.  Absent classes: see the module docstring.
+        edge_policy: ``"pad"`` (default), ``"valid"`` or ``"clamp"``; see
+            :mod:`highres3d.samplers.base`.
+        max_per_class: Largest table kept per class; larger classes keep a random subset.
+        dense_fraction: Classes covering at least this fraction of the domain are drawn by
+            rejection and keep no table.
+        pad_value: Fill values outside the volume (``label_pad_value`` may be an ignore index).
+        label_pad_value: see ``pad_value``.
 
     >>> sampler = ClassWeightedSampler(96, {0: 1, 1: 1})     # half the windows centred on tumour
     >>> state = sampler.prepare(volume)                      # ~3 ms for 240x240x155

@@ -46,19 +46,15 @@ class WeightedState:
 class WeightedSampler(WindowSampler):
     """Centre voxel ``v`` drawn with probability ``w(v) / sum(w)`` over the centre domain.
 
-    Parameters
-    ----------
-    window_size:
-        Window size in voxels.
-    weights:
-        Where the map comes from: ``"label"`` (default; the label's class
-        indices are the weights, the thesis's ``sampler = label``), the name
-        of another attribute of the volume (e.g. ``"weight"``), or a callable
-        ``volume -> array (X, Y, Z)``.  Windows carry the cropped map as
-        ``Window.weight`` unless it is the label.
-    edge_policy:
-        ``"pad"`` (default), ``"valid"`` or ``"clamp"``.  With ``valid``, weights
-        outside the valid region are ignored (NiftyNet and MONAI behaviour).
+    Args:
+        window_size: Window size in voxels.
+        weights: Where the map comes from: ``"label"`` (default; the label's class
+            indices are the weights, the thesis's ``sampler = label``), the name
+            of another attribute of the volume (e.g. ``"weight"``), or a callable
+            ``volume -> array (X, Y, Z)``.  Windows carry the cropped map as
+            ``Window.weight`` unless it is the label.
+        edge_policy: ``"pad"`` (default), ``"valid"`` or ``"clamp"``.  With ``valid``, weights
+            outside the valid region are ignored (NiftyNet and MONAI behaviour).
     """
 
     def __init__(
