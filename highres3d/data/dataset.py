@@ -20,7 +20,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -111,22 +111,27 @@ def discover_subjects(
 # --------------------------------------------------------------------------- NiftyNet CSV
 
 
-def read_subject_csv(path: Path) -> dict[str, Path]:
-    """Read a NiftyNet ``subject_id,path`` CSV; relative paths resolve against the CSV."""
+def _csv_pairs(path: Path, what: str, second: str) -> Iterator[tuple[int, str, str]]:
+    """``(line number, first, second)`` of each non-blank row of a two-column NiftyNet CSV."""
     if not path.is_file():
-        raise DataError(f"{path}: CSV file not found")
-    rows: dict[str, Path] = {}
+        raise DataError(f"{path}: {what} not found")
     with open(path, newline="") as handle:
         for line_no, row in enumerate(csv.reader(handle, skipinitialspace=True), start=1):
             if not row or not "".join(row).strip():
                 continue
             if len(row) < 2:
-                raise DataError(f"{path}:{line_no}: expected 'subject_id,path', got {','.join(row)!r}")
-            sid, file = row[0].strip(), row[1].strip()
-            if line_no == 1 and sid.lower() in ("subject_id", "subject", "id"):
-                continue  # a header row
-            file_path = Path(file)
-            rows[sid] = file_path if file_path.is_absolute() else (path.parent / file_path).resolve()
+                raise DataError(f"{path}:{line_no}: expected 'subject_id,{second}', got {','.join(row)!r}")
+            yield line_no, row[0].strip(), row[1].strip()
+
+
+def read_subject_csv(path: Path) -> dict[str, Path]:
+    """Read a NiftyNet ``subject_id,path`` CSV; relative paths resolve against the CSV."""
+    rows: dict[str, Path] = {}
+    for line_no, sid, file in _csv_pairs(path, "CSV file", "path"):
+        if line_no == 1 and sid.lower() in ("subject_id", "subject", "id"):
+            continue  # a header row
+        file_path = Path(file)
+        rows[sid] = file_path if file_path.is_absolute() else (path.parent / file_path).resolve()
     return rows
 
 
@@ -204,23 +209,16 @@ def _subjects_from_nnunet(root: Path, modalities: Sequence[str], problems: list[
 
 def read_split_csv(path: Path) -> dict[str, str]:
     """Read a NiftyNet split file: rows ``subject_id,training|validation|inference``."""
-    if not path.is_file():
-        raise DataError(f"{path}: split file not found")
     out: dict[str, str] = {}
-    with open(path, newline="") as handle:
-        for line_no, row in enumerate(csv.reader(handle, skipinitialspace=True), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 2:
-                raise DataError(f"{path}:{line_no}: expected 'subject_id,split', got {','.join(row)!r}")
-            sid, split = row[0].strip(), row[1].strip().lower()
-            if line_no == 1 and split in ("split", "phase"):
-                continue
-            if split not in SPLITS:
-                raise DataError(f"{path}:{line_no}: split {row[1]!r} is not one of {', '.join(SPLITS)}")
-            if sid in out and out[sid] != split:
-                raise DataError(f"{path}:{line_no}: subject {sid} is listed as both {out[sid]} and {split}")
-            out[sid] = split
+    for line_no, sid, raw in _csv_pairs(path, "split file", "split"):
+        split = raw.lower()
+        if line_no == 1 and split in ("split", "phase"):
+            continue
+        if split not in SPLITS:
+            raise DataError(f"{path}:{line_no}: split {raw!r} is not one of {', '.join(SPLITS)}")
+        if sid in out and out[sid] != split:
+            raise DataError(f"{path}:{line_no}: subject {sid} is listed as both {out[sid]} and {split}")
+        out[sid] = split
     return out
 
 

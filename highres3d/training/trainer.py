@@ -120,7 +120,21 @@ def volume_dice(prediction: np.ndarray, volume: Volume, num_classes: int) -> flo
 
 
 class Trainer:
-    """Runs one training run described by a config into a run folder."""
+    """Runs one training run described by a config into a run folder.
+
+    Args:
+        cfg: the config.
+        run_dir: the run folder (default: ``<training.output_dir>/<config file name>``).
+        resume: continue from the newest checkpoint of ``run_dir``.
+        overwrite: replace an existing run in ``run_dir``.
+        subset: train on the nested training subset S_k only.
+        stop_after: stop (resumably) after this iteration, before ``max_iter``.
+        show_progress: progress display (``None``: a bar on a terminal, plain
+            lines otherwise; ``False``: none).
+        echo: where messages go.
+        check_data: check every training and validation subject before
+            creating anything (``False`` when the caller did).
+    """
 
     def __init__(
         self,
@@ -458,24 +472,18 @@ def _loop_variables(optimizer, augment_layer) -> list:
     return variables
 
 
-def train(
-    cfg: Config,
-    run_dir: Optional[str | os.PathLike] = None,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    subset: Optional[int] = None,
-    stop_after: Optional[int] = None,
-    show_progress: Optional[bool] = None,
-    echo: Callable[[str], None] = print,
-    check_data: bool = True,
-) -> TrainResult:
-    """Train the model a config describes; see :class:`Trainer`.
+def train(cfg: Config, run_dir: Optional[str | os.PathLike] = None, **options: Any) -> TrainResult:
+    """Train the model a config describes: ``Trainer(cfg, run_dir, **options).fit()``.
 
-    Unless ``check_data=False`` (a caller that checked already), every subject
-    of the training and validation splits is checked first
-    (:func:`highres3d.data.check.require_valid_data`): a problem stops training
-    with the full list before the run folder is created.
+    Args:
+        cfg: the config.
+        run_dir: the run folder (default: ``<training.output_dir>/<config file name>``).
+        **options: the keyword arguments of :class:`Trainer` (``resume``,
+            ``overwrite``, ``subset``, ``stop_after``, ``show_progress``,
+            ``echo``, ``check_data``).  Unless ``check_data=False`` (a caller
+            that checked already), every subject of the training and validation
+            splits is checked first (:func:`highres3d.data.check.require_valid_data`):
+            a problem stops training with the full list before the run folder
+            is created.
     """
-    return Trainer(cfg, run_dir, resume=resume, overwrite=overwrite, subset=subset, stop_after=stop_after,
-                   show_progress=show_progress, echo=echo, check_data=check_data).fit()
+    return Trainer(cfg, run_dir, **options).fit()
