@@ -87,11 +87,14 @@ def build_sampler(cfg: Config):
     return samplers.ClassWeightedSampler(s.window_size, s.class_probabilities, **common)
 
 
-def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None]) -> list[Volume]:
-    """Preprocess subjects into RAM, reporting the memory they take."""
+def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None],
+                 show_progress: Optional[bool] = None) -> list[Volume]:
+    """Preprocess subjects into RAM, reporting progress and the memory they take."""
+    from highres3d.progress import track
+
     volumes = []
     start = time.perf_counter()
-    for subject in subjects:
+    for subject in track(subjects, f"preprocess {what}", unit="subjects", enabled=show_progress):
         volumes.append(
             load_volume(subject, cfg.preprocessing, cfg.dataset.modalities, label_required=True,
                         num_classes=cfg.network.num_classes)
@@ -194,8 +197,9 @@ class Trainer:
             ]
             self.echo(f"training: {len(train_subjects)} subjects, loaded lazily")
         else:
-            self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo)
-        self.val_volumes = load_volumes(val_subjects, cfg, "validation", self.echo) if val_subjects else []
+            self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo, self.show_progress)
+        self.val_volumes = (load_volumes(val_subjects, cfg, "validation", self.echo, self.show_progress)
+                            if val_subjects else [])
 
     def _model(self, state: RunState):
         import keras
