@@ -1,0 +1,88 @@
+"""``highres3d import niftynet`` and ``highres3d config from-niftynet``: move a NiftyNet project over.
+
+``import niftynet MODEL_DIR [--config FILE.ini] [--iteration N] -o RUN_DIR``
+reads ``MODEL_DIR/models/model.ckpt-N`` (the newest unless ``--iteration``)
+and writes a run folder (``model.keras``, ``config.yaml``,
+``niftynet_import.json``) that ``infer``, ``evaluate`` and
+``transfer.source`` use like any trained run. With ``--config`` the
+application INI becomes the run's config (its histogram reference file, if
+any, is copied in).
+
+``config from-niftynet FILE.ini [-o FILE.yaml]`` converts a NiftyNet
+application config into a validated highres3d config; keys that have no
+equivalent are listed in the output with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("import", help="import a model trained elsewhere (NiftyNet TF1 checkpoints)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="import_command", metavar="SOURCE", required=True)
+    nn = sub.add_parser("niftynet", help="a NiftyNet HighRes3DNet checkpoint (model_dir/models/model.ckpt-N)",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    nn.add_argument("model_dir", metavar="MODEL_DIR", help="NiftyNet's model_dir (holding models/model.ckpt-N.*)")
+    nn.add_argument("--config", metavar="FILE.ini", help="the NiftyNet application config the model was trained with")
+    nn.add_argument("--iteration", type=int, metavar="N", help="checkpoint iteration (default: the newest)")
+    nn.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run folder to create")
+    nn.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    nn.set_defaults(func=run_import)
+
+
+def register_config_action(config_subparsers) -> None:
+    """Adds ``from-niftynet`` to the ``config`` command group."""
+    conv = config_subparsers.add_parser(
+        "from-niftynet", help="convert a NiftyNet application .ini into a highres3d YAML config",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    conv.add_argument("ini", metavar="FILE.ini", help="the NiftyNet config")
+    conv.add_argument("-o", "--output", metavar="FILE.yaml", help="write here (default: print to the terminal)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    conv.set_defaults(func=run_convert)
+
+
+def run_import(args) -> int:
+    from pathlib import Path
+
+    from highres3d.niftynet.checkpoint import import_checkpoint, write_run_folder
+
+    config, hist_file, notes = None, None, []
+    if args.config:
+        from highres3d.niftynet.ini import convert_ini
+
+        conversion = convert_ini(args.config, output=Path(args.output) / "config.yaml")
+        config, hist_file = conversion.raw, conversion.histogram_file
+        notes = [f"{key}: {reason}" for key, reason in conversion.unmapped]
+        # The histogram file is copied into the run folder, and the run's paths are absolute.
+        config = conversion.absolute_raw()
+    model, report = import_checkpoint(args.model_dir, args.iteration)
+    run_dir = write_run_folder(model, report, args.output, config=config, histogram_file=hist_file,
+                               overwrite=args.overwrite, notes=notes)
+    print(report.summary())
+    if notes:
+        print(f"  {len(notes)} INI key(s) not carried over (listed in {run_dir / 'niftynet_import.json'})")
+    print(f"run folder: {run_dir}  (use it with: highres3d infer --model {run_dir} ..., or transfer.source)")
+    return 0
+
+
+def run_convert(args) -> int:
+    from highres3d.niftynet.ini import convert_ini
+
+    conversion = convert_ini(args.ini, output=args.output)
+    text = conversion.yaml_text()
+    if args.output:
+        from highres3d.errors import Highres3dError
+        from highres3d.utils import OutputExistsError, atomic_path
+
+        try:
+            with atomic_path(args.output, overwrite=args.overwrite) as tmp:
+                tmp.write_text(text)
+        except OutputExistsError as err:
+            raise Highres3dError(str(err)) from None
+        print(f"{args.output}: written ({len(conversion.mapped)} keys mapped, {len(conversion.unmapped)} not mapped)")
+        for key, reason in conversion.unmapped:
+            print(f"  not mapped: {key}: {reason}")
+    else:
+        print(text, end="")
+    return 0
