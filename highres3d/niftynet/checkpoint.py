@@ -30,6 +30,7 @@ Contract:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -315,7 +316,7 @@ def write_run_folder(
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise Highres3dError(f"{run_dir}: already exists and is not empty; pass --overwrite to replace it, or choose another -o")
     arch = report.architecture
-    raw = json.loads(json.dumps(config)) if config else _default_config(arch)
+    raw = copy.deepcopy(config) if config else _default_config(arch)
     network = raw.setdefault("network", {})
     network.update(num_classes=arch["num_classes"], activation=arch["activation"])
     network.pop("width_multiplier", None)
