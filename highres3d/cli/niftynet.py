@@ -43,20 +43,21 @@ def register_config_action(config_subparsers) -> None:
 
 
 def run_import(args) -> int:
-    from pathlib import Path
-
     from highres3d.niftynet.checkpoint import import_checkpoint, write_run_folder
 
-    config, hist_file, notes = None, None, []
+    config, hist_file, notes, iteration = None, None, [], args.iteration
     if args.config:
         from highres3d.niftynet.ini import convert_ini
 
-        conversion = convert_ini(args.config, output=Path(args.output) / "config.yaml")
-        config, hist_file = conversion.raw, conversion.histogram_file
+        conversion = convert_ini(args.config)
+        hist_file = conversion.histogram_file
         notes = [f"{key}: {reason}" for key, reason in conversion.unmapped]
-        # The histogram file is copied into the run folder, and the run's paths are absolute.
         config = conversion.absolute_raw()
-    model, report = import_checkpoint(args.model_dir, args.iteration)
+        # The run is for prediction: the checkpoint fine-tuning started from is not part of it.
+        config.get("transfer", {}).pop("source", None)
+        if iteration is None and conversion.inference_iter is not None and conversion.inference_iter >= 0:
+            iteration = conversion.inference_iter  # NiftyNet's [INFERENCE] inference_iter
+    model, report = import_checkpoint(args.model_dir, iteration)
     run_dir = write_run_folder(model, report, args.output, config=config, histogram_file=hist_file,
                                overwrite=args.overwrite, notes=notes)
     print(report.summary())

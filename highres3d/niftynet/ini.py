@@ -78,7 +78,7 @@ _NO_MEANING = {
     ("INFERENCE", "output_postfix"): "segmentations are written as <subject>_seg.nii.gz",
     ("INFERENCE", "dataset_to_infer"): "'highres3d infer' segments a folder; 'highres3d evaluate' chooses the split",
     ("INFERENCE", "fill_constant"): "every voxel is covered by a window; there is nothing to fill",
-    ("INFERENCE", "inference_iter"): "choose the checkpoint when importing: highres3d import niftynet --iteration N",
+    ("INFERENCE", "inference_iter"): "the checkpoint 'highres3d import niftynet --config FILE.ini' imports (unless --iteration)",
     ("EVALUATION", "save_csv_dir"): "pass the folder to 'highres3d evaluate -o DIR'",
     ("EVALUATION", "evaluations"): "'highres3d evaluate' always reports Dice, Jaccard and Hausdorff distances",
     ("EVALUATION", "evaluation_units"): "evaluation is per class (NiftyNet's 'foreground' units)",
@@ -111,6 +111,8 @@ class Conversion:
     histogram_file: Optional[Path] = None
     pending_import: Optional[tuple[Path, int, Path]] = None
     output: Optional[Path] = None
+    inference_iter: Optional[int] = None
+    model_dir: Optional[Path] = None
 
     def absolute_raw(self) -> dict:
         return copy.deepcopy(self.raw)
@@ -288,7 +290,10 @@ class _Converter:
         from highres3d.config import config_from_dict
 
         config_from_dict(self.raw)  # the result must validate; a failure here is a converter bug worth seeing
-        return Conversion(self.path, self.raw, self.mapped, self.unmapped, self.histogram_file, self.pending_import)
+        text = self.get("INFERENCE", "inference_iter")
+        inference_iter = _number(text, "inference_iter", int) if text else None
+        return Conversion(self.path, self.raw, self.mapped, self.unmapped, self.histogram_file, self.pending_import,
+                          inference_iter=inference_iter, model_dir=self.model_dir)
 
     def _model_dir(self) -> Path:
         text = self.get("SYSTEM", "model_dir")

@@ -164,7 +164,7 @@ def test_every_key_is_mapped_or_listed(project, monkeypatch):
     assert "no window queue" in reasons["[NETWORK] queue_length = 36"]
     assert "CUDA_VISIBLE_DEVICES" in reasons["[SYSTEM] cuda_devices = 0"]
     assert "--probabilities" in reasons["[SEGMENTATION] output_prob = False"]
-    assert "import niftynet --iteration" in reasons["[INFERENCE] inference_iter = 5558"]
+    assert "import niftynet --config" in reasons["[INFERENCE] inference_iter = 5558"]
     assert "matches the folders directly" in reasons["[T1] csv_file = t1.csv"]
 
     raw = conv.raw
@@ -295,3 +295,30 @@ vars_to_freeze = ^((?!HighRes3DNet\\/(conv_1|conv_2)).)*$
     assert landmarks.startswith("label_label-from") and "\nT1 0.0 " in landmarks and "\nT2 0.0 " in landmarks
     assert (run / "niftynet_config.yaml").is_file()
     assert "Transfer from" in out and "copied" in out
+
+
+def test_import_with_ini_then_infer(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    model_dir = project / "models" / "ixi"
+    save_tf1_checkpoint(model_dir, niftynet_variables(num_classes=2, seed=1), 20)
+    save_tf1_checkpoint(model_dir, niftynet_variables(num_classes=2, seed=2), 40)
+    ini = project / "infer.ini"
+    minimal = MINIMAL.replace("num_classes = 2", "num_classes = 2\nlabel_normalisation = True")
+    ini.write_text(minimal.format(extra="queue_length = 20") + "[SYSTEM]\nmodel_dir = models/ixi\n[INFERENCE]\ninference_iter = 20\n")
+    run = project / "imported"
+    assert main(["import", "niftynet", str(model_dir), "--config", str(ini), "-o", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "INI key(s) not carried over" in out
+    report = json.loads((run / "niftynet_import.json").read_text())
+    assert report["iteration"] == 20  # [INFERENCE] inference_iter, not the newest (40)
+    assert any(note.startswith("[NETWORK] queue_length = 20") for note in report["notes"])
+    cfg = load_config(run / "config.yaml")
+    assert cfg.dataset.layout == "niftynet_search" and cfg.preprocessing.labels == {0: 0, 1: 1, 4: 1}
+    assert cfg.sampler.window_size == (8, 8, 8)
+    # infer segments a folder with the imported run like with any trained run.
+    code = main(["infer", "--model", str(run), "-i", str(project / "data" / "images"), "-o", str(project / "seg"),
+                 "--pattern", "T1={subject}-T1.nii.gz", "--pattern", "T2={subject}-T2.nii.gz", "--whole-volume"])
+    assert code == 0, capsys.readouterr().err
+    segs = sorted(p.name for p in (project / "seg").iterdir())
+    assert segs == [f"IXI{i:03d}-HH_seg.nii.gz" for i in range(6)]
+    assert nib.load(str(project / "seg" / segs[0])).shape == (12, 12, 12)
