@@ -532,9 +532,11 @@ class _Converter:
         padding = self.get(N, "volume_padding_size")
         if padding is not None:
             if any(v != 0 for v in _numbers(padding, "volume_padding_size", int)):
+                # NiftyNet padded the volume so that windows could reach past its edges.
                 self.set("sampler.edge_policy", "pad", N, "volume_padding_size")
             else:
-                self.set("sampler.edge_policy", "clamp", N, "volume_padding_size")
+                # Unpadded, NiftyNet drew only windows lying inside the volume.
+                self.set("sampler.edge_policy", "valid", N, "volume_padding_size")
         keep = self.get(N, "keep_prob")
         if keep is not None:
             if _number(keep, "keep_prob") != 1.0:

@@ -182,7 +182,7 @@ def test_every_key_is_mapped_or_listed(project, monkeypatch):
                                "norm_type": "quartile", "cutoff": [0.02, 0.98]}
     assert pp["labels"] == {0: 0, 1: 1, 4: 1} and pp["other_labels"] == 0  # label_normalisation, NiftyNet's rule
     assert raw["network"] == {"num_classes": 2, "name": "highresnet3d", "activation": "leaky_relu", "l2_decay": 0.0001}
-    assert raw["sampler"] == {"window_size": [8, 8, 8], "type": "label", "edge_policy": "clamp", "windows_per_volume": 4}
+    assert raw["sampler"] == {"window_size": [8, 8, 8], "type": "label", "edge_policy": "valid", "windows_per_volume": 4}
     assert raw["augmentation"] == {"rotation_degrees": 10.0, "scaling_percent": 10.0, "flip_axes": [0, 2]}
     t = raw["training"]
     assert (t["strategy"], t["batch_size"], t["optimizer"], t["lr"], t["loss"]) == ("mirrored", 2, "adam", 0.001, "dice")
