@@ -51,7 +51,7 @@ def run_import(args) -> int:
 
         conversion = convert_ini(args.config)
         hist_file = conversion.histogram_file
-        notes = [f"{key}: {reason}" for key, reason in conversion.unmapped]
+        notes = [f"{key}: {reason}" for key, reason in conversion.unmapped] + conversion.warnings
         config = conversion.absolute_raw()
         # The run is for prediction: the checkpoint fine-tuning started from is not part of it.
         config.get("transfer", {}).pop("source", None)
@@ -82,6 +82,8 @@ def run_convert(args) -> int:
         except OutputExistsError as err:
             raise Highres3dError(str(err)) from None
         print(f"{args.output}: written ({len(conversion.mapped)} keys mapped, {len(conversion.unmapped)} not mapped)")
+        for warning in conversion.warnings:
+            print(f"  warning: {warning}")
         for key, reason in conversion.unmapped:
             print(f"  not mapped: {key}: {reason}")
     else:

@@ -332,7 +332,8 @@ def write_run_folder(
         if histogram_file is not None:
             shutil.copyfile(histogram_file, staging / "histogram_ref_file.txt")
             hist = raw.setdefault("preprocessing", {}).setdefault("histogram", {})
-            hist["ref_file"] = str((run_dir / "histogram_ref_file.txt").resolve())
+            # Relative: config.yaml resolves it against its own folder, so the run folder can move.
+            hist["ref_file"] = "histogram_ref_file.txt"
         cfg = config_from_dict(raw)
         widths = tuple(model.widths)
         from highres3d.models.highresnet import scaled_filters

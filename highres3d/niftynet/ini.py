@@ -10,7 +10,9 @@ is an error, and all such errors are reported together.
 Path rules follow NiftyNet: ``model_dir`` is relative to the INI's folder;
 ``dataset_split_file`` and ``histogram_ref_file`` are relative to
 ``model_dir``; ``path_to_search`` and ``csv_file`` are tried relative to the
-current folder first, then to the INI's folder. The YAML written by
+current folder first, then to the INI's folder (a path found in neither is
+kept relative to the INI and reported as a warning, so a model can be imported
+on a machine without the training data). The YAML written by
 ``config from-niftynet -o`` states paths relative to its own folder.
 
 Meaning-preserving conversions (the table in ``docs/niftynet.md`` lists all):
@@ -102,6 +104,10 @@ class Conversion:
         pending_import: ``(model_dir, iteration, run folder)`` when training
             starts from a NiftyNet checkpoint: import it to that run folder
             (``train --config FILE.ini`` does so itself).
+        output: where the YAML goes (its paths are written relative to it).
+        inference_iter: ``[INFERENCE] inference_iter``, the checkpoint to import.
+        model_dir: NiftyNet's ``model_dir``, resolved.
+        warnings: input paths that do not exist here (kept relative to the INI).
     """
 
     source: Path
@@ -113,6 +119,7 @@ class Conversion:
     output: Optional[Path] = None
     inference_iter: Optional[int] = None
     model_dir: Optional[Path] = None
+    warnings: list[str] = field(default_factory=list)
 
     def absolute_raw(self) -> dict:
         return copy.deepcopy(self.raw)
@@ -152,6 +159,7 @@ class Conversion:
             model_dir, iteration, target = self.pending_import
             lines.append(f"# starts from NiftyNet checkpoint {iteration}: 'highres3d train --config {self.source.name}' imports it,")
             lines.append(f"# or run: highres3d import niftynet {model_dir} --iteration {iteration} -o {target}")
+        lines.extend(f"# warning: {w}" for w in self.warnings)
         if self.unmapped:
             lines.append(f"# not mapped ({len(self.unmapped)}):")
             lines.extend(f"#   {key}: {reason}" for key, reason in self.unmapped)
@@ -215,6 +223,7 @@ class _Converter:
         self.mapped: list[tuple[str, str]] = []
         self.unmapped: list[tuple[str, str]] = []
         self.errors: list[str] = []
+        self.warnings: list[str] = []
         self.histogram_file: Optional[Path] = None
         self.pending_import = None
         parser = configparser.ConfigParser(inline_comment_prefixes=("#", ";"), interpolation=None)
@@ -293,7 +302,7 @@ class _Converter:
         text = self.get("INFERENCE", "inference_iter")
         inference_iter = _number(text, "inference_iter", int) if text else None
         return Conversion(self.path, self.raw, self.mapped, self.unmapped, self.histogram_file, self.pending_import,
-                          inference_iter=inference_iter, model_dir=self.model_dir)
+                          inference_iter=inference_iter, model_dir=self.model_dir, warnings=self.warnings)
 
     def _model_dir(self) -> Path:
         text = self.get("SYSTEM", "model_dir")
@@ -382,10 +391,12 @@ class _Converter:
                 for text in _items(self.get(s, "path_to_search")):
                     path = _existing(text, bases)
                     if path is None:
-                        self.error(s, "path_to_search", f"folder {text!r} not found (tried relative to "
-                                                        f"{bases[0]} and {bases[1]})")
-                    else:
-                        resolved.append(str(path))
+                        # The data may live elsewhere (importing a model for another machine): keep the
+                        # path relative to the INI and say so; matching reports it if it is still missing.
+                        path = self.folder / Path(os.path.expanduser(text))
+                        self.warnings.append(f"[{s}] path_to_search: folder {text!r} not found (tried relative to "
+                                             f"{bases[0]} and {bases[1]}); kept as {path}")
+                    resolved.append(str(path))
                 folders[s] = resolved
             all_folders = [f for fs in folders.values() for f in fs]
             root = os.path.commonpath(all_folders) if all_folders else str(self.folder)
@@ -410,8 +421,9 @@ class _Converter:
                 key = "csv_file" if self.get(s, "csv_file") else "csv_data_file"
                 path = _existing(self.get(s, key), bases)
                 if path is None:
-                    self.error(s, key, f"file {self.get(s, key)!r} not found (tried relative to {bases[0]} and {bases[1]})")
-                    continue
+                    path = self.folder / Path(os.path.expanduser(self.get(s, key)))
+                    self.warnings.append(f"[{s}] {key}: file {self.get(s, key)!r} not found (tried relative to "
+                                         f"{bases[0]} and {bases[1]}); kept as {path}")
                 files[s] = str(path)
                 self.use(s, key, f"dataset.csv_files.{s}")
             self.raw["dataset"]["csv_files"] = files

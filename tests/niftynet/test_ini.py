@@ -304,9 +304,15 @@ def test_import_with_ini_then_infer(project, monkeypatch, capsys):
     save_tf1_checkpoint(model_dir, niftynet_variables(num_classes=2, seed=2), 40)
     ini = project / "infer.ini"
     minimal = MINIMAL.replace("num_classes = 2", "num_classes = 2\nlabel_normalisation = True")
-    ini.write_text(minimal.format(extra="queue_length = 20") + "[SYSTEM]\nmodel_dir = models/ixi\n[INFERENCE]\ninference_iter = 20\n")
+    ini.write_text(minimal.format(extra="queue_length = 20\nnormalisation = True")
+                   + "[SYSTEM]\nmodel_dir = models/ixi\n[INFERENCE]\ninference_iter = 20\n")
+    landmarks = " ".join(str(v) for v in np.linspace(0, 100, 13))
+    (model_dir / "histogram_ref_file.txt").write_text(
+        f"T1 {landmarks}\nT2 {landmarks}\nlabel_label-from 0.0 1.0 4.0\nlabel_label-to 0.0 1.0 1.0\n")
+    first = project / "first_place"
+    assert main(["import", "niftynet", str(model_dir), "--config", str(ini), "-o", str(first)]) == 0
     run = project / "imported"
-    assert main(["import", "niftynet", str(model_dir), "--config", str(ini), "-o", str(run)]) == 0
+    first.rename(run)  # the run folder finds its landmarks wherever it is moved
     out = capsys.readouterr().out
     assert "INI key(s) not carried over" in out
     report = json.loads((run / "niftynet_import.json").read_text())
@@ -315,6 +321,7 @@ def test_import_with_ini_then_infer(project, monkeypatch, capsys):
     cfg = load_config(run / "config.yaml")
     assert cfg.dataset.layout == "niftynet_search" and cfg.preprocessing.labels == {0: 0, 1: 1, 4: 1}
     assert cfg.sampler.window_size == (8, 8, 8)
+    assert cfg.preprocessing.histogram.enabled and cfg.preprocessing.histogram.ref_file == run / "histogram_ref_file.txt"
     # infer segments a folder with the imported run like with any trained run.
     code = main(["infer", "--model", str(run), "-i", str(project / "data" / "images"), "-o", str(project / "seg"),
                  "--pattern", "T1={subject}-T1.nii.gz", "--pattern", "T2={subject}-T2.nii.gz", "--whole-volume"])
@@ -322,3 +329,32 @@ def test_import_with_ini_then_infer(project, monkeypatch, capsys):
     segs = sorted(p.name for p in (project / "seg").iterdir())
     assert segs == [f"IXI{i:03d}-HH_seg.nii.gz" for i in range(6)]
     assert nib.load(str(project / "seg" / segs[0])).shape == (12, 12, 12)
+
+
+def test_restore_regex_freezes_and_starting_iter_counts(project, monkeypatch):
+    monkeypatch.chdir(project)
+    model_dir = project / "models" / "ixi"
+    save_tf1_checkpoint(model_dir, niftynet_variables(num_classes=2), 100)
+    save_tf1_checkpoint(model_dir, niftynet_variables(num_classes=2, seed=4), 200)
+    ini = project / "ft.ini"
+    ini.write_text(MINIMAL.format(extra="") + "[SYSTEM]\nmodel_dir = models/ixi\n[TRAINING]\nstarting_iter = 100\n"
+                   "max_iter = 350\nvars_to_restore = ^((?!HighRes3DNet\\/conv_2).)*$\n")
+    conv = convert_ini(ini)
+    # NiftyNet froze what it restored when vars_to_freeze was unset.
+    assert conv.raw["transfer"]["freeze"] == r"^((?!HighRes3DNet\/conv_2).)*$"
+    assert any(key.startswith("[TRAINING] vars_to_restore") and "restores every weight" in reason for key, reason in conv.unmapped)
+    assert conv.raw["training"]["max_iter"] == 250  # 350 counted from checkpoint 100
+    assert conv.pending_import == (model_dir, 100, model_dir / "highres3d_import_ckpt-100")
+    assert conv.raw["transfer"]["source"] == str(model_dir / "highres3d_import_ckpt-100")
+    ini.write_text(MINIMAL.format(extra="") + "[SYSTEM]\nmodel_dir = models/ixi\n[TRAINING]\nstarting_iter = 7\n")
+    with pytest.raises(ConfigError, match=r"starting_iter: 7: .*available: 100, 200"):
+        convert_ini(ini)
+
+
+def test_missing_data_folders_are_warnings(project, monkeypatch):
+    monkeypatch.chdir(project)
+    ini = project / "elsewhere.ini"
+    ini.write_text(MINIMAL.replace("data/images", "/nonexistent/images").format(extra=""))
+    conv = convert_ini(ini)
+    assert any("folder '/nonexistent/images' not found" in w for w in conv.warnings)
+    assert "# warning: [T1] path_to_search" in conv.yaml_text()
