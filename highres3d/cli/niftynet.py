@@ -10,11 +10,13 @@ any, is copied in).
 
 ``config from-niftynet FILE.ini [-o FILE.yaml]`` converts a NiftyNet
 application config into a validated highres3d config; keys that have no
-equivalent are listed in the output with the reason.
+equivalent are listed in the output with the reason. Several INIs convert
+into a folder (``-o FOLDER``), each to ``<name>.yaml``.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers) -> None:
@@ -36,8 +38,9 @@ def register_config_action(config_subparsers) -> None:
     conv = config_subparsers.add_parser(
         "from-niftynet", help="convert a NiftyNet application .ini into a highres3d YAML config",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    conv.add_argument("ini", metavar="FILE.ini", help="the NiftyNet config")
-    conv.add_argument("-o", "--output", metavar="FILE.yaml", help="write here (default: print to the terminal)")
+    conv.add_argument("ini", metavar="FILE.ini", nargs="+", help="the NiftyNet config(s)")
+    conv.add_argument("-o", "--output", metavar="FILE.yaml|FOLDER",
+                      help="write here (default: print to the terminal); a folder for several configs")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     conv.set_defaults(func=run_convert)
 
@@ -68,24 +71,49 @@ def run_import(args) -> int:
 
 
 def run_convert(args) -> int:
-    from highres3d.niftynet.ini import convert_ini
+    from pathlib import Path
 
-    conversion = convert_ini(args.ini, output=args.output)
-    text = conversion.yaml_text()
-    if args.output:
-        from highres3d.errors import Highres3dError
-        from highres3d.utils import OutputExistsError, atomic_path
+    from highres3d.errors import ConfigError, Highres3dError
 
+    if len(args.ini) == 1 and not (args.output and Path(args.output).is_dir()):
+        _convert_one(args.ini[0], args.output, args.overwrite, show=args.output is None)
+        return 0
+    # A shelf of projects: every INI into one folder, one failure does not stop the others.
+    if not args.output:
+        raise ConfigError("several .ini files: pass -o FOLDER for the converted configs")
+    folder = Path(args.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for ini in args.ini:
         try:
-            with atomic_path(args.output, overwrite=args.overwrite) as tmp:
-                tmp.write_text(text)
-        except OutputExistsError as err:
-            raise Highres3dError(str(err)) from None
-        print(f"{args.output}: written ({len(conversion.mapped)} keys mapped, {len(conversion.unmapped)} not mapped)")
-        for warning in conversion.warnings:
-            print(f"  warning: {warning}")
-        for key, reason in conversion.unmapped:
-            print(f"  not mapped: {key}: {reason}")
-    else:
-        print(text, end="")
+            _convert_one(ini, folder / (Path(ini).stem + ".yaml"), args.overwrite, show=False)
+        except Highres3dError as err:
+            failed.append(f"{ini}: {err}")
+    if failed:
+        print(f"{len(failed)} of {len(args.ini)} config(s) not converted:", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _convert_one(ini, output, overwrite: bool, show: bool) -> None:
+    from highres3d.errors import Highres3dError
+    from highres3d.niftynet.ini import convert_ini
+    from highres3d.utils import OutputExistsError, atomic_path
+
+    conversion = convert_ini(ini, output=output)
+    text = conversion.yaml_text()
+    if show:
+        print(text, end="")
+        return
+    try:
+        with atomic_path(output, overwrite=overwrite) as tmp:
+            tmp.write_text(text)
+    except OutputExistsError as err:
+        raise Highres3dError(str(err)) from None
+    print(f"{output}: written ({len(conversion.mapped)} keys mapped, {len(conversion.unmapped)} not mapped)")
+    for warning in conversion.warnings:
+        print(f"  warning: {warning}")
+    for key, reason in conversion.unmapped:
+        print(f"  not mapped: {key}: {reason}")

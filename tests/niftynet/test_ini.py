@@ -358,3 +358,16 @@ def test_missing_data_folders_are_warnings(project, monkeypatch):
     conv = convert_ini(ini)
     assert any("folder '/nonexistent/images' not found" in w for w in conv.warnings)
     assert "# warning: [T1] path_to_search" in conv.yaml_text()
+
+
+def test_a_shelf_of_configs_converts_into_a_folder(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    good = project / "good.ini"
+    good.write_text(MINIMAL.format(extra="window_sampling = uniform"))
+    bad = project / "bad.ini"
+    bad.write_text(MINIMAL.format(extra="name = unet"))
+    out = project / "yaml"
+    assert main(["config", "from-niftynet", str(good), str(bad), "-o", str(out)]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["good.yaml"]
+    assert "bad.ini" in capsys.readouterr().err
+    assert load_config(out / "good.yaml").sampler.type == "uniform"
