@@ -371,3 +371,95 @@ def test_a_shelf_of_configs_converts_into_a_folder(project, monkeypatch, capsys)
     assert sorted(p.name for p in out.iterdir()) == ["good.yaml"]
     assert "bad.ini" in capsys.readouterr().err
     assert load_config(out / "good.yaml").sampler.type == "uniform"
+
+
+EDGE_INI = """
+[T1]
+csv_file = lists/t1.csv
+spatial_window_size = 8, 8, 8
+[FLAIR]
+csv_file = lists/flair.csv
+spatial_window_size = 8, 8, 8
+loader = nibabel
+[seg]
+csv_file = lists/seg.csv
+[weights]
+csv_file = lists/seg.csv
+[SYSTEM]
+num_gpus = 1
+dataset_split_file = nowhere.csv
+[NETWORK]
+whitening = False
+foreground_type = otsu_plus
+volume_padding_size = 4
+keep_prob = 0.5
+weight_initializer = glorot_uniform
+histogram_ref_file = ./mapping.txt
+[TRAINING]
+optimiser = momentum
+rotation_angle = (-5, 15)
+rotation_angle_x = (-3, 3)
+do_elastic_deformation = True
+deformation_sigma = 15
+save_every_n = -1
+validation_every_n = -1
+loss_type = GDSC
+[INFERENCE]
+border = 1, 1, 1
+output_interp_order = 3
+[SEGMENTATION]
+image = T1, FLAIR
+label = seg
+sampler = weights
+weight = weights
+min_sampling_ratio = 0.1
+num_classes = 3
+"""
+
+
+def test_csv_layout_and_keys_without_equivalent(project, monkeypatch):
+    monkeypatch.chdir(project)
+    lists = project / "lists"
+    lists.mkdir()
+    for name in ("t1", "flair", "seg"):
+        (lists / f"{name}.csv").write_text("s1,/x.nii.gz\n")
+    ini = project / "edge.ini"
+    ini.write_text(EDGE_INI)
+    conv = convert_ini(ini)
+    raw = conv.raw
+    assert raw["dataset"]["layout"] == "niftynet_csv"
+    assert raw["dataset"]["csv_files"] == {n: str(lists / f"{f}.csv") for n, f in (("T1", "t1"), ("FLAIR", "flair"), ("seg", "seg"))}
+    assert raw["preprocessing"]["normalisation"] == "none"
+    assert raw["sampler"]["edge_policy"] == "pad"
+    assert raw["training"]["optimizer"] == "sgd" and raw["training"]["loss"] == "generalised_dice"
+    assert "strategy" not in raw["training"] and "checkpoint_every" not in raw["training"]
+    assert raw["augmentation"]["rotation_degrees"] == 15.0
+    assert raw["inference"]["overlap"] == 0.25 and raw["inference"]["blend"] == "crop"  # 2 x 1 / 8
+    reasons = {key.split(" = ")[0]: reason for key, reason in conv.unmapped}
+    expected = {
+        "[SYSTEM] dataset_split_file": "does not exist",
+        "[NETWORK] foreground_type": "normalise_foreground_only",
+        "[NETWORK] keep_prob": "no dropout",
+        "[NETWORK] weight_initializer": "he_normal",
+        "[NETWORK] histogram_ref_file": "normalisation is off",
+        "[TRAINING] optimiser": "Nesterov",
+        "[TRAINING] rotation_angle": "asymmetric",
+        "[TRAINING] rotation_angle_x": "one rotation range",
+        "[TRAINING] do_elastic_deformation": "not implemented",
+        "[TRAINING] deformation_sigma": "not implemented",
+        "[TRAINING] save_every_n": "always saves",
+        "[TRAINING] validation_every_n": "validation_fraction: 0",
+        "[INFERENCE] output_interp_order": "nearest neighbour",
+        "[SEGMENTATION] sampler": "label map",
+        "[SEGMENTATION] weight": "per-voxel loss weights",
+        "[SEGMENTATION] min_sampling_ratio": "class_weighted",
+        "[FLAIR] loader": "nibabel",
+        "[weights] csv_file": "not used by [SEGMENTATION]",
+    }
+    for key, fragment in expected.items():
+        assert fragment in reasons.get(key, ""), (key, reasons.get(key))
+    ini.write_text(EDGE_INI.replace("csv_file = lists/seg.csv\n[weights]", "path_to_search = data/labels\n[weights]")
+                   .replace("[NETWORK]", "[NETWORK]\nreg_type = L1\ndecay = 0.1"))
+    with pytest.raises(ConfigError) as err:
+        convert_ini(ini)
+    assert "use path_to_search but" in str(err.value) and "L1 regularisation is not supported" in str(err.value)
