@@ -276,6 +276,40 @@ def import_checkpoint(model_dir: str | os.PathLike, iteration: Optional[int] = N
     return model, report
 
 
+def keep_only_restored(model, report: ImportReport, pattern: str, seed: int = 0) -> list[str]:
+    """Give every weight whose NiftyNet name ``pattern`` does not match its initial value.
+
+    NiftyNet's ``vars_to_restore`` restored only the matching variables and
+    left the others as initialised; applying this to an imported model and then
+    loading it in full has the same effect.
+
+    Args:
+        model: the imported :class:`HighResNet3D`.
+        report: its import report (NiftyNet name -> weight path).
+        pattern: the ``vars_to_restore`` regex, searched in the NiftyNet names.
+        seed: seed of the fresh initial values.
+
+    Returns:
+        The NiftyNet names that were not restored.
+    """
+    import keras
+
+    from highres3d.models import HighResNet3D, named_weights
+
+    regex = re.compile(pattern)
+    arch = report.architecture
+    keras.utils.set_random_seed(seed)
+    fresh = named_weights(HighResNet3D(arch["in_channels"], arch["num_classes"], activation=arch["activation"],
+                                       filters=arch["filters"]))
+    weights = named_weights(model)
+    reset = []
+    for name, path in sorted(report.mapped.items()):
+        if not regex.search(name):
+            weights[path].assign(fresh[path].numpy())
+            reset.append(name)
+    return reset
+
+
 # --------------------------------------------------------------------------- the run folder
 
 

@@ -31,6 +31,8 @@ Meaning-preserving conversions (the table in ``docs/niftynet.md`` lists all):
   :attr:`Conversion.pending_import`) and train ``M - N`` iterations;
 * ``vars_to_freeze`` (default ``vars_to_restore``, NiftyNet's rule) ->
   ``transfer.freeze`` (the regex is used verbatim against NiftyNet names);
+  ``vars_to_restore`` with ``starting_iter``: the imported starting model
+  keeps initial values for the variables the regex does not match;
 * ``validation_max_iter`` batches -> ``training.validation_windows`` windows;
 * ``label_normalisation`` -> ``preprocessing.labels`` read from the
   ``histogram_ref_file`` entries ``label_label-from`` / ``-to`` (values not
@@ -40,7 +42,9 @@ from __future__ import annotations
 
 import configparser
 import copy
+import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -101,9 +105,9 @@ class Conversion:
         mapped: ``([SECTION] key, highres3d key)`` for every key carried over.
         unmapped: ``([SECTION] key = value, reason)`` for every key that is not.
         histogram_file: the landmark file the INI uses (absolute), if any.
-        pending_import: ``(model_dir, iteration, run folder)`` when training
-            starts from a NiftyNet checkpoint: import it to that run folder
-            (``train --config FILE.ini`` does so itself).
+        pending_import: ``(model_dir, iteration, run folder, vars_to_restore)``
+            when training starts from a NiftyNet checkpoint: import it to that
+            run folder (``train --config FILE.ini`` does so itself).
         output: where the YAML goes (its paths are written relative to it).
         inference_iter: ``[INFERENCE] inference_iter``, the checkpoint to import.
         model_dir: NiftyNet's ``model_dir``, resolved.
@@ -115,7 +119,7 @@ class Conversion:
     mapped: list[tuple[str, str]] = field(default_factory=list)
     unmapped: list[tuple[str, str]] = field(default_factory=list)
     histogram_file: Optional[Path] = None
-    pending_import: Optional[tuple[Path, int, Path]] = None
+    pending_import: Optional[tuple[Path, int, Path, Optional[str]]] = None
     output: Optional[Path] = None
     inference_iter: Optional[int] = None
     model_dir: Optional[Path] = None
@@ -156,9 +160,10 @@ class Conversion:
         lines = [f"# converted from NiftyNet config {self.source} by 'highres3d config from-niftynet'",
                  "# paths are relative to this file"]
         if self.pending_import:
-            model_dir, iteration, target = self.pending_import
-            lines.append(f"# starts from NiftyNet checkpoint {iteration}: 'highres3d train --config {self.source.name}' imports it,")
-            lines.append(f"# or run: highres3d import niftynet {model_dir} --iteration {iteration} -o {target}")
+            model_dir, iteration, target, restore = self.pending_import
+            lines.append(f"# starts from NiftyNet checkpoint {iteration}: 'highres3d train --config {self.source.name}' imports it")
+            if not restore:
+                lines.append(f"# (or run: highres3d import niftynet {model_dir} --iteration {iteration} -o {target})")
         lines.extend(f"# warning: {w}" for w in self.warnings)
         if self.unmapped:
             lines.append(f"# not mapped ({len(self.unmapped)}):")
@@ -674,6 +679,13 @@ class _Converter:
                             ("exclude_fraction_for_inference", "inference_fraction")):
             if g(key):
                 self.set(f"dataset.split.{target}", _number(g(key), key), T, key)
+        self.restore = g("vars_to_restore")
+        if self.restore is not None:
+            try:
+                re.compile(self.restore)
+            except re.error as err:
+                self.error(T, "vars_to_restore", f"not a valid regular expression ({err})")
+                self.restore = None
         start = _number(g("starting_iter"), "starting_iter", int) if g("starting_iter") else 0
         max_iter = _number(g("max_iter"), "max_iter", int) if g("max_iter") else None
         if start != 0:
@@ -683,9 +695,9 @@ class _Converter:
         if max_iter is not None and (T, "max_iter") not in self.used:
             self.set("training.max_iter", max_iter, T, "max_iter")
         freeze = g("vars_to_freeze") or g("vars_to_restore")
-        if g("vars_to_restore"):
-            self.skip(T, "vars_to_restore", "highres3d restores every weight whose shape fits (the classifier is "
-                                            "re-initialised when the classes differ); used as the vars_to_freeze default")
+        if g("vars_to_restore") and (T, "vars_to_restore") not in self.used:
+            self.skip(T, "vars_to_restore", "nothing is restored with starting_iter = 0; "
+                                            "used as the vars_to_freeze default (NiftyNet's rule)")
         if freeze:
             self.set("transfer.freeze", freeze, T, "vars_to_freeze" if g("vars_to_freeze") else "vars_to_restore")
 
@@ -729,8 +741,13 @@ class _Converter:
         except DataError as err:
             self.error(T, "starting_iter", f"{start}: {err}")
             return
-        target = self.model_dir / f"highres3d_import_ckpt-{iteration}"
-        self.pending_import = (self.model_dir, iteration, target)
+        name = f"highres3d_import_ckpt-{iteration}"
+        if self.restore:
+            # One import per restore pattern: the weights it leaves out differ.
+            name += "-restore-" + hashlib.sha1(self.restore.encode()).hexdigest()[:8]
+            self.use(T, "vars_to_restore", "the imported starting model keeps initial values for the variables it does not match")
+        target = self.model_dir / name
+        self.pending_import = (self.model_dir, iteration, target, self.restore)
         self.set("transfer.source", str(target), T, "starting_iter")
         if max_iter is not None:
             remaining = max_iter - iteration
@@ -804,13 +821,20 @@ def import_pending(conversion: Conversion, echo=print) -> None:
     """Import the NiftyNet checkpoint a converted config starts from, unless already imported."""
     if conversion.pending_import is None:
         return
-    model_dir, iteration, target = conversion.pending_import
+    model_dir, iteration, target, restore = conversion.pending_import
     if target.exists():
         return
-    from highres3d.niftynet.checkpoint import import_checkpoint, write_run_folder
+    from highres3d.niftynet.checkpoint import import_checkpoint, keep_only_restored, write_run_folder
 
     model, report = import_checkpoint(model_dir, iteration)
-    write_run_folder(model, report, target, config=conversion.absolute_raw(), histogram_file=conversion.histogram_file)
+    notes = []
+    if restore:
+        reset = keep_only_restored(model, report, restore)
+        notes.append(f"vars_to_restore {restore!r}: {len(reset)} variable(s) keep initial values: " + ", ".join(reset))
+        echo(f"vars_to_restore: {len(report.mapped) - len(reset)} of {len(report.mapped)} variables restored")
+    config = conversion.absolute_raw()
+    config.get("transfer", {}).pop("source", None)  # the import is the source, it has none itself
+    write_run_folder(model, report, target, config=config, histogram_file=conversion.histogram_file, notes=notes)
     echo(f"imported NiftyNet checkpoint {iteration} of {model_dir} into {target}")
 
 

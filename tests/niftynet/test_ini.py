@@ -332,20 +332,37 @@ def test_import_with_ini_then_infer(project, monkeypatch, capsys):
 
 
 def test_restore_regex_freezes_and_starting_iter_counts(project, monkeypatch):
+    from highres3d.models import named_weights
+    from highres3d.niftynet.ini import import_pending
+    from highres3d.transfer import load_model
+
     monkeypatch.chdir(project)
     model_dir = project / "models" / "ixi"
-    save_tf1_checkpoint(model_dir, niftynet_variables(num_classes=2), 100)
+    variables = niftynet_variables(num_classes=2)
+    save_tf1_checkpoint(model_dir, variables, 100)
     save_tf1_checkpoint(model_dir, niftynet_variables(num_classes=2, seed=4), 200)
     ini = project / "ft.ini"
+    regex = r"^((?!HighRes3DNet\/conv_2).)*$"
     ini.write_text(MINIMAL.format(extra="") + "[SYSTEM]\nmodel_dir = models/ixi\n[TRAINING]\nstarting_iter = 100\n"
-                   "max_iter = 350\nvars_to_restore = ^((?!HighRes3DNet\\/conv_2).)*$\n")
+                   f"max_iter = 350\nvars_to_restore = {regex}\n")
     conv = convert_ini(ini)
     # NiftyNet froze what it restored when vars_to_freeze was unset.
-    assert conv.raw["transfer"]["freeze"] == r"^((?!HighRes3DNet\/conv_2).)*$"
-    assert any(key.startswith("[TRAINING] vars_to_restore") and "restores every weight" in reason for key, reason in conv.unmapped)
+    assert conv.raw["transfer"]["freeze"] == regex
+    assert ("[TRAINING] vars_to_restore", "the imported starting model keeps initial values for the variables it does not match") in conv.mapped
     assert conv.raw["training"]["max_iter"] == 250  # 350 counted from checkpoint 100
-    assert conv.pending_import == (model_dir, 100, model_dir / "highres3d_import_ckpt-100")
-    assert conv.raw["transfer"]["source"] == str(model_dir / "highres3d_import_ckpt-100")
+    model_dir_, iteration, target, restore = conv.pending_import
+    assert (model_dir_, iteration, restore) == (model_dir, 100, regex)
+    assert target.parent == model_dir and target.name.startswith("highres3d_import_ckpt-100-restore-")
+    assert conv.raw["transfer"]["source"] == str(target)
+    import_pending(conv, echo=lambda *_: None)
+    weights = {k: v.numpy() for k, v in named_weights(load_model(target)).items()}
+    # Restored: everything but conv_2, which keeps its initial values (BN statistics 0 and 1).
+    np.testing.assert_array_equal(weights["res_3_1/conv_0/kernel"], variables["HighRes3DNet/res_3_1/conv_0/w"])
+    np.testing.assert_array_equal(weights["conv_1/bn/gamma"], variables["HighRes3DNet/conv_1_bn_leakyrelu/bn_/gamma"])
+    assert not np.allclose(weights["conv_2/conv/kernel"], variables["HighRes3DNet/conv_2_bn/conv_/w"])
+    np.testing.assert_array_equal(weights["conv_2/bn/moving_variance"], np.ones(2))
+    notes = json.loads((target / "niftynet_import.json").read_text())["notes"]
+    assert "5 variable(s) keep initial values" in notes[0]  # conv_2: w, gamma, beta, moving mean and variance
     ini.write_text(MINIMAL.format(extra="") + "[SYSTEM]\nmodel_dir = models/ixi\n[TRAINING]\nstarting_iter = 7\n")
     with pytest.raises(ConfigError, match=r"starting_iter: 7: .*available: 100, 200"):
         convert_ini(ini)
