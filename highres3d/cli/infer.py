@@ -104,9 +104,16 @@ def run(args) -> int:
     if not input_dir.is_dir():
         raise DataError(f"{input_dir}: input folder not found")
     model, cfg, model_file = load_run(args.model, args.config)
-    patterns = resolve_patterns(cfg, args.pattern)
     problems: list[str] = []
-    subjects = discover_subjects(input_dir, patterns, list(cfg.dataset.modalities), problems)
+    if cfg.dataset.layout == "niftynet_search" and not args.pattern:
+        # A NiftyNet model finds new data with the filename rules it was trained with.
+        from highres3d.niftynet.matching import subjects_in_folder
+
+        patterns = {m: dict(contains=list(cfg.dataset.search[m].filename_contains)) for m in cfg.dataset.modalities}
+        subjects = subjects_in_folder(input_dir, cfg.dataset, problems)
+    else:
+        patterns = resolve_patterns(cfg, args.pattern)
+        subjects = discover_subjects(input_dir, patterns, list(cfg.dataset.modalities), problems)
     for problem in problems:
         log.warning("skipped %s", problem)
     if not subjects:

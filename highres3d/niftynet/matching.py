@@ -232,3 +232,29 @@ def subjects_from_search(cfg, problems: list[str]) -> list:
         subjects.append(Subject(sid, {m: tables[m][sid] for m in cfg.modalities},
                                 tables.get("label", {}).get(sid), tables.get("mask", {}).get(sid)))
     return subjects
+
+
+def subjects_in_folder(folder: Path, cfg, problems: list[str]) -> list:
+    """The subjects of a new folder found with a dataset's NiftyNet matching rules (for ``infer``).
+
+    Each modality's ``filename_contains`` / ``filename_not_contains`` /
+    ``filename_removefromid`` apply to ``folder`` instead of ``path_to_search``;
+    labels are not looked for.
+    """
+    from highres3d.data.dataset import Subject
+
+    tables = {}
+    for m in cfg.modalities:
+        section = cfg.search[m]
+        match = match_section(m, [str(folder)], section.filename_contains, section.filename_not_contains,
+                              section.filename_removefromid)
+        problems.extend(match.problems)
+        tables[m] = match.files
+    subjects = []
+    for sid in sorted(set().union(*[set(t) for t in tables.values()])):
+        absent = [m for m in cfg.modalities if sid not in tables[m]]
+        if absent:
+            problems.append(f"{sid}: no {', '.join(absent)} file in {folder}")
+            continue
+        subjects.append(Subject(sid, {m: tables[m][sid] for m in cfg.modalities}))
+    return subjects

@@ -329,6 +329,10 @@ def test_import_with_ini_then_infer(project, monkeypatch, capsys):
     segs = sorted(p.name for p in (project / "seg").iterdir())
     assert segs == [f"IXI{i:03d}-HH_seg.nii.gz" for i in range(6)]
     assert nib.load(str(project / "seg" / segs[0])).shape == (12, 12, 12)
+    # Without --pattern, the INI's filename rules find the subjects (ids as NiftyNet made them).
+    assert main(["infer", "--model", str(run), "-i", str(project / "data" / "images"), "-o", str(project / "seg2"),
+                 "--whole-volume"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (project / "seg2").iterdir()) == [f"IXI{i:03d}HH_seg.nii.gz" for i in range(6)]
 
 
 def test_restore_regex_freezes_and_starting_iter_counts(project, monkeypatch):
