@@ -65,7 +65,11 @@ def sampler_figures(draws: int) -> dict:
 def import_figures() -> dict:
     import niftynet_tf1 as tf1
 
-    from highres3d.niftynet.checkpoint import import_checkpoint, read_checkpoint, find_checkpoint
+    from highres3d.niftynet.checkpoint import (
+        find_checkpoint,
+        import_checkpoint,
+        read_checkpoint,
+    )
 
     variables = tf1.niftynet_variables(num_classes=2, widths=(16, 32, 64, 80))
     with tempfile.TemporaryDirectory() as tmp:

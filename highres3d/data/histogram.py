@@ -183,7 +183,7 @@ def label_mapping(entries: Mapping[str, Sequence[float]], section: str = "label"
         return None
     if len(source) != len(target):
         raise DataError(f"histogram_ref_file: {section}-from and {section}-to have different lengths")
-    return {int(round(a)): int(round(b)) for a, b in zip(source, target)}
+    return {round(a): round(b) for a, b in zip(source, target)}
 
 
 def reference_landmarks(path: str | os.PathLike, modalities: Sequence[str]) -> dict[str, np.ndarray]:

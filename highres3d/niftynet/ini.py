@@ -292,7 +292,7 @@ class _Converter:
         self._training()
         self._inference()
         for section, values in self.ini.items():
-            for key, value in values.items():
+            for key in values:
                 if (section, key) in self.used:
                     continue
                 if (section, key) in _NO_MEANING:
@@ -616,7 +616,7 @@ class _Converter:
 
     def _training(self) -> None:
         T = "TRAINING"
-        g = lambda k: self.get(T, k)  # noqa: E731
+        g = lambda k: self.get(T, k)
         if g("optimiser"):
             name = g("optimiser").lower()
             if name not in _OPTIMISERS:
@@ -824,7 +824,11 @@ def import_pending(conversion: Conversion, echo=print) -> None:
     model_dir, iteration, target, restore = conversion.pending_import
     if target.exists():
         return
-    from highres3d.niftynet.checkpoint import import_checkpoint, keep_only_restored, write_run_folder
+    from highres3d.niftynet.checkpoint import (
+        import_checkpoint,
+        keep_only_restored,
+        write_run_folder,
+    )
 
     model, report = import_checkpoint(model_dir, iteration)
     notes = []

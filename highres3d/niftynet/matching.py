@@ -190,10 +190,10 @@ def match_sections(
     for name, section in sections.items():
         match = match_section(
             name,
-            tuple(getattr(section, "path_to_search")),
-            tuple(getattr(section, "filename_contains")),
-            tuple(getattr(section, "filename_not_contains")),
-            tuple(getattr(section, "filename_removefromid")),
+            tuple(section.path_to_search),
+            tuple(section.filename_contains),
+            tuple(section.filename_not_contains),
+            tuple(section.filename_removefromid),
             root,
         )
         if not match.files:
@@ -216,7 +216,8 @@ def subjects_from_search(cfg, problems: list[str]) -> list:
     Returns:
         :class:`highres3d.data.dataset.Subject` objects with a file for every modality.
     """
-    from highres3d.data.dataset import Subject  # dataset.py imports this module lazily too
+    # Imported here: dataset.py imports this module lazily, and a top-level import would be circular.
+    from highres3d.data.dataset import Subject
 
     root = Path(cfg.root) if cfg.root is not None else None
     tables, found = match_sections(cfg.search, cfg.modalities, root)

@@ -2,10 +2,9 @@
 weight by weight and against a NumPy forward pass that never sees the mapping."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-
-import json
 
 import numpy as np
 import pytest
@@ -14,9 +13,15 @@ from highres3d.cli.main import main
 from highres3d.errors import DataError
 from highres3d.models import named_weights
 from highres3d.niftynet.checkpoint import find_checkpoint, import_checkpoint
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: helpers beside the tests
-from niftynet_tf1 import SCOPE, WIDTHS, niftynet_variables, reference_forward, save_tf1_checkpoint  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: helpers beside the tests
+from niftynet_tf1 import (
+    SCOPE,
+    WIDTHS,
+    niftynet_variables,
+    reference_forward,
+    save_tf1_checkpoint,
+)
 
 
 @pytest.mark.parametrize("token", ["leakyrelu", "prelu"])

@@ -2,11 +2,10 @@
 listed together, and ``highres3d train --config FILE.ini`` end to end."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import configparser
 import json
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,8 +16,9 @@ from highres3d.cli.main import main
 from highres3d.config import load_config
 from highres3d.errors import ConfigError
 from highres3d.niftynet.ini import convert_ini
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: helpers beside the tests
-from niftynet_tf1 import niftynet_variables, save_tf1_checkpoint  # noqa: E402
+from niftynet_tf1 import niftynet_variables, save_tf1_checkpoint
 
 
 def write_volume(path, data):
