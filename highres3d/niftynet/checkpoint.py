@@ -18,8 +18,9 @@ Contract:
   shapes and scope names, so any width of HighRes3DNet imports.
 * Optimiser slots (``.../Adam``, ``.../Adam_1``, ``beta1_power``,
   ``beta2_power``; Momentum/RMSProp/Adagrad alike), TF1's zero-debias copies of
-  the BN statistics (``.../biased``, ``.../local_step``) and ``global_step``
-  are ignored and counted in the report. The stored ``moving_mean`` /
+  the BN statistics (``.../biased``, ``.../local_step``), ``global_step`` and
+  any variable outside the network's scope are ignored and counted in the
+  report. The stored ``moving_mean`` /
   ``moving_variance`` are already de-biased, so they load as they are.
 * A checkpoint that does not fit raises :class:`~highres3d.errors.DataError`
   listing every missing, extra and wrongly shaped variable at once.
@@ -260,18 +261,21 @@ def import_checkpoint(model_dir: str | os.PathLike, iteration: Optional[int] = N
     """Read and map a NiftyNet checkpoint: returns ``(model, ImportReport)``."""
     prefix, iteration = find_checkpoint(model_dir, iteration)
     classified = classify(read_checkpoint(prefix))
-    if classified.other:
-        # Unknown non-network variables would silently change nothing; name them rather than guess.
+    scope, _ = network_scope(classified.network)
+    inside = [n for n in classified.other if not scope or n.startswith(scope + "/")]
+    if inside:
+        # Unknown variables inside the network would mean a different architecture: refuse rather than guess.
         raise DataError(
-            f"{prefix}: variables neither HighRes3DNet weights nor optimiser/bookkeeping state: "
-            + ", ".join(classified.other)
+            f"{prefix}: variables inside {scope or 'the network'} that HighRes3DNet does not have: " + ", ".join(inside)
         )
+    unrelated = [n for n in classified.other if n not in inside]
     model, arch, mapped = build_model(classified.network)
     arch = {k: v for k, v in arch.items() if k != "token"}
     report = ImportReport(str(prefix), iteration, arch, mapped, {
         "optimiser_slot": classified.optimiser,
         "zero_debias": classified.zero_debias,
         "global_step": classified.global_step,
+        "outside_the_network": unrelated,
     })
     return model, report
 

@@ -82,6 +82,15 @@ def test_misfit_lists_missing_extra_and_wrong_shapes(tmp_path):
     assert "1 missing: HighRes3DNet/res_1_1/bn_0/gamma" in message
     assert "HighRes3DNet/res_2_1/conv_0/w: shape (3, 3, 3, 4, 5), expected (3, 3, 3, 4, 4)" in message
     assert "1 extra (not part of HighRes3DNet): HighRes3DNet/res_4_0/conv_0/w" in message
+    save_tf1_checkpoint(tmp_path / "nn", variables, 4, extra_junk={f"{SCOPE}/res_1_0/dropout/keep": np.ones(1, np.float32)})
+    with pytest.raises(DataError, match="inside HighRes3DNet that HighRes3DNet does not have: HighRes3DNet/res_1_0/dropout/keep"):
+        import_checkpoint(tmp_path / "nn", 4)
+
+
+def test_variables_outside_the_network_are_ignored_and_reported(tmp_path):
+    save_tf1_checkpoint(tmp_path / "nn", niftynet_variables(), 9, extra_junk={"loss/moving_avg": np.float32(0.3)})
+    _, report = import_checkpoint(tmp_path / "nn")
+    assert report.ignored["outside_the_network"] == ["loss/moving_avg"]
 
 
 def test_cli_import_writes_a_run_folder_infer_and_transfer_use(tmp_path, capsys):
