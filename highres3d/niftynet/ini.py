@@ -471,7 +471,11 @@ class _Converter:
                     self.use(s, "spatial_window_size", "sampler.window_size")
                 self.raw.setdefault("sampler", {})["window_size"] = first
         if self.label and self.get(self.label, "spatial_window_size"):
-            self.use(self.label, "spatial_window_size", "sampler.window_size (same window for the label)")
+            label_window = _numbers(self.get(self.label, "spatial_window_size"), "spatial_window_size", int)
+            if window and label_window != next(iter(window.values())):
+                self.skip(self.label, "spatial_window_size", "label windows are always the image windows' size here")
+            else:
+                self.use(self.label, "spatial_window_size", "sampler.window_size (same window for the label)")
         orders = {s: _number(self.get(s, "interp_order"), "interp_order", int)
                   for s in sections if self.get(s, "interp_order") is not None}
         if self.label in orders:

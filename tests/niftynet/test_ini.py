@@ -404,6 +404,7 @@ spatial_window_size = 8, 8, 8
 loader = nibabel
 [seg]
 csv_file = lists/seg.csv
+spatial_window_size = 4, 4, 4
 [weights]
 csv_file = lists/seg.csv
 [SYSTEM]
@@ -476,6 +477,7 @@ def test_csv_layout_and_keys_without_equivalent(project, monkeypatch):
         "[SEGMENTATION] min_sampling_ratio": "class_weighted",
         "[FLAIR] loader": "nibabel",
         "[weights] csv_file": "not used by [SEGMENTATION]",
+        "[seg] spatial_window_size": "always the image windows' size",
     }
     for key, fragment in expected.items():
         assert fragment in reasons.get(key, ""), (key, reasons.get(key))
