@@ -481,7 +481,7 @@ def test_csv_layout_and_keys_without_equivalent(project, monkeypatch):
     }
     for key, fragment in expected.items():
         assert fragment in reasons.get(key, ""), (key, reasons.get(key))
-    ini.write_text(EDGE_INI.replace("csv_file = lists/seg.csv\n[weights]", "path_to_search = data/labels\n[weights]")
+    ini.write_text(EDGE_INI.replace("csv_file = lists/seg.csv\nspatial", "path_to_search = data/labels\nspatial")
                    .replace("[NETWORK]", "[NETWORK]\nreg_type = L1\ndecay = 0.1"))
     with pytest.raises(ConfigError) as err:
         convert_ini(ini)
