@@ -126,17 +126,38 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class SearchSection:
+    """One NiftyNet input section for layout 'niftynet_search' (NiftyNet 0.5 file matching)."""
+
+    path_to_search: tuple[str, ...] = _field((), "folders searched (not recursively); relative ones are relative to dataset.root")
+    filename_contains: tuple[str, ...] = _field((), "substrings every matched file name contains")
+    filename_not_contains: tuple[str, ...] = _field((), "substrings no matched file name contains")
+    filename_removefromid: tuple[str, ...] = _field((), "substrings cut out of the file name to form the subject id (default: filename_contains)")
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     """Where the subjects' files are and how they are named."""
 
     name: str = _field("dataset", "a short name used in run folders and reports")
     root: Optional[Path] = _field(None, "the dataset folder; patterns and nnU-Net layouts are relative to it", path=True)
-    layout: Literal["patterns", "niftynet_csv", "nnunet"] = _field("patterns", "how subjects are found")
+    layout: Literal["patterns", "niftynet_csv", "nnunet", "niftynet_search"] = _field("patterns", "how subjects are found")
     modalities: tuple[str, ...] = _field(("T1", "T2"), "image modalities, in channel order")
     patterns: dict[str, str] = _field({}, "layout 'patterns': one filename pattern with {subject} per modality, 'label' and optionally 'mask'")
     csv_files: dict[str, Path] = _field({}, "layout 'niftynet_csv': one 'subject_id,path' CSV per modality, 'label' and optionally 'mask'", path=True)
     missing: Literal["error", "skip"] = _field("error", "a subject with a missing file (image, or the label of a training/validation subject): 'error' stops before training and lists them all; 'skip' leaves the subject out with a warning")
     split: SplitConfig = _field(SplitConfig(), "the data split")
+    search: dict[str, SearchSection] = _field({}, "layout 'niftynet_search': one NiftyNet input section per modality, 'label' and optionally 'mask'")
+
+
+@dataclass(frozen=True)
+class HistogramConfig:
+    """Histogram standardisation (Nyúl et al. 2000) as NiftyNet's ``normalisation = True``."""
+
+    enabled: bool = _field(False, "map intensities piece-wise linearly onto landmarks learned from the training subjects, before whitening")
+    ref_file: Optional[Path] = _field(None, "landmark file in NiftyNet's histogram_ref_file format; null: learned into the run folder", path=True)
+    norm_type: Literal["percentile", "quartile", "median"] = _field("percentile", "which landmarks define the pieces")
+    cutoff: tuple[float, float] = _field((0.01, 0.99), "lowest and highest percentile (fractions) of the intensity range", lambda v: None if 0 <= v[0] < v[1] <= 1 else "expected two fractions 0 <= low < high <= 1")
 
 
 @dataclass(frozen=True)
@@ -154,6 +175,7 @@ class PreprocessingConfig:
     labels: dict[int, int] = _field({}, "label mapping raw value -> class index, e.g. {17: 1, 53: 1}; empty = labels are already class indices")
     other_labels: Optional[int] = _field(None, "class index for raw values missing from 'labels'; null makes them an error")
     affine_tolerance: float = _field(1e-3, "maximum difference (mm) between the affines of a subject's files", _positive)
+    histogram: HistogramConfig = _field(HistogramConfig(), "histogram standardisation before whitening")
 
 
 @dataclass(frozen=True)
@@ -429,8 +451,10 @@ def _cross_checks(cfg: Config) -> None:
     unknown = [m for m in pp.modality_interpolation if m not in ds.modalities]
     if unknown:
         raise ConfigError(f"preprocessing.modality_interpolation.{unknown[0]}: not one of the modalities {list(ds.modalities)}")
-    if pp.foreground == "mask" and ds.layout != "nnunet" and "mask" not in (ds.patterns if ds.layout == "patterns" else ds.csv_files):
-        where = "dataset.patterns" if ds.layout == "patterns" else "dataset.csv_files"
+    if ds.layout == "niftynet_search":
+        _niftynet_search_checks(ds)
+    if pp.foreground == "mask" and ds.layout != "nnunet" and "mask" not in {"patterns": ds.patterns, "niftynet_search": ds.search}.get(ds.layout, ds.csv_files):
+        where = {"patterns": "dataset.patterns", "niftynet_search": "dataset.search"}.get(ds.layout, "dataset.csv_files")
         raise ConfigError(f"{where}.mask: required when preprocessing.foreground is 'mask'")
     classes = set(pp.labels.values()) | ({pp.other_labels} if pp.other_labels is not None else set())
     if classes and max(classes) >= cfg.network.num_classes:
@@ -479,6 +503,18 @@ def _check_freeze(freeze) -> None:
         close = difflib.get_close_matches(unknown[0], LAYER_GROUPS, n=1)
         hint = f", did you mean {close[0]!r}?" if close else f"; groups are {', '.join(LAYER_GROUPS)}"
         raise ConfigError(f"transfer.freeze: unknown layer group {unknown[0]!r}{hint}")
+
+
+def _niftynet_search_checks(ds: DatasetConfig) -> None:
+    problems = [f"dataset.search.{m}: no input section for modality {m} (layout 'niftynet_search')"
+                for m in ds.modalities if m not in ds.search]
+    for name, section in ds.search.items():
+        if name not in ds.modalities and name not in ("label", "mask"):
+            problems.append(f"dataset.search.{name}: not a modality ({', '.join(ds.modalities)}), 'label' or 'mask'")
+        if not section.path_to_search:
+            problems.append(f"dataset.search.{name}.path_to_search: required (one or more folders)")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 # --------------------------------------------------------------------------- loading

@@ -470,9 +470,16 @@ def predict_folder(
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise DataError(f"{input_dir}: input folder not found")
-    found = input_patterns(config, input_dir, patterns)
     problems: list[str] = []
-    subjects = discover_subjects(input_dir, found, list(config.dataset.modalities), problems)
+    if config.dataset.layout == "niftynet_search" and not patterns:
+        # A NiftyNet model finds new data with the filename rules it was trained with.
+        from highres3d.niftynet.matching import subjects_in_folder
+
+        found = {m: {"contains": list(config.dataset.search[m].filename_contains)} for m in config.dataset.modalities}
+        subjects = subjects_in_folder(input_dir, config.dataset, problems)
+    else:
+        found = input_patterns(config, input_dir, patterns)
+        subjects = discover_subjects(input_dir, found, list(config.dataset.modalities), problems)
     if not subjects:
         raise DataError(f"{input_dir}: no subjects match {found}; set --pattern")
     subjects = sorted(subjects, key=lambda s: s.id)[index::count]

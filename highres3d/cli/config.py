@@ -15,6 +15,9 @@ def register(subparsers) -> None:
     show.set_defaults(func=run_show)
     keys = sub.add_parser("keys", help="list every config key with its default and meaning")
     keys.set_defaults(func=run_keys)
+    from highres3d.cli.niftynet import register_config_action
+
+    register_config_action(sub)
 
 
 def run_check(args) -> int:

@@ -1,4 +1,4 @@
-"""``highres3d data check``: validate every subject of a dataset and summarise it."""
+"""``highres3d data check|landmarks``: validate a dataset; learn histogram-standardisation landmarks."""
 from __future__ import annotations
 
 from highres3d.cli.common import add_config_arguments, load_config_from_args
@@ -14,6 +14,15 @@ def register(subparsers) -> None:
     add_config_arguments(check, positional=True)
     check.add_argument("--no-labels", action="store_true", help="do not require label files (inference-only data)")
     check.set_defaults(func=run_check)
+    landmarks = sub.add_parser(
+        "landmarks",
+        help="learn histogram-standardisation landmarks from the training subjects (NiftyNet histogram_ref_file format)",
+    )
+    add_config_arguments(landmarks, positional=True)
+    landmarks.add_argument("-o", "--output", metavar="FILE",
+                           help="landmark file to write (default: preprocessing.histogram.ref_file)")
+    landmarks.add_argument("--overwrite", action="store_true", help="replace an existing landmark file")
+    landmarks.set_defaults(func=run_landmarks)
 
 
 def run_check(args) -> int:
@@ -23,3 +32,33 @@ def run_check(args) -> int:
     report = check_dataset(cfg, require_labels=not args.no_labels)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def run_landmarks(args) -> int:
+    from pathlib import Path
+
+    from highres3d.data import histogram
+    from highres3d.data.dataset import Dataset
+    from highres3d.errors import ConfigError, DataError, Highres3dError
+
+    cfg = load_config_from_args(args)
+    target = Path(args.output) if args.output else cfg.preprocessing.histogram.ref_file
+    if target is None:
+        raise ConfigError("no output file: pass -o FILE or set preprocessing.histogram.ref_file")
+    if target.exists() and not args.overwrite:
+        raise Highres3dError(f"{target}: already exists; pass --overwrite to replace it")
+    dataset = Dataset.from_config(cfg.dataset)
+    for problem in dataset.problems:
+        print(f"warning: {problem}")
+    subjects = dataset.split("training")
+    if not subjects:
+        raise DataError(f"no training subjects to learn landmarks from (splits: {dataset.counts()})")
+    learned = histogram.learn_from_subjects(subjects, cfg.preprocessing, list(cfg.dataset.modalities), print)
+    # Keep what else the file holds (NiftyNet's label mapping, other modalities), as NiftyNet did.
+    entries = histogram.read_ref_file(target) if target.is_file() else {}
+    entries.update({m: tuple(v) for m, v in learned.items()})
+    histogram.write_ref_file(target, entries, overwrite=True)
+    print(f"landmarks of {len(subjects)} training subjects (cutoff {cfg.preprocessing.histogram.cutoff}):")
+    print(histogram.format_landmarks(learned))
+    print(f"written to {target}")
+    return 0

@@ -1,7 +1,13 @@
-"""``highres3d train --config FILE``: train HighResNet3D end to end into a run folder."""
+"""``highres3d train --config FILE``: train HighResNet3D end to end into a run folder.
+
+``FILE`` may be a NiftyNet ``.ini``: it is converted (as ``highres3d config
+from-niftynet`` does), a ``starting_iter`` checkpoint is imported first, and
+the converted YAML is kept in the run folder as ``niftynet_config.yaml``.
+"""
 from __future__ import annotations
 
 from highres3d.cli.common import add_config_arguments, load_config_from_args
+from highres3d.niftynet.ini import is_ini
 
 
 def register(subparsers) -> None:
@@ -26,8 +32,18 @@ def run(args) -> int:
     if args.max_iter is not None:
         args.overrides.append(f"training.max_iter={args.max_iter}")
     cfg = load_config_from_args(args)
+    conversion = None
+    if is_ini(args.config):
+        from highres3d.niftynet.ini import convert_ini, import_pending
+
+        conversion = convert_ini(args.config)
+        import_pending(conversion)  # starting_iter: the NiftyNet checkpoint becomes transfer.source
     result = train(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite, subset=args.subset,
                    show_progress=False if args.no_progress else None)
+    if conversion is not None:
+        from highres3d.niftynet.ini import save_conversion
+
+        save_conversion(conversion, result.run_dir)
     best = f"{result.best_score:.4f} at iteration {result.best_iteration}" if result.best_score is not None else "n/a"
     print(f"done: {result.iterations} iterations in {result.wall_time:.0f} s; best validation Dice {best}; "
           f"run folder {result.run_dir}")

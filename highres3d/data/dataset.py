@@ -1,12 +1,14 @@
 """Subject discovery and data splits.
 
-Three layouts find each subject's files:
+Four layouts find each subject's files:
 
 * ``patterns``: a root folder and one filename pattern per modality (and
   ``label``) with a ``{subject}`` placeholder, e.g. BraTS
   ``{subject}/{subject}_t1.nii.gz`` or IXI ``{subject}-T1.nii.gz``;
 * ``niftynet_csv``: NiftyNet's CSV files, one per modality, rows
   ``subject_id,path`` (no header; relative paths are relative to the CSV);
+* ``niftynet_search``: NiftyNet 0.5's ``path_to_search`` / ``filename_contains``
+  matching per input section (:mod:`highres3d.niftynet.matching`);
 * ``nnunet``: nnU-Net's raw layout (``dataset.json``, ``imagesTr/<case>_0000.nii.gz``,
   ``labelsTr/<case>.nii.gz``, ``imagesTs/``), channels matched by name.
 
@@ -300,6 +302,10 @@ class Dataset:
             subjects = discover_subjects(Path(cfg.root), cfg.patterns, cfg.modalities, problems)
         elif cfg.layout == "niftynet_csv":
             subjects = _subjects_from_csv(cfg, problems)
+        elif cfg.layout == "niftynet_search":
+            from highres3d.niftynet.matching import subjects_from_search
+
+            subjects = subjects_from_search(cfg, problems)
         else:
             if cfg.root is None:
                 raise ConfigError("dataset.root: required for layout 'nnunet' (the Dataset<ID>_<Name> folder)")

@@ -1,7 +1,8 @@
 """From a subject's files to a preprocessed :class:`Volume` in working space.
 
 Steps, in order: load each modality into the working space (reorient,
-resample), check that all files of the subject share one grid, z-score whiten
+resample), check that all files of the subject share one grid, optionally
+standardise histograms (:mod:`highres3d.data.histogram`), z-score whiten
 each modality over a foreground mask, and map raw label values to class
 indices.  The same function serves training, inference and ``data check``, so
 a model always sees its inputs preprocessed the same way.
@@ -208,6 +209,12 @@ def load_volume(
         channels.append(data)
     assert reference is not None
     image = np.stack(channels, axis=-1)
+
+    if cfg.histogram.enabled:
+        from highres3d.data.histogram import standardise_image
+
+        # NiftyNet's order: histogram standardisation, then whitening.
+        image = standardise_image(image, modalities, cfg)
 
     if cfg.normalisation == "zscore":
         if cfg.foreground == "mask":

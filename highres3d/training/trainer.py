@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from highres3d.config import Config
+from highres3d.data import histogram
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.data.preprocess import Volume, load_volume
 from highres3d.errors import DataError, Highres3dError
@@ -157,6 +158,9 @@ class Trainer:
         base = cfg.source_file.stem if cfg.source_file is not None else cfg.dataset.name
         name = base + (f"_S{subset}" if subset else "")
         self.run = RunFolder(run_dir if run_dir is not None else Path(cfg.training.output_dir) / name)
+        # Histogram landmarks live in the run folder, so infer/evaluate use the ones trained with.
+        self._landmark_source = cfg.preprocessing.histogram.ref_file
+        self.cfg = cfg = histogram.run_config(cfg, self.run.path)
         self.resume = resume
         self.overwrite = overwrite
         self.subset = subset
@@ -184,6 +188,7 @@ class Trainer:
         val_subjects = dataset.split("validation")
         if not train_subjects:
             raise DataError(f"{cfg.dataset.root}: no training subjects (splits: {dataset.counts()})")
+        histogram.ensure_run_landmarks(self._landmark_source, cfg, train_subjects, self.echo)
         if not self.run.path.joinpath("split.csv").exists():
             chosen = {s.id: "training" for s in train_subjects}
             chosen.update({sid: split for sid, split in dataset.splits.items() if split != "training"})
