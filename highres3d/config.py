@@ -686,9 +686,32 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML; loading it again gives an equal config."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
+def dump_config(cfg: Config, relative_to: Optional[Path] = None) -> str:
+    """The resolved config as YAML; loading it again gives an equal config.
+
+    Args:
+        cfg: the config.
+        relative_to: a folder; paths inside it are written relative to it, so
+            a config saved in that folder (a run folder) still finds them after
+            the folder is moved (loading resolves relative paths against the
+            config file's folder).
+    """
+    data = to_dict(cfg)
+    if relative_to is not None:
+        data = _relative_paths(data, Path(relative_to).resolve())
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+def _relative_paths(value: Any, folder: Path) -> Any:
+    if isinstance(value, dict):
+        return {k: _relative_paths(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative_paths(v, folder) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        path = Path(value)
+        if path.is_relative_to(folder):
+            return path.relative_to(folder).as_posix()
+    return value
 
 
 def describe_schema() -> str:

@@ -128,7 +128,8 @@ class RunFolder:
             raise Highres3dError(f"{self.path}: no {STATE_FILE} here, so there is nothing to resume")
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir.mkdir(exist_ok=True)
-        write_text_atomic(self.config_path, f"# resolved config of this run (from {cfg.source_file})\n" + dump_config(cfg))
+        write_text_atomic(self.config_path, f"# resolved config of this run (from {cfg.source_file})\n"
+                          + dump_config(cfg, relative_to=self.path))
         state = RunState()
         self.save_state(state)
         return state
@@ -141,7 +142,7 @@ class RunFolder:
             saved = yaml.safe_load(self.config_path.read_text())
         except (OSError, yaml.YAMLError) as err:
             raise Highres3dError(f"{self.config_path}: cannot read the run's config ({err})") from None
-        differences = _differences(saved, yaml.safe_load(dump_config(cfg)))
+        differences = _differences(saved, yaml.safe_load(dump_config(cfg, relative_to=self.path)))
         differences = [key for key in differences if key != "training.max_iter"]
         if differences:
             raise Highres3dError(

@@ -295,6 +295,11 @@ vars_to_freeze = ^((?!HighRes3DNet\\/(conv_1|conv_2)).)*$
     assert landmarks.startswith("label_label-from") and "\nT1 0.0 " in landmarks and "\nT2 0.0 " in landmarks
     assert (run / "niftynet_config.yaml").is_file()
     assert "Transfer from" in out and "copied" in out
+    # The run folder names its own files relatively, so it still works after being moved.
+    assert "ref_file: histogram_ref_file.txt" in (run / "config.yaml").read_text()
+    moved = project / "moved_run"
+    run.rename(moved)
+    assert load_config(moved / "config.yaml").preprocessing.histogram.ref_file == (moved / "histogram_ref_file.txt").resolve()
 
 
 def test_import_with_ini_then_infer(project, monkeypatch, capsys):
