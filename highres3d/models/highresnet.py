@@ -466,8 +466,9 @@ def niftynet_variable_name(weight_path: str, activation: str = "leaky_relu", sco
     ``"conv_0/bn/gamma"`` -> ``"HighRes3DNet/conv_0_bn_leakyrelu/bn_/gamma"``;
     ``"conv_2/conv/kernel"`` -> ``"HighRes3DNet/conv_2_bn/conv_/w"``.
     A NiftyNet ``vars_to_freeze`` regex used verbatim against these names selects
-    the same weights it selected in NiftyNet. (NiftyNet names PReLU slopes
-    ``.../acti_<i>/alpha``; that is the only part not seen in the thesis checkpoint.)
+    the same weights it selected in NiftyNet. PReLU slopes are
+    ``.../prelu_acti_<i>/alpha`` (NiftyNet's ``ActiLayer`` opens a ``prelu``
+    scope inside ``acti_<i>``; :mod:`highres3d.niftynet.checkpoint` reads the same names).
     """
     parts = weight_path.split("/")
     if len(parts) != 3:
@@ -479,11 +480,14 @@ def niftynet_variable_name(weight_path: str, activation: str = "leaky_relu", sco
         token = _NIFTYNET_ACTIVATION_TOKEN[canonical_activation(activation)]
         block = f"{top}_bn" if group == "conv_2" else f"{top}_bn_{token}"
         sub = {"conv": "conv_", "bn": "bn_", "act": "acti_"}.get(leaf, leaf)
-        return f"{scope}/{block}/{sub}/{nn_variable}"
-    if group in ("res_1", "res_2", "res_3"):
+    elif group in ("res_1", "res_2", "res_3"):
+        block = top
         sub = re.sub(r"^act_(\d)$", r"acti_\1", leaf)
-        return f"{scope}/{top}/{sub}/{nn_variable}"
-    raise ValueError(f"Weight {weight_path!r} is outside the HighRes3DNet groups")
+    else:
+        raise ValueError(f"Weight {weight_path!r} is outside the HighRes3DNet groups")
+    if variable == "alpha":
+        sub = f"prelu_{sub}"
+    return f"{scope}/{block}/{sub}/{nn_variable}"
 
 
 # --------------------------------------------------------------------------- parameter table

@@ -118,3 +118,14 @@ def test_cli_import_writes_a_run_folder_infer_and_transfer_use(tmp_path, capsys)
     # Never replaced silently.
     assert main(["import", "niftynet", str(tmp_path / "nn"), "-o", str(run)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("token, activation", [("leakyrelu", "leaky_relu"), ("prelu", "prelu")])
+def test_freeze_regex_names_are_the_checkpoint_names(token, activation):
+    # A vars_to_freeze regex is matched against niftynet_variable_name: it must produce the checkpoint's own names.
+    from highres3d.models import HighResNet3D, named_weights, niftynet_variable_name
+
+    checkpoint_names = set(niftynet_variables(token=token, in_channels=2, num_classes=3))
+    model = HighResNet3D(2, 3, activation=activation, filters=WIDTHS)
+    ours = {niftynet_variable_name(path, activation) for path in named_weights(model)}
+    assert ours == checkpoint_names
