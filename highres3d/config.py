@@ -106,6 +106,9 @@ def _field(default, doc: str, check=None, path: bool = False):
 #: Keras, and used by the model as ``highres3d.models.GROUPS``.
 LAYER_GROUPS: tuple[str, ...] = ("conv_0", "res_1", "res_2", "res_3", "conv_1", "conv_2")
 
+#: Prefix of a named pretrained model wherever a model path is accepted (``transfer.source: preset:NAME``).
+PRESET_SCHEME = "preset:"
+
 #: Training losses (:func:`highres3d.losses.get_loss` also reads NiftyNet's spellings in code).
 LossName = Literal["dice", "dice_ns", "generalised_dice", "cross_entropy", "dice_ce"]
 
@@ -254,7 +257,7 @@ class InferenceConfig:
 class TransferConfig:
     """Initialisation from a pretrained model (transfer learning)."""
 
-    source: Optional[Path] = _field(None, "a .keras file, weights file or run folder to initialise from", path=True)
+    source: Optional[Path] = _field(None, "a .keras file, a run folder, or preset:NAME (see 'highres3d models list') to initialise from", path=True)
     freeze: Union[int, str, tuple[str, ...]] = _field(0, "leading layer groups to freeze (0-5), group names, or a NiftyNet vars_to_freeze regex")
     bn_policy: Literal["niftynet", "keras"] = _field("niftynet", "frozen BatchNorm: 'niftynet' keeps updating statistics, 'keras' freezes them")
     channel_init: Literal["mean", "zeros"] = _field("mean", "initialisation of input channels the source model lacks")
@@ -375,6 +378,8 @@ def _convert(value: Any, tp, key: str, base_dir: Optional[Path], is_path: bool):
     if tp is Path:
         if not isinstance(value, (str, os.PathLike)):
             fail()
+        if str(value).startswith(PRESET_SCHEME):
+            return Path(str(value))
         path = Path(_expand(str(value)))
         if is_path and base_dir is not None and not path.is_absolute():
             path = (base_dir / path).resolve()
@@ -565,6 +570,8 @@ def _expand(value: str) -> str:
 
 
 def _resolve_path_values(value: Any, base_dir: Path) -> Any:
+    if isinstance(value, str) and value.startswith(PRESET_SCHEME):
+        return value  # a named preset, not a file path
     if isinstance(value, str):
         p = Path(_expand(value))
         return str(p if p.is_absolute() else (base_dir / p).resolve())

@@ -67,7 +67,8 @@ def resolve_source(source: str | Path) -> Path:
     """The model file a source path designates.
 
     A ``.keras`` file is returned as is; a run folder gives its ``best.keras``,
-    else its ``model.keras``.  Only ``.keras`` files are accepted because they
+    else its ``model.keras``; ``preset:NAME`` gives the preset's checked model
+    (:mod:`highres3d.presets`).  Only ``.keras`` files are accepted because they
     carry the architecture with the weights: a bare ``.weights.h5`` file stores
     weights by layer position, which cannot be matched to another model safely.
 
@@ -75,6 +76,10 @@ def resolve_source(source: str | Path) -> Path:
         DataError: if the path does not exist, the folder holds neither file, or
             the file type is not supported.
     """
+    from highres3d import presets
+
+    if presets.is_preset(source):
+        return presets.get_preset(str(source)).verify()
     path = Path(source).expanduser()
     if path.is_dir():
         for name in RUN_FOLDER_MODEL_NAMES:

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "highres3d.cli.infer",
     "highres3d.cli.evaluate",
     "highres3d.cli.inspect",
+    "highres3d.cli.models",
     "highres3d.cli.niftynet",
 ]
 

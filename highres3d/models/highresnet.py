@@ -385,6 +385,20 @@ class HighResNet3D(keras.Model):
         self.filters = widths if filters is not None else None
         self.kernel_initializer = initializer
 
+    @classmethod
+    def from_preset(cls, name: str) -> HighResNet3D:
+        """A pretrained model by preset name (``highres3d models list``), its SHA-256 checked.
+
+        Args:
+            name: the preset's name, with or without ``preset:``.
+        """
+        from highres3d.presets import get_preset
+
+        model = keras.saving.load_model(get_preset(name).verify(), compile=False)
+        if not isinstance(model, cls):
+            raise TypeError(f"preset {name} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
     @property
     def widths(self) -> tuple[int, int, int, int]:
         """The channel widths in use: (conv_0/res_1, res_2, res_3, conv_1)."""
