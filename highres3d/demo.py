@@ -1,7 +1,10 @@
 """``highres3d demo``: the whole transfer-learning study in miniature, on synthetic data, on a CPU.
 
-1. synthesize small IXI-like (source) and BraTS-like (target) sets;
-2. pretrain the source model (hippocampus, T1+T2);
+1. synthesize a small BraTS-like (target) set;
+2. take the source model (hippocampus, T1+T2) from the shipped preset
+   ``ixi_hippocampus_demo`` (trained on 40 synthetic IXI-like subjects until its
+   validation Dice stopped improving; ``highres3d models list``), or with
+   ``train_source`` pretrain one on a small IXI-like set as before;
 3. on the target (tumour core, T1+T2), train from scratch and fine-tune the
    source model with its first two layer groups frozen (the thesis' Model 2);
 4. segment the held-out test subjects on their original grid, evaluate, print
@@ -30,15 +33,19 @@ class DemoResult:
     overlays: list
 
 
-def _configs(output: Path, iterations: Optional[int], seed: int, extra: list[str]) -> tuple[Config, Config]:
+#: The preset the demo fine-tunes from unless it is asked to train its own source.
+SOURCE_PRESET = "ixi_hippocampus_demo"
+
+
+def _configs(output: Path, iterations: Optional[int], seed: int, extra: list[str], source: str) -> tuple[Config, Config]:
     common = [f"training.seed={seed}"] + ([f"training.max_iter={iterations}"] if iterations else []) + extra
-    source = load_config("demo/ixi.yaml", overrides=common, data_root=output / "data" / "ixi")
+    source_cfg = load_config("demo/ixi.yaml", overrides=common, data_root=output / "data" / "ixi")
     target = load_config(
         "demo/brats.yaml",
-        overrides=common + [f"transfer.source={output / 'runs' / 'ixi_source'}", "transfer.freeze=2"],
+        overrides=common + [f"transfer.source={source}", "transfer.freeze=2"],
         data_root=output / "data" / "brats",
     )
-    return source, target
+    return source_cfg, target
 
 
 def run_demo(
@@ -51,12 +58,15 @@ def run_demo(
     overrides: Optional[list[str]] = None,
     echo: Callable[[str], None] = print,
     show_progress: Optional[bool] = None,
+    train_source: bool = False,
 ) -> DemoResult:
     """Run the demo into ``output``; returns the comparison table and where things are.
 
-    ``iterations`` overrides the demo configs' ``training.max_iter`` for all
-    three trainings; ``overrides`` are further ``key=value`` settings (e.g. a
-    smaller window for a quick smoke run).
+    ``iterations`` overrides the demo configs' ``training.max_iter`` for every
+    training; ``overrides`` are further ``key=value`` settings (e.g. a smaller
+    window for a quick smoke run).  The source model is the preset
+    :data:`SOURCE_PRESET`, or with ``train_source`` one trained here on
+    ``ixi_subjects`` synthetic IXI-like subjects.
     """
     from highres3d import experiments, reporting
     from highres3d.data.synth import synthesize_brats, synthesize_ixi
@@ -67,10 +77,17 @@ def run_demo(
     start = time.perf_counter()
     output = Path(output).resolve()
     extra = list(overrides or [])
-    source_cfg, target_cfg = _configs(output, iterations, seed, extra)
+    source_dir = output / "runs" / "ixi_source"
+    source = str(source_dir) if train_source else f"preset:{SOURCE_PRESET}"
+    if not train_source:
+        from highres3d.presets import get_preset
+
+        get_preset(SOURCE_PRESET).verify()  # fail now, not after the synthesis
+    source_cfg, target_cfg = _configs(output, iterations, seed, extra, source)
 
     echo(f"== 1/4 synthetic data -> {output / 'data'}")
-    for kind, make, n in (("ixi", synthesize_ixi, ixi_subjects), ("brats", synthesize_brats, brats_subjects)):
+    sets = [("brats", synthesize_brats, brats_subjects)] + ([("ixi", synthesize_ixi, ixi_subjects)] if train_source else [])
+    for kind, make, n in sets:
         folder = output / "data" / kind
         if (folder / "synth_manifest.json").exists():
             echo(f"   {kind}: already there")
@@ -78,10 +95,13 @@ def run_demo(
             make(folder, n, size="small", seed=seed)
             echo(f"   {kind}: {n} subjects")
 
-    echo("== 2/4 source model: hippocampus on IXI-like T1+T2")
-    source_dir = output / "runs" / "ixi_source"
-    train(source_cfg, source_dir, resume=RunFolder(source_dir).exists(), show_progress=show_progress,
-          echo=lambda text: echo("   " + text))
+    if train_source:
+        echo("== 2/4 source model: hippocampus on IXI-like T1+T2, trained here")
+        train(source_cfg, source_dir, resume=RunFolder(source_dir).exists(), show_progress=show_progress,
+              echo=lambda text: echo("   " + text))
+    else:
+        echo(f"== 2/4 source model: the preset {SOURCE_PRESET} (hippocampus on IXI-like T1+T2; "
+             "highres3d models list; --train-source trains one here instead)")
 
     echo("== 3/4 target: tumour core on BraTS-like T1+T2, from scratch and fine-tuned with 2 groups frozen")
     folder = output / "brats_experiment"

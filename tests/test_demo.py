@@ -14,7 +14,7 @@ QUICK = [
 
 def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "-o", str(out), "--iterations", "2", "--ixi-subjects", "4", "--brats-subjects", "6",
+    args = ["demo", "-o", str(out), "--iterations", "2", "--train-source", "--ixi-subjects", "4", "--brats-subjects", "6",
             "--no-progress"] + QUICK
     assert main(args) == 0
     printed = capsys.readouterr().out

@@ -11,7 +11,10 @@ def register(subparsers) -> None:
                                    description=__doc__)
     parser.add_argument("-o", "--output", default="demo_output", help="output folder (default: demo_output)")
     parser.add_argument("--iterations", type=int, help="training iterations per model (default: the demo configs')")
-    parser.add_argument("--ixi-subjects", type=int, default=8, help="synthetic IXI-like subjects (default 8)")
+    parser.add_argument("--train-source", action="store_true",
+                        help="train the source model here instead of using the shipped preset ixi_hippocampus_demo")
+    parser.add_argument("--ixi-subjects", type=int, default=8,
+                        help="synthetic IXI-like subjects for --train-source (default 8)")
     parser.add_argument("--brats-subjects", type=int, default=20, help="synthetic BraTS-like subjects (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -25,5 +28,5 @@ def run(args) -> int:
 
     run_demo(args.output, ixi_subjects=args.ixi_subjects, brats_subjects=args.brats_subjects,
              iterations=args.iterations, seed=args.seed, overrides=args.overrides,
-             show_progress=False if args.no_progress else None)
+             show_progress=False if args.no_progress else None, train_source=args.train_source)
     return 0
