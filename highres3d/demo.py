@@ -72,7 +72,6 @@ def run_demo(
     from highres3d.data.synth import synthesize_brats, synthesize_ixi
     from highres3d.training import train
     from highres3d.training.run import RunFolder
-    from highres3d.visualize import show
 
     start = time.perf_counter()
     output = Path(output).resolve()
@@ -106,30 +105,33 @@ def run_demo(
     echo("== 3/4 target: tumour core on BraTS-like T1+T2, from scratch and fine-tuned with 2 groups frozen")
     folder = output / "brats_experiment"
     specs = experiments.freeze_level_grid(target_cfg, levels=("scratch", 2))
-    rows = experiments.run_experiment(target_cfg, specs, folder, echo=lambda text: echo("   " + text),
+    results = experiments.run_experiment(target_cfg, specs, folder, echo=lambda text: echo("   " + text),
                                       show_progress=show_progress)
 
     echo(f"== 4/4 overlays -> {output / 'overlays'}")
-    overlays = []
     from highres3d.data.dataset import Dataset
+    from highres3d.visualize import compare_segmentations, dot_plot
 
+    overlays = []
     dataset = Dataset.from_config(target_cfg.dataset)
     for subject in dataset.split("inference"):
-        t1 = subject.images[target_cfg.dataset.modalities[0]]
-        pictures = [("truth", subject.label)] + [
+        panels = [("truth", subject.label)] + [
             (spec.name, folder / "predictions" / spec.name / "inference" / f"{subject.id}_seg.nii.gz") for spec in specs
         ]
-        for name, label in pictures:
-            if label is None or not Path(label).exists():
-                continue
-            png = output / "overlays" / f"{subject.id}_{name}.png"
-            show(t1, label, png, overwrite=True)
-            overlays.append(png)
-    table = "\n".join(str(t) for t in reporting.experiment_tables([r for r in rows if r["run"] in {s.name for s in specs}]))
+        panels = [(name, path) for name, path in panels if path is not None and Path(path).exists()]
+        # One picture per test subject: truth and each model on the same slices through the tumour centre.
+        overlays.append(compare_segmentations(subject.images[target_cfg.dataset.modalities[0]], panels,
+                                              output / "overlays" / f"{subject.id}.png", overwrite=True))
+    mine = [r for r in results if r["run"] in {s.name for s in specs}]
+    test_dice = {spec.name: [float(r["dice"]) for r in mine if r["run"] == spec.name and r["split"] == "inference"]
+                 for spec in specs}
+    overlays.append(dot_plot(test_dice, output / "overlays" / "test_dice.png", overwrite=True,
+                             title="tumour-core test Dice per subject (red: mean)"))
+    table = "\n".join(str(t) for t in reporting.experiment_tables(mine))
     seconds = time.perf_counter() - start
     echo("")
     echo("Tumour-core Dice on the synthetic BraTS-like subjects (scratch vs. fine-tuned from the IXI-like model):")
     echo(table)
     echo(f"\nresults: {folder / 'results.csv'}; overlays: {output / 'overlays'}; {seconds / 60:.1f} min in all")
     echo("notebooks: notebooks/freeze_levels.ipynb reads these results by default")
-    return DemoResult(output, table, rows, seconds, overlays)
+    return DemoResult(output, table, mine, seconds, overlays)

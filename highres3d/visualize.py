@@ -5,7 +5,7 @@ to square pixels, so every file looks the same whatever its storage order or
 voxel size.  Panels, left to right: sagittal (anterior to the right), coronal
 and axial (both with the subject's right on the image right, i.e.
 neurological convention; superior / anterior up).  No matplotlib: the image
-is composed with NumPy and written with imageio.
+is composed with NumPy, titled and plotted with Pillow, and written with imageio.
 """
 from __future__ import annotations
 
@@ -107,13 +107,16 @@ def render_slices(
     label_path=None,
     slice_index=None,
     alpha: float = 0.45,
+    centre=None,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Compose the three orthogonal slices as an RGB uint8 array.
 
     ``slice_index`` is a voxel (i, j, k) of the image *file* (its storage order);
     by default the label's centre of mass when a label is given and not empty,
-    else the volume centre.  Returns the picture and the canonical (RAS)
-    voxel it cuts through.
+    else the volume centre.  ``centre`` gives the canonical (RAS) voxel
+    directly, as returned by an earlier call, so several label maps are cut
+    through the same point.  Returns the picture and the canonical voxel it
+    cuts through.
     """
     data, affine, file_affine = _load_canonical(image_path)
     label = None
@@ -129,7 +132,9 @@ def render_slices(
         palette = palette_for(np.unique(label))
 
     shape = np.array(data.shape)
-    if slice_index is not None:
+    if centre is not None:
+        centre = np.asarray(centre, dtype=int)
+    elif slice_index is not None:
         world = file_affine @ np.append(np.asarray(slice_index, dtype=float), 1.0)
         centre = np.rint(np.linalg.solve(affine, world)[:3]).astype(int)
         if np.any(centre < 0) or np.any(centre >= shape):
@@ -203,3 +208,82 @@ def show(image_path, label_path=None, out_path=None, slice_index=None, overwrite
         out_path = Path(image_path).with_name(name + ".png")
     picture, _ = render_slices(image_path, label_path, slice_index=slice_index, alpha=alpha)
     return save_png(picture, out_path, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- comparisons and plots
+
+
+def _titled(picture: np.ndarray, title: str, height: int = 16) -> np.ndarray:
+    """``picture`` with a black band above it holding ``title`` (Pillow's built-in font)."""
+    from PIL import Image, ImageDraw
+
+    band = Image.new("RGB", (picture.shape[1], height))
+    ImageDraw.Draw(band).text((4, 2), title, fill=(255, 255, 255))
+    return np.concatenate([np.asarray(band, dtype=np.uint8), picture], axis=0)
+
+
+def compare_segmentations(image_path, rows, out_path, overwrite: bool = False, alpha: float = 0.45) -> Path:
+    """One PNG with a row per label map (e.g. truth, scratch, fine-tuned), all cut through the same voxel.
+
+    The cut is the centre of mass of the first label map (the truth), so the
+    rows show the same slices through the structure.
+
+    Args:
+        image_path: the image drawn under every label map.
+        rows: ``(title, label_path)`` pairs, top to bottom.
+        out_path: the PNG to write.
+        overwrite: replace an existing file.
+        alpha: opacity of the label colours.
+    """
+    rows = list(rows)
+    if not rows:
+        raise DataError(f"{out_path}: nothing to compare")
+    pictures, centre = [], None
+    for title, label_path in rows:
+        picture, centre = render_slices(image_path, label_path, alpha=alpha, centre=centre)
+        pictures.append(_titled(picture, title))
+    gap = np.zeros((4, pictures[0].shape[1], 3), dtype=np.uint8)
+    stacked = np.concatenate([part for p in pictures for part in (p, gap)][:-1], axis=0)
+    return save_png(stacked, out_path, overwrite=overwrite)
+
+
+def dot_plot(values, out_path, title: str = "", overwrite: bool = False, width: int = 480, row_height: int = 28) -> Path:
+    """A dot plot of scores in [0, 1]: one row per method, one dot per value, the mean as a bar.
+
+    Args:
+        values: ``{method: [score, ...]}`` in display order (NaN values are skipped).
+        out_path: the PNG to write.
+        title: printed above the plot.
+        overwrite: replace an existing file.
+        width: picture width in pixels.
+        row_height: pixels per method.
+    """
+    from PIL import Image, ImageDraw
+
+    names = list(values)
+    left, right, top = 110, 20, 24
+    height = top + row_height * len(names) + 30
+    picture = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(picture)
+    draw.text((4, 4), title, fill=(0, 0, 0))
+    span = width - left - right
+
+    def x_of(v: float) -> int:
+        return left + int(round(min(max(v, 0.0), 1.0) * span))
+
+    axis_y = top + row_height * len(names) + 4
+    draw.line([(left, axis_y), (left + span, axis_y)], fill=(0, 0, 0))
+    for tick in np.linspace(0, 1, 6):
+        x = x_of(tick)
+        draw.line([(x, top), (x, axis_y + 3)], fill=(220, 220, 220) if 0 < tick < 1 else (0, 0, 0))
+        draw.text((x - 8, axis_y + 6), f"{tick:.1f}", fill=(0, 0, 0))
+    for row, name in enumerate(names):
+        y = top + row_height * row + row_height // 2
+        draw.text((4, y - 6), str(name)[:16], fill=(0, 0, 0))
+        scores = [float(v) for v in values[name] if not np.isnan(float(v))]
+        for v in scores:
+            draw.ellipse([x_of(v) - 4, y - 4, x_of(v) + 4, y + 4], outline=(0, 90, 180), width=2)
+        if scores:
+            mean = x_of(float(np.mean(scores)))
+            draw.line([(mean, y - 9), (mean, y + 9)], fill=(200, 30, 30), width=3)
+    return save_png(np.asarray(picture, dtype=np.uint8), out_path, overwrite=overwrite)

@@ -27,8 +27,8 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     test_subjects = {r["subject"] for r in rows if r["split"] == "inference"}
     for subject in test_subjects:
         assert (out / "brats_experiment" / "predictions" / "freeze2" / "inference" / f"{subject}_seg.nii.gz").exists()
-        assert (out / "overlays" / f"{subject}_truth.png").exists()
-        assert (out / "overlays" / f"{subject}_scratch.png").exists()
+        assert (out / "overlays" / f"{subject}.png").exists()  # truth, scratch, freeze2 on the same slices
+    assert (out / "overlays" / "test_dice.png").exists()
     # the fine-tuned run started from the source model and froze conv_0 + res_1
     assert (out / "runs" / "ixi_source" / "best.keras").exists()
     config = (out / "brats_experiment" / "runs" / "freeze2" / "config.yaml").read_text()

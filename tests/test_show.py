@@ -102,3 +102,36 @@ def test_cli(volume, tmp_path, capsys):
     assert out.exists() and "Wrote" in capsys.readouterr().out
     assert main(["show", str(image_path), "-o", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_comparison_stacks_every_label_map_on_the_same_slices(volume, tmp_path):
+    from highres3d.visualize import compare_segmentations
+
+    image_path, label_path = volume
+    shifted = np.zeros((20, 30, 10), np.uint8)
+    shifted[2:5, 2:6, 1:3] = 17  # far from the truth's centre: must not move the cut
+    shifted_path = tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image(shifted, AFFINE), str(shifted_path))
+    out = compare_segmentations(image_path, [("truth", label_path), ("same", label_path), ("other", shifted_path)],
+                                tmp_path / "cmp.png")
+    picture = iio.imread(out)
+    single, _ = render_slices(image_path, label_path)
+    band, gap = 16, 4
+    assert picture.shape == (3 * (band + single.shape[0]) + 2 * gap, single.shape[1], 3)
+    rows = [picture[i * (band + single.shape[0] + gap) + band:][: single.shape[0]] for i in range(3)]
+    np.testing.assert_array_equal(rows[0], single)
+    np.testing.assert_array_equal(rows[1], rows[0])
+    # The third map is cut through the truth's centre, where it has nothing: no label colour at all.
+    assert not _magenta(rows[2]).any()
+    assert (picture[:band] > 0).any()  # the title is drawn
+
+
+def test_dot_plot_puts_the_mean_where_it_belongs(tmp_path):
+    from highres3d.visualize import dot_plot
+
+    out = dot_plot({"scratch": [0.2, 0.4], "freeze2": [0.8, float("nan")]}, tmp_path / "p.png", title="Dice")
+    picture = iio.imread(out)
+    red = (picture[..., 0] > 150) & (picture[..., 1] < 80) & (picture[..., 2] < 80)
+    columns = np.flatnonzero(red.any(axis=0))
+    left, span = 110, picture.shape[1] - 110 - 20
+    assert {round((c - left) / span, 1) for c in columns} == {0.3, 0.8}
