@@ -243,14 +243,15 @@ def score_subject(
         DataError: shapes differ, values are not non-negative integers, or a
             value is missing from a label map.
     """
-    from highres3d.data.preprocess import map_labels
+    from highres3d.data.preprocess import as_label_values, map_labels
 
     prediction = np.asarray(prediction)
     truth = np.asarray(truth)
     if prediction.shape != truth.shape:
         raise DataError(f"{pred_source}: shape {prediction.shape} differs from {truth.shape} of {truth_source}")
-    truth = map_labels(truth, truth_map or {}, truth_other, source=truth_source)
-    prediction = map_labels(prediction, pred_map or {}, source=pred_source)
+    # Without a map the raw values are the classes (any integer, e.g. FreeSurfer's 2035).
+    truth = map_labels(truth, truth_map, truth_other, source=truth_source) if truth_map else as_label_values(truth, truth_source)
+    prediction = map_labels(prediction, pred_map, source=pred_source) if pred_map else as_label_values(prediction, pred_source)
     spacing = spacing_of(affine) if affine is not None else (1.0,) * truth.ndim
     if classes is None:
         present = set(np.flatnonzero(np.bincount(prediction.ravel()))) | set(np.flatnonzero(np.bincount(truth.ravel())))

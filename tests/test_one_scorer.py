@@ -43,3 +43,15 @@ def test_evaluate_experiment_and_validation_agree(tmp_path):
     volume = Volume("s1", label[..., None].astype(np.float32), label, info)
     validation = volume_dice(prediction, volume, num_classes=3)  # the trainer's whole-volume score
     assert validation == by_class[1]["dice"] == mean_foreground(experiment)
+
+
+def test_raw_values_above_255_are_scored_as_they_are():
+    from highres3d.evaluation import score_subject
+
+    truth = np.zeros((6, 6, 6), np.int32)
+    truth[1:3] = 2035  # a FreeSurfer cortical label
+    prediction = truth.copy()
+    prediction[1] = 0
+    scores = score_subject(prediction, truth, classes=[2035, 2035 % 256])
+    assert scores[2035]["dice"] == 2 * 36 / (36 + 72)
+    assert math.isnan(scores[2035 % 256]["dice"])  # no wrap-around into class 243

@@ -153,10 +153,10 @@ def map_labels(
         return label.astype(np.uint8)
     high = int(label.max())
     if not mapping:
-        if num_classes is not None and high >= num_classes:
+        if (num_classes is not None and high >= num_classes) or high > np.iinfo(np.uint8).max:
             values = np.flatnonzero(np.bincount(label.ravel()))
             raise DataError(
-                f"{source}: label values {values.tolist()} exceed the {num_classes} classes; "
+                f"{source}: label values {values.tolist()[:20]} exceed the {num_classes or 256} classes; "
                 "set preprocessing.labels to map raw values to classes (e.g. {1: 1, 4: 1, 2: 0})"
             )
         return label.astype(np.uint8)
