@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +331,8 @@ def _groups_from_spec(spec: Any) -> list[str] | None:
         return _groups_from_spec(int(spec.strip()))
     if isinstance(spec, str) and spec in GROUPS:
         return [spec]
+    if spec == "all_but_last":
+        return list(GROUPS[:-1])
     if isinstance(spec, (list, tuple, set, frozenset)):
         names = [str(s) for s in spec]
         unknown = [n for n in names if n not in GROUPS]
@@ -349,8 +351,9 @@ def select_frozen(model: Any, spec: Any) -> list[str]:
 
     Args:
         model: a :class:`~highres3d.models.HighResNet3D`.
-        spec: ``None`` (nothing), a number ``k`` of leading groups, a group name,
-            a list of group names, or a NiftyNet ``vars_to_freeze`` regex.
+        spec: ``None`` (nothing), a number ``k`` of leading groups,
+            ``"all_but_last"`` (every group but the classifier ``conv_2``), a
+            group name, a list of group names, or a NiftyNet ``vars_to_freeze`` regex.
 
     Raises:
         ConfigError: for an invalid specification or regex.
@@ -400,8 +403,8 @@ def freeze(model: Any, spec: Any, *, bn_policy: str = "niftynet") -> FreezeRepor
     Args:
         model: a :class:`~highres3d.models.HighResNet3D`.
         spec: ``k`` (freeze the first ``k`` of conv_0, res_1, res_2, res_3,
-            conv_1, conv_2; ``0`` or ``None`` freezes nothing), a group name or
-            list of group names, or a NiftyNet ``vars_to_freeze`` regex such as
+            conv_1, conv_2; ``0`` or ``None`` freezes nothing), ``"all_but_last"``
+            (everything except ``conv_2``), a group name or list of group names, or a NiftyNet ``vars_to_freeze`` regex such as
             ``^((?!HighRes3DNet\\/(res_2|res_3|conv_1|conv_2)).)*$`` (freezes
             conv_0 and res_1), matched against NiftyNet variable names.
         bn_policy: ``"niftynet"``: exclude the frozen kernels and BN gamma/beta
@@ -478,6 +481,49 @@ def frozen_weight_paths(model: Any) -> list[str]:
     return [p for p, v in _parameter_weights(model).items() if id(v) not in trainable]
 
 
+# --------------------------------------------------------------------------- discriminative learning rates
+
+
+def learning_rate_multipliers(
+    multipliers: Mapping[str, float] | None = None,
+    decay: float | None = None,
+) -> dict[str, float]:
+    """The learning-rate multiplier of every layer group (discriminative fine-tuning).
+
+    Howard & Ruder (2018, ULMFiT) train lower layers with smaller rates:
+    ``lr_g = lr / decay**d`` with ``d`` the number of groups between ``g`` and
+    the classifier ``conv_2`` (``conv_2``: 1, ``conv_1``: 1/2.6, ... ``conv_0``:
+    1/2.6**5 for ``decay=2.6``).  Explicit multipliers are the alternative;
+    groups they leave out train at the base rate.
+
+    Args:
+        multipliers: a multiplier per group name (``training.lr_multipliers``).
+        decay: the decay factor from the top (``training.lr_decay``).
+
+    Returns:
+        ``{group: multiplier}`` for all six groups, in network order.
+
+    Raises:
+        ConfigError: for both arguments at once, an unknown group or a
+            multiplier that is not positive.
+    """
+    from highres3d.models import GROUPS
+
+    multipliers = dict(multipliers or {})
+    if multipliers and decay is not None:
+        raise ConfigError("lr_multipliers and lr_decay: give one of them, not both")
+    unknown = [g for g in multipliers if g not in GROUPS]
+    if unknown:
+        raise ConfigError(f"lr_multipliers: unknown layer group(s) {unknown}; groups are {', '.join(GROUPS)}")
+    bad = [g for g, m in multipliers.items() if not float(m) > 0]
+    if bad or (decay is not None and not float(decay) > 0):
+        raise ConfigError("lr_multipliers / lr_decay: expected positive values")
+    if decay is not None:
+        top = len(GROUPS) - 1
+        return {g: float(decay) ** -(top - i) for i, g in enumerate(GROUPS)}
+    return {g: float(multipliers.get(g, 1.0)) for g in GROUPS}
+
+
 __all__: Sequence[str] = (
     "BN_POLICIES",
     "CHANNEL_INIT_RULES",
@@ -487,6 +533,7 @@ __all__: Sequence[str] = (
     "freeze",
     "frozen_weight_paths",
     "load_model",
+    "learning_rate_multipliers",
     "load_weights",
     "read_source_weights",
     "resolve_source",
