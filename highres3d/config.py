@@ -758,5 +758,11 @@ def _describe_fields(cls, indent: str) -> list[str]:
             lines.extend(_describe_fields(hints[f.name], indent + "  "))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        item = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is tuple else None
+        if item is not None and dataclasses.is_dataclass(item):
+            # A list of mappings (training.stages): each entry's keys, as comments.
+            lines.append(f"{indent}{f.name}: []  # {f.metadata['doc']}; each entry:")
+            lines.extend(f"{indent}#   {line}" for line in _describe_fields(item, ""))
+            continue
         lines.append(f"{indent}{f.name}: {yaml.safe_dump(to_dict(default), default_flow_style=True).strip().removesuffix('...').strip()}  # {f.metadata['doc']}")
     return lines
