@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -165,6 +165,64 @@ def write_stage_plan(stages: Sequence[Stage], path: Path) -> None:
                                  f"{s.lr:g}", rates, s.loss])
 
 
+def gradual_unfreezing(iterations: int, last_stage: Optional[int] = None) -> list[dict[str, Any]]:
+    """``training.stages`` for gradual unfreezing: the classifier alone, then one more group per stage.
+
+    Args:
+        iterations: iterations of each of the first five stages (``freeze: 5 ... 1``).
+        last_stage: iterations of the final stage with every group trainable
+            (default: ``iterations``).
+
+    Returns:
+        Six stage mappings, as written under ``training.stages``.
+    """
+    from highres3d.config import LAYER_GROUPS
+
+    stages: list[dict[str, Any]] = [
+        {"name": f"up_to_{LAYER_GROUPS[k]}", "iterations": iterations, "freeze": k}
+        for k in range(len(LAYER_GROUPS) - 1, 0, -1)
+    ]
+    stages.append({"name": "all", "iterations": last_stage or iterations, "freeze": 0})
+    return stages
+
+
+def dual_stage(balanced: int, natural: int, class_probabilities: Sequence[float],
+               natural_lr: Optional[float] = None) -> list[dict[str, Any]]:
+    """``training.stages`` for dual-stage training (Havaei et al. 2017).
+
+    Args:
+        balanced: iterations of stage 1 (class-weighted windows, every group trained).
+        natural: iterations of stage 2 (uniform windows, all but ``conv_2`` frozen).
+        class_probabilities: stage 1's probability of a window centred on each class.
+        natural_lr: stage 2's learning rate (default: ``training.lr``).
+    """
+    second: dict[str, Any] = {"name": "natural", "iterations": natural, "freeze": "all_but_last",
+                              "sampler": {"type": "uniform"}}
+    if natural_lr is not None:
+        second["lr"] = natural_lr
+    return [{"name": "balanced", "iterations": balanced,
+             "sampler": {"type": "class_weighted", "class_probabilities": list(class_probabilities)}}, second]
+
+
+def with_stages(cfg: Config, stages: Sequence[Mapping[str, Any]]) -> Config:
+    """A copy of ``cfg`` with ``training.stages`` replaced and ``max_iter`` set to their total, checked.
+
+    Args:
+        cfg: the config.
+        stages: stage mappings (e.g. from :func:`gradual_unfreezing`); an empty list removes the stages.
+
+    Raises:
+        ConfigError: for an invalid stage, naming ``training.stages[i]`` and the key.
+    """
+    from highres3d.config import config_from_dict, to_dict
+
+    raw = to_dict(cfg)
+    raw["training"]["stages"] = [dict(stage) for stage in stages]
+    if stages:
+        raw["training"]["max_iter"] = sum(int(stage["iterations"]) for stage in stages)
+    return config_from_dict(raw, source=cfg.source_file)
+
+
 def read_stage_plan(path: Path) -> list[dict[str, str]]:
     """The rows of a run's ``stages.csv``."""
     with open(path, newline="") as handle:
@@ -174,10 +232,13 @@ def read_stage_plan(path: Path) -> list[dict[str, str]]:
 __all__ = [
     "STAGES_FILE",
     "Stage",
+    "dual_stage",
+    "gradual_unfreezing",
     "read_stage_plan",
     "resolve_stages",
     "scheduled_lr",
     "stage_at",
     "uses_group_rates",
+    "with_stages",
     "write_stage_plan",
 ]

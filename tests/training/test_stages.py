@@ -10,7 +10,15 @@ from highres3d.data.synth import synthesize_brats
 from highres3d.errors import ConfigError
 from highres3d.models import GROUPS, build_model, layer_group
 from highres3d.training import train
-from highres3d.training.stages import read_stage_plan, resolve_stages, scheduled_lr, stage_at
+from highres3d.training.stages import (
+    dual_stage,
+    gradual_unfreezing,
+    read_stage_plan,
+    resolve_stages,
+    scheduled_lr,
+    stage_at,
+    with_stages,
+)
 
 TINY = [
     "sampler.window_size=[16,16,16]",
@@ -68,6 +76,24 @@ def test_stages_fill_unset_keys_from_the_run(data):
     # no stages: one stage over max_iter with the run's settings
     (only,) = resolve_stages(tiny_config(data))
     assert (only.first, only.last, only.multipliers) == (1, 6, {g: 1.0 for g in GROUPS})
+
+
+def test_gradual_unfreezing_trains_one_more_group_per_stage(data):
+    from highres3d import transfer
+
+    cfg = with_stages(tiny_config(data), gradual_unfreezing(2, last_stage=4))
+    stages = resolve_stages(cfg)
+    assert cfg.training.max_iter == 14 and [s.freeze for s in stages] == [5, 4, 3, 2, 1, 0]
+    model = build_model(cfg)
+    trainable = []
+    for stage in stages:
+        report = transfer.freeze(model, stage.freeze)
+        trainable.append([g for g in GROUPS if g not in report.frozen_groups])
+    assert trainable == [list(GROUPS[k:]) for k in (5, 4, 3, 2, 1, 0)]
+    dual = resolve_stages(with_stages(cfg, dual_stage(4, 2, [0.3, 0.7], natural_lr=1e-5)))
+    assert [(s.sampler.type, s.freeze, s.lr) for s in dual] == [
+        ("class_weighted", 0, cfg.training.lr), ("uniform", "all_but_last", 1e-5)]
+    assert dual[0].sampler.class_probabilities == (0.3, 0.7)
 
 
 @pytest.mark.parametrize("override, message", [
