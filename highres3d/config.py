@@ -270,6 +270,8 @@ class TransferConfig:
     freeze: FreezeSpec = _field(0, "leading layer groups to freeze (0-5), 'all_but_last', group names, or a NiftyNet vars_to_freeze regex")
     bn_policy: Literal["niftynet", "keras"] = _field("niftynet", "frozen BatchNorm: 'niftynet' keeps updating statistics, 'keras' freezes them")
     channel_init: Literal["mean", "zeros"] = _field("mean", "initialisation of input channels the source model lacks")
+    mean_var: tuple[str, ...] = _field((), "Mean-Var re-initialisation (Raghu et al. 2019) of these layer groups after loading: weights redrawn from N(mean, var) of each pretrained tensor, BatchNorm reset to identity")
+    transfusion: Optional[int] = _field(None, "Transfusion: copy the first k layer groups (0-5) and Mean-Var re-initialise the rest (exclusive with mean_var)")
 
 
 @dataclass(frozen=True)
@@ -490,6 +492,7 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("dataset.split: validation_fraction + inference_fraction must be < 1")
     _check_freeze(cfg.transfer.freeze)
     _check_learning_rates(cfg.training.lr_multipliers, cfg.training.lr_decay, "training")
+    _check_mean_var(cfg.transfer)
     _check_stages(cfg)
 
 
@@ -517,6 +520,23 @@ def _check_freeze(freeze, key: str = "transfer.freeze") -> None:
         raise ConfigError(f"{key}: unknown layer group {unknown[0]!r}{hint}")
     if len(set(names)) == len(LAYER_GROUPS):
         raise ConfigError(f"{key}: freezes all six layer groups, leaving nothing to train; leave conv_2 out")
+
+
+def _check_mean_var(transfer: TransferConfig) -> None:
+    unknown = [g for g in transfer.mean_var if g not in LAYER_GROUPS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], LAYER_GROUPS, n=1)
+        hint = f", did you mean {close[0]!r}?" if close else f"; groups are {', '.join(LAYER_GROUPS)}"
+        raise ConfigError(f"transfer.mean_var: unknown layer group {unknown[0]!r}{hint}")
+    if transfer.transfusion is not None and not 0 <= transfer.transfusion < len(LAYER_GROUPS):
+        raise ConfigError(
+            f"transfer.transfusion: expected the number of copied groups between 0 and {len(LAYER_GROUPS) - 1}, "
+            f"got {transfer.transfusion}")
+    if transfer.mean_var and transfer.transfusion is not None:
+        raise ConfigError("transfer: give mean_var (group names) or transfusion (copied groups), not both")
+    if (transfer.mean_var or transfer.transfusion is not None) and transfer.source is None:
+        raise ConfigError("transfer.mean_var / transfer.transfusion: the statistics come from a pretrained model; "
+                          "set transfer.source")
 
 
 def _check_learning_rates(multipliers, decay, prefix: str) -> None:

@@ -481,6 +481,109 @@ def frozen_weight_paths(model: Any) -> list[str]:
     return [p for p, v in _parameter_weights(model).items() if id(v) not in trainable]
 
 
+# --------------------------------------------------------------------------- Mean-Var re-initialisation
+
+
+@dataclasses.dataclass
+class MeanVarReport:
+    """What :func:`mean_var_reinit` did.
+
+    Attributes:
+        groups: the groups re-initialised.
+        redrawn: ``(path, mean, std)`` of every parameter tensor redrawn from
+            N(mean, std²) with the pretrained tensor's statistics.
+        reset: BatchNorm weight paths set to identity (γ 1, β 0, mean 0, variance 1).
+    """
+
+    groups: list[str]
+    redrawn: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)
+    reset: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"Mean-Var re-initialised {', '.join(self.groups) or 'no groups'}: {len(self.redrawn)} tensors redrawn "
+                f"from their pretrained mean and variance, {len(self.reset)} BatchNorm weights reset to identity.")
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+_BN_IDENTITY = {"gamma": 1.0, "beta": 0.0, "moving_mean": 0.0, "moving_variance": 1.0}
+
+
+def transfusion_groups(keep: int) -> list[str]:
+    """The groups Transfusion re-initialises when it keeps the first ``keep`` groups' weights.
+
+    Args:
+        keep: pretrained groups copied (0-5); the rest are Mean-Var re-initialised.
+
+    Raises:
+        ConfigError: for ``keep`` outside 0..5.
+    """
+    from highres3d.models import GROUPS
+
+    if isinstance(keep, bool) or not 0 <= int(keep) < len(GROUPS):
+        raise ConfigError(f"transfer.transfusion: expected the number of copied groups between 0 and {len(GROUPS) - 1}, got {keep!r}")
+    return list(GROUPS[int(keep):])
+
+
+def mean_var_reinit(model: Any, groups: Sequence[str], *, source: Any = None, seed: int = 0,
+                    echo: Callable[[str], None] | None = print) -> MeanVarReport:
+    """Mean-Var re-initialisation (Raghu et al. 2019, "Transfusion") of some layer groups.
+
+    Each parameter tensor of the chosen groups (convolution kernels, PReLU
+    slopes) is redrawn i.i.d. from a normal with the mean and variance of the
+    pretrained tensor of the same path; BatchNorm is reset to identity
+    (γ = 1, β = 0, moving mean 0, moving variance 1).  Everything else is left
+    as it is.  The statistics are scalars per tensor, so they are defined even
+    where the source's tensor has another shape (a classifier with another
+    class count).
+
+    Args:
+        model: the target :class:`~highres3d.models.HighResNet3D`.
+        groups: the group names to re-initialise.
+        source: where the pretrained statistics come from: a model, ``.keras``
+            file or run folder, or ``None`` for ``model``'s own current weights
+            (e.g. right after :func:`load_weights`).
+        seed: seed of the draws.
+        echo: where the summary goes (``None``: nowhere).
+
+    Returns:
+        A :class:`MeanVarReport`.
+
+    Raises:
+        ConfigError: for an unknown group name.
+        DataError: for an unreadable source.
+    """
+    from highres3d.models import GROUPS, layer_group, named_weights
+
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ConfigError(f"transfer.mean_var: unknown layer group(s) {unknown}; groups are {', '.join(GROUPS)}")
+    chosen = [g for g in GROUPS if g in set(groups)]
+    weights = named_weights(model)
+    statistics = read_source_weights(source) if source is not None else {p: np.asarray(v) for p, v in weights.items()}
+    rng = np.random.default_rng(seed)
+    report = MeanVarReport(groups=chosen)
+    for path, variable in weights.items():
+        if layer_group(path) not in chosen:
+            continue
+        name = path.rsplit("/", 1)[-1]
+        is_bn = path.rsplit("/", 2)[-2].startswith("bn")
+        if is_bn and name in _BN_IDENTITY:
+            variable.assign(np.full(tuple(variable.shape), _BN_IDENTITY[name], dtype=variable.dtype))
+            report.reset.append(path)
+            continue
+        if path not in statistics:
+            raise DataError(f"{path}: no pretrained tensor to take the Mean-Var statistics from")
+        pretrained = np.asarray(statistics[path], dtype=np.float64)
+        mean, std = float(pretrained.mean()), float(pretrained.std())
+        variable.assign(rng.normal(mean, std, size=tuple(variable.shape)).astype(variable.dtype))
+        report.redrawn.append((path, mean, std))
+    if echo is not None:
+        echo(report.summary())
+    return report
+
+
 # --------------------------------------------------------------------------- discriminative learning rates
 
 
@@ -529,14 +632,17 @@ __all__: Sequence[str] = (
     "CHANNEL_INIT_RULES",
     "RUN_FOLDER_MODEL_NAMES",
     "FreezeReport",
+    "MeanVarReport",
     "TransferReport",
     "freeze",
     "frozen_weight_paths",
     "load_model",
     "learning_rate_multipliers",
     "load_weights",
+    "mean_var_reinit",
     "read_source_weights",
     "resolve_source",
     "select_frozen",
+    "transfusion_groups",
     "unfreeze",
 )

@@ -214,6 +214,11 @@ class Trainer:
         elif cfg.transfer.source is not None:
             transfer.load_weights(model, cfg.transfer.source, channel_init=cfg.transfer.channel_init,
                                   echo=self.echo)
+            groups = (transfer.transfusion_groups(cfg.transfer.transfusion) if cfg.transfer.transfusion is not None
+                      else list(cfg.transfer.mean_var))
+            if groups:
+                transfer.mean_var_reinit(model, groups, source=cfg.transfer.source, seed=cfg.training.seed,
+                                         echo=self.echo)
         return model
 
     def _enter_stage(self, model, stage):
