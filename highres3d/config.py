@@ -174,6 +174,8 @@ class NetworkConfig:
     activation: Literal["relu", "leaky_relu", "prelu", "elu"] = _field("leaky_relu", "activation function (leaky slope 0.02 as NiftyNet)")
     width_multiplier: float = _field(1.0, "scales every layer's channel count (1.0 = NiftyNet's 809,380 parameters)", _positive)
     l2_decay: float = _field(0.0, "L2 weight regularisation (NiftyNet's 'decay')", _non_negative)
+    dims: Literal[2, 3] = _field(3, "3: HighResNet3D; 2: the 2D HighResNet (same groups and names, 2D kernels) applied slice by slice along slice_axis; train it on slices with sampler.window_size 1 along that axis")
+    slice_axis: int = _field(2, "the spatial axis (0, 1, 2 = x, y, z) a 2D network slices along, and along which transfer.inflate adds the kernels' third axis", lambda v: None if v in (0, 1, 2) else "expected 0, 1 or 2")
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,9 @@ class TransferConfig:
     bn_policy: Literal["niftynet", "keras"] = _field("niftynet", "frozen BatchNorm: 'niftynet' keeps updating statistics, 'keras' freezes them")
     channel_init: Literal["mean", "zeros"] = _field("mean", "initialisation of input channels the source model lacks")
     mean_var: tuple[str, ...] = _field((), "Mean-Var re-initialisation (Raghu et al. 2019) of these layer groups after loading: weights redrawn from N(mean, var) of each pretrained tensor, BatchNorm reset to identity")
+    inflate: Optional[Literal["center", "average", "scaled"]] = _field(None, "2D source into a 3D network: each (k, k, c_in, c_out) kernel becomes (k, k, k, c_in, c_out) along the source's slice axis: 'center' (2D kernel on the middle slice), 'average' (W/k on every slice), 'scaled' (alpha_t * W, sum alpha_t = 1)")
+    inflate_alpha: Optional[tuple[float, ...]] = _field(None, "inflate 'scaled': the weights alpha_t of the k slices (normalised to sum 1); null: a Gaussian of inflate_sigma", _probabilities)
+    inflate_sigma: float = _field(1.0, "inflate 'scaled' without inflate_alpha: standard deviation, in slices, of the Gaussian alpha_t", _positive)
     transfusion: Optional[int] = _field(None, "Transfusion: copy the first k layer groups (0-5) and Mean-Var re-initialise the rest (exclusive with mean_var)")
 
 
@@ -534,6 +539,10 @@ def _check_mean_var(transfer: TransferConfig) -> None:
             f"got {transfer.transfusion}")
     if transfer.mean_var and transfer.transfusion is not None:
         raise ConfigError("transfer: give mean_var (group names) or transfusion (copied groups), not both")
+    if transfer.inflate is not None and transfer.source is None:
+        raise ConfigError("transfer.inflate: inflates the kernels of a 2D source model; set transfer.source")
+    if transfer.inflate_alpha is not None and transfer.inflate != "scaled":
+        raise ConfigError("transfer.inflate_alpha: only used by transfer.inflate: scaled")
     if (transfer.mean_var or transfer.transfusion is not None) and transfer.source is None:
         raise ConfigError("transfer.mean_var / transfer.transfusion: the statistics come from a pretrained model; "
                           "set transfer.source")

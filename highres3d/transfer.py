@@ -205,11 +205,71 @@ def _adapt_input_kernel(source: np.ndarray, target_shape: tuple[int, ...], rule:
     return kernel, detail
 
 
+INFLATE_MODES: tuple[str, ...] = ("center", "average", "scaled")
+
+
+def inflation_weights(mode: str, depth: int, alpha: Sequence[float] | None = None, sigma: float = 1.0) -> np.ndarray:
+    """The weights α_t of the ``depth`` slices of an inflated kernel (they sum to 1).
+
+    Args:
+        mode: ``"center"`` (1 on the middle slice), ``"average"`` (1/depth
+            each) or ``"scaled"`` (``alpha`` normalised, or a Gaussian of
+            standard deviation ``sigma`` slices centred on the middle slice).
+        depth: the kernel size along the new axis.
+        alpha: ``scaled``: one weight per slice; ignored for 1-slice kernels.
+        sigma: ``scaled`` without ``alpha``.
+
+    Raises:
+        ConfigError: for an unknown mode or an ``alpha`` of another length.
+    """
+    if mode not in INFLATE_MODES:
+        raise ConfigError(f"transfer.inflate: expected one of {', '.join(INFLATE_MODES)}, got {mode!r}")
+    t = np.arange(depth) - depth // 2
+    if mode == "center" or depth == 1:
+        weights = (t == 0).astype(np.float64)
+    elif mode == "average":
+        weights = np.ones(depth)
+    elif alpha is not None:
+        if len(alpha) != depth:
+            raise ConfigError(f"transfer.inflate_alpha: expected {depth} weights (the kernel size), got {len(alpha)}")
+        weights = np.asarray(alpha, dtype=np.float64)
+    else:
+        weights = np.exp(-0.5 * (t / float(sigma)) ** 2)
+    return weights / weights.sum()
+
+
+def inflate_kernel(kernel: np.ndarray, mode: str, *, axis: int = 2, depth: int | None = None,
+                   alpha: Sequence[float] | None = None, sigma: float = 1.0) -> np.ndarray:
+    """A 2D kernel ``(k, k, c_in, c_out)`` inflated into a 3D kernel ``(k, k, k, c_in, c_out)``.
+
+    Slice ``t`` of the new axis is ``α_t · W`` (:func:`inflation_weights`):
+    ``center`` reproduces the 2D network on every slice, ``average`` (I3D)
+    reproduces it on volumes that are constant along ``axis``.
+
+    Args:
+        kernel: the 2D kernel; its two spatial axes are the volume's in-plane
+            axes in ascending order (as :class:`~highres3d.models.ToSlices` lays them out).
+        mode: ``"center"``, ``"average"`` or ``"scaled"``.
+        axis: the spatial axis (0, 1, 2) of the new kernel axis: the 2D network's slice axis.
+        depth: the kernel size along ``axis`` (default: the 2D kernel's size).
+        alpha: ``scaled``: the slices' weights.
+        sigma: ``scaled`` without ``alpha``: the Gaussian's standard deviation in slices.
+    """
+    kernel = np.asarray(kernel)
+    if kernel.ndim != 4:
+        raise ValueError(f"expected a 2D kernel (k, k, c_in, c_out), got shape {kernel.shape}")
+    weights = inflation_weights(mode, depth or kernel.shape[0], alpha, sigma)
+    return np.stack([w * kernel.astype(np.float64) for w in weights], axis=axis).astype(kernel.dtype)
+
+
 def load_weights(
     model: Any,
     source: Any,
     *,
     channel_init: str = "mean",
+    inflate: str | None = None,
+    inflate_alpha: Sequence[float] | None = None,
+    inflate_sigma: float = 1.0,
     echo: Callable[[str], None] | None = print,
 ) -> TransferReport:
     """Copies the weights of ``source`` into ``model`` by weight path.
@@ -220,6 +280,11 @@ def load_weights(
             (``best.keras`` is used if present, else ``model.keras``).
         channel_init: how to fill ``conv_0`` input channels the source lacks:
             ``"mean"`` (the mean of the source channels' kernels) or ``"zeros"``.
+        inflate: for a 2D source (``dims=2``) and a 3D target: how each 2D
+            kernel becomes 3D along the source's ``slice_axis``
+            (:func:`inflate_kernel`); BatchNorm and PReLU parameters copy unchanged.
+        inflate_alpha: ``inflate="scaled"``: the slices' weights.
+        inflate_sigma: ``inflate="scaled"`` without ``inflate_alpha``.
         echo: where the report goes (``None``: nowhere).
 
     Returns:
@@ -233,8 +298,13 @@ def load_weights(
 
     if channel_init not in CHANNEL_INIT_RULES:
         raise ConfigError(f"channel_init must be one of {', '.join(CHANNEL_INIT_RULES)}, got {channel_init!r}")
-    source_weights = read_source_weights(source)
-    label = f"model {source.name!r}" if hasattr(source, "layers") else str(resolve_source(source))
+    if inflate is not None and inflate not in INFLATE_MODES:
+        raise ConfigError(f"transfer.inflate: expected one of {', '.join(INFLATE_MODES)}, got {inflate!r}")
+    is_model = hasattr(source, "weights") and hasattr(source, "layers")
+    source_model = source if is_model else load_model(source)
+    source_weights = read_source_weights(source_model)
+    source_axis = int(getattr(source_model, "slice_axis", 2))
+    label = f"model {source.name!r}" if is_model else str(resolve_source(source))
     report = TransferReport(source=label)
     layers = named_layers(model)
     target_weights = named_weights(model)
@@ -247,13 +317,28 @@ def load_weights(
             report.missing.append(path)
             continue
         value = source_weights[path]
+        inflated = ""
+        if value.ndim + 1 == len(target_shape) and variable.name == "kernel":
+            if inflate is None:
+                raise DataError(
+                    f"{report.source}: a 2D network (kernel {path} has shape {tuple(value.shape)}) cannot initialise "
+                    "a 3D one as it is; set transfer.inflate to center, average or scaled"
+                )
+            value = inflate_kernel(value, inflate, axis=source_axis, depth=target_shape[source_axis],
+                                   alpha=inflate_alpha, sigma=inflate_sigma)
+            inflated = f"2D kernel inflated ({inflate}) along axis {source_axis}"
+        elif value.ndim + 1 == len(target_shape) and value.size == int(np.prod(target_shape)):
+            value = value.reshape(target_shape)  # PReLU slopes: one more shared spatial axis
         if tuple(value.shape) == target_shape:
             variable.assign(value.astype(variable.dtype, copy=False))
-            report.copied.append(path)
+            if inflated:
+                report.adapted.append((path, inflated))
+            else:
+                report.copied.append(path)
         elif path == _INPUT_KERNEL and value.ndim == 5 and value.shape[:3] + value.shape[4:] == target_shape[:3] + target_shape[4:]:
             kernel, detail = _adapt_input_kernel(value, target_shape, channel_init)
             variable.assign(kernel.astype(variable.dtype, copy=False))
-            report.adapted.append((path, detail))
+            report.adapted.append((path, f"{inflated}; {detail}" if inflated else detail))
         elif layer_group(path) == _CLASSIFIER_GROUP:
             layer = layers[path.rsplit("/", 1)[0]]
             variable.assign(_initial_value(layer, variable))
@@ -631,11 +716,14 @@ __all__: Sequence[str] = (
     "BN_POLICIES",
     "CHANNEL_INIT_RULES",
     "RUN_FOLDER_MODEL_NAMES",
+    "INFLATE_MODES",
     "FreezeReport",
     "MeanVarReport",
     "TransferReport",
     "freeze",
     "frozen_weight_paths",
+    "inflate_kernel",
+    "inflation_weights",
     "load_model",
     "learning_rate_multipliers",
     "load_weights",

@@ -213,7 +213,8 @@ class Trainer:
             self.echo(f"resumed from {checkpoint} at iteration {state.iteration}")
         elif cfg.transfer.source is not None:
             transfer.load_weights(model, cfg.transfer.source, channel_init=cfg.transfer.channel_init,
-                                  echo=self.echo)
+                                  inflate=cfg.transfer.inflate, inflate_alpha=cfg.transfer.inflate_alpha,
+                                  inflate_sigma=cfg.transfer.inflate_sigma, echo=self.echo)
             groups = (transfer.transfusion_groups(cfg.transfer.transfusion) if cfg.transfer.transfusion is not None
                       else list(cfg.transfer.mean_var))
             if groups:
