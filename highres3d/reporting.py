@@ -614,6 +614,14 @@ def iterations_to_reach(series: Series, threshold: float) -> float:
     return float(hits[0]) if hits.size else math.nan
 
 
+def scratch_best_validation_dice(exp: Experiment) -> float:
+    """The best whole-volume validation Dice of the scratch runs, averaged over them (``nan`` without any)."""
+    curves = loss_curves(exp.folder)
+    best = [float(np.max(curves[r]["val_volume_dice"].value)) for r in _runs_by_model(exp.rows).get(SCRATCH, [])
+            if r in curves and "val_volume_dice" in curves[r]]
+    return float(np.mean(best)) if best else math.nan
+
+
 def transfer_methods_table(exp: Experiment, *, cls: Optional[int] = None, fraction: float = 0.9,
                            title: Optional[str] = None) -> Table:
     """The transfer-methods comparison: one row per method, statistics over its runs (seeds).
@@ -633,9 +641,8 @@ def transfer_methods_table(exp: Experiment, *, cls: Optional[int] = None, fracti
     rows = _single_class(exp.rows, cls)
     curves = loss_curves(exp.folder)
     runs = _runs_by_model(rows)
-    best = [float(np.max(curves[r]["val_volume_dice"].value)) for r in runs.get(SCRATCH, [])
-            if r in curves and "val_volume_dice" in curves[r]]
-    threshold = fraction * float(np.mean(best)) if best else math.nan
+    best = scratch_best_validation_dice(exp)
+    threshold = fraction * best
     lines, never = [], 0
     for method in _method_order(runs):
         test = [Summary.of(float(r["dice"]) for r in rows if r["run"] == run and r["split"] == "inference").mean
@@ -647,7 +654,7 @@ def transfer_methods_table(exp: Experiment, *, cls: Optional[int] = None, fracti
         lines.append([method, Summary.of(test), Summary.of(best_iteration, 0), Summary.of(reach, 0), len(runs[method])])
     notes = []
     if math.isfinite(threshold):
-        notes.append(f"threshold: {fraction:.0%} of scratch's best validation Dice ({np.mean(best):.3f}) = {threshold:.3f}")
+        notes.append(f"threshold: {fraction:.0%} of scratch's best validation Dice ({best:.3f}) = {threshold:.3f}")
         if never:
             notes.append(f"{never} run(s) never reached it (left out of that column)")
     else:
