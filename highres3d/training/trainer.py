@@ -6,6 +6,12 @@ iterations) and a resumed run must continue bit-for-bit: every training window
 is a pure function of ``(seed, element index)``, so resuming at iteration *i*
 restarts the window stream at element ``i * batch_size`` and, with the
 restored weights and optimizer state, reproduces the uninterrupted loss curve.
+
+A run is a sequence of stages (``training.stages``; one stage without it):
+each stage freezes its layer groups, compiles its own training step and draws
+from its own window stream, and the learning rate of every layer group is set
+before each step (:mod:`highres3d.training.stages`,
+:mod:`highres3d.training.optimizers`).
 """
 from __future__ import annotations
 
@@ -257,8 +263,8 @@ class Trainer:
             return self._result(state)
         self._data(dataset)
         stages = resolve_stages(cfg)
-        if not self.run.stages_path.exists():
-            write_stage_plan(stages, self.run.stages_path)
+        # Rewritten on resume too: a longer max_iter lengthens the last stage.
+        write_stage_plan(stages, self.run.stages_path)
         strategy = _strategy(t.strategy)
         with strategy.scope():
             model = self._model(state)
