@@ -112,6 +112,15 @@ PRESET_SCHEME = "preset:"
 #: Training losses (:func:`highres3d.losses.get_loss` also reads NiftyNet's spellings in code).
 LossName = Literal["dice", "dice_ns", "generalised_dice", "cross_entropy", "dice_ce"]
 
+#: Freeze specifications by name: ``all_but_last`` freezes every group except the classifier ``conv_2``.
+FREEZE_KEYWORDS: tuple[str, ...] = ("all_but_last",)
+
+#: A freeze specification: leading groups (0-5), a keyword, group names, or a NiftyNet regex.
+FreezeSpec = Union[int, str, tuple[str, ...]]
+
+#: Window samplers (``sampler.type`` and ``training.stages[i].sampler.type``).
+SamplerName = Literal["uniform", "label", "class_weighted"]
+
 
 # --------------------------------------------------------------------------- sections
 
@@ -190,13 +199,15 @@ class NetworkConfig:
     activation: Literal["relu", "leaky_relu", "prelu", "elu"] = _field("leaky_relu", "activation function (leaky slope 0.02 as NiftyNet)")
     width_multiplier: float = _field(1.0, "scales every layer's channel count (1.0 = NiftyNet's 809,380 parameters)", _positive)
     l2_decay: float = _field(0.0, "L2 weight regularisation (NiftyNet's 'decay')", _non_negative)
+    dims: Literal[2, 3] = _field(3, "3: HighResNet3D; 2: the 2D HighResNet (same groups and names, 2D kernels) applied slice by slice along slice_axis; train it on slices with sampler.window_size 1 along that axis")
+    slice_axis: int = _field(2, "the spatial axis (0, 1, 2 = x, y, z) a 2D network slices along, and along which transfer.inflate adds the kernels' third axis", lambda v: None if v in (0, 1, 2) else "expected 0, 1 or 2")
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """How training and validation windows are drawn."""
 
-    type: Literal["uniform", "label", "class_weighted"] = _field("class_weighted", "window sampler: 'class_weighted' (a probability per class), 'label' (centres weighted by the label map, NiftyNet's weighted sampler as the thesis ran it), 'uniform'")
+    type: SamplerName = _field("class_weighted", "window sampler: 'class_weighted' (a probability per class), 'label' (centres weighted by the label map, NiftyNet's weighted sampler as the thesis ran it), 'uniform'")
     window_size: tuple[int, int, int] = _field((96, 96, 96), "training window size in voxels", _three_positive_ints)
     windows_per_volume: int = _field(1, "windows drawn from a volume before moving to the next", _positive)
     class_probabilities: Optional[tuple[float, ...]] = _field(None, "class_weighted: probability of a window centred on each class (default equal)", _probabilities)
@@ -218,6 +229,28 @@ class AugmentationConfig:
 
 
 @dataclass(frozen=True)
+class StageSamplerConfig:
+    """The sampler settings a training stage overrides (unset keys keep ``sampler``'s)."""
+
+    type: Optional[SamplerName] = _field(None, "window sampler of this stage (null: sampler.type)")
+    class_probabilities: Optional[tuple[float, ...]] = _field(None, "class_weighted: probability of a window centred on each class (null: sampler.class_probabilities)", _probabilities)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage of multi-stage training: what it changes, for how many iterations."""
+
+    name: Optional[str] = _field(None, "a short name shown in logs and stages.csv (default stage<i>)")
+    iterations: Optional[int] = _field(None, "iterations of this stage (required); the stages' iterations sum to training.max_iter", _positive)
+    freeze: Optional[FreezeSpec] = _field(None, "layer groups frozen in this stage, as transfer.freeze (null: transfer.freeze)")
+    sampler: StageSamplerConfig = _field(StageSamplerConfig(), "sampler type and class probabilities of this stage")
+    lr: Optional[float] = _field(None, "base learning rate of this stage; training.lr_schedule runs over the stage (null: training.lr)", _positive)
+    lr_multipliers: Optional[dict[str, float]] = _field(None, "learning-rate multiplier per layer group (null: training.lr_multipliers)", lambda v: None if all(x > 0 for x in v.values()) else "expected positive multipliers")
+    lr_decay: Optional[float] = _field(None, "discriminative decay factor from the top (null: training.lr_decay)", _positive)
+    loss: Optional[LossName] = _field(None, "training loss of this stage (null: training.loss)")
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """The optimisation loop."""
 
@@ -225,7 +258,10 @@ class TrainingConfig:
     batch_size: int = _field(2, "windows per iteration", _positive)
     optimizer: Literal["adam", "sgd", "rmsprop", "adamw"] = _field("adam", "optimiser")
     lr: float = _field(1e-3, "learning rate", _positive)
-    lr_schedule: Literal["constant", "cosine", "step"] = _field("constant", "learning-rate schedule")
+    lr_schedule: Literal["constant", "cosine", "step"] = _field("constant", "learning-rate schedule (over each stage when training.stages is set)")
+    lr_multipliers: dict[str, float] = _field({}, "discriminative learning rates: a multiplier per layer group, e.g. {conv_2: 1.0, res_3: 0.5} (unlisted groups: 1.0); one optimizer per group", lambda v: None if all(x > 0 for x in v.values()) else "expected positive multipliers")
+    lr_decay: Optional[float] = _field(None, "discriminative learning rates as a decay from the top: lr_g = lr / lr_decay^d, d = groups below conv_2 (ULMFiT: 2.6)", _positive)
+    stages: tuple[StageConfig, ...] = _field((), "multi-stage training: a list of stages, each overriding freeze, sampler, lr, multipliers or loss for its iterations")
     loss: LossName = _field("dice", "training loss (dice_ns: Dice with a plain, not squared, denominator)")
     class_weights: Optional[tuple[float, ...]] = _field(None, "per-class loss weights", _probabilities)
     validation_every: int = _field(10, "validate on windows every n iterations", _positive)
@@ -258,9 +294,14 @@ class TransferConfig:
     """Initialisation from a pretrained model (transfer learning)."""
 
     source: Optional[Path] = _field(None, "a .keras file, a run folder, or preset:NAME (see 'highres3d models list') to initialise from", path=True)
-    freeze: Union[int, str, tuple[str, ...]] = _field(0, "leading layer groups to freeze (0-5), group names, or a NiftyNet vars_to_freeze regex")
+    freeze: FreezeSpec = _field(0, "leading layer groups to freeze (0-5), 'all_but_last', group names, or a NiftyNet vars_to_freeze regex")
     bn_policy: Literal["niftynet", "keras"] = _field("niftynet", "frozen BatchNorm: 'niftynet' keeps updating statistics, 'keras' freezes them")
     channel_init: Literal["mean", "zeros"] = _field("mean", "initialisation of input channels the source model lacks")
+    mean_var: tuple[str, ...] = _field((), "Mean-Var re-initialisation (Raghu et al. 2019) of these layer groups after loading: weights redrawn from N(mean, var) of each pretrained tensor, BatchNorm reset to identity")
+    inflate: Optional[Literal["center", "average", "scaled"]] = _field(None, "2D source into a 3D network: each (k, k, c_in, c_out) kernel becomes (k, k, k, c_in, c_out) along the source's slice axis: 'center' (2D kernel on the middle slice), 'average' (W/k on every slice), 'scaled' (alpha_t * W, sum alpha_t = 1)")
+    inflate_alpha: Optional[tuple[float, ...]] = _field(None, "inflate 'scaled': the weights alpha_t of the k slices (normalised to sum 1); null: a Gaussian of inflate_sigma", _probabilities)
+    inflate_sigma: float = _field(1.0, "inflate 'scaled' without inflate_alpha: standard deviation, in slices, of the Gaussian alpha_t", _positive)
+    transfusion: Optional[int] = _field(None, "Transfusion: copy the first k layer groups (0-5) and Mean-Var re-initialise the rest (exclusive with mean_var)")
 
 
 @dataclass(frozen=True)
@@ -484,16 +525,19 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.dataset.split.validation_fraction + cfg.dataset.split.inference_fraction >= 1:
         raise ConfigError("dataset.split: validation_fraction + inference_fraction must be < 1")
     _check_freeze(cfg.transfer.freeze)
+    _check_learning_rates(cfg.training.lr_multipliers, cfg.training.lr_decay, "training")
+    _check_mean_var(cfg.transfer)
+    _check_stages(cfg)
 
 
-def _check_freeze(freeze) -> None:
+def _check_freeze(freeze, key: str = "transfer.freeze") -> None:
     if isinstance(freeze, int):
         # Freezing all six groups would leave nothing to train.
         if not 0 <= freeze < len(LAYER_GROUPS):
-            raise ConfigError(f"transfer.freeze: expected a number of layer groups between 0 and {len(LAYER_GROUPS) - 1}, got {freeze}")
+            raise ConfigError(f"{key}: expected a number of layer groups between 0 and {len(LAYER_GROUPS) - 1}, got {freeze}")
         return
     names = [freeze] if isinstance(freeze, str) else list(freeze)
-    if isinstance(freeze, str) and (freeze.strip().isdigit() or freeze in LAYER_GROUPS):
+    if isinstance(freeze, str) and (freeze.strip().isdigit() or freeze in LAYER_GROUPS or freeze in FREEZE_KEYWORDS):
         return
     if isinstance(freeze, str):
         import re
@@ -501,13 +545,79 @@ def _check_freeze(freeze) -> None:
         try:
             re.compile(freeze)
         except re.error as err:
-            raise ConfigError(f"transfer.freeze: {freeze!r} is neither a layer group nor a valid regular expression ({err})") from None
+            raise ConfigError(f"{key}: {freeze!r} is neither a layer group nor a valid regular expression ({err})") from None
         return
     unknown = [n for n in names if n not in LAYER_GROUPS]
     if unknown:
         close = difflib.get_close_matches(unknown[0], LAYER_GROUPS, n=1)
         hint = f", did you mean {close[0]!r}?" if close else f"; groups are {', '.join(LAYER_GROUPS)}"
-        raise ConfigError(f"transfer.freeze: unknown layer group {unknown[0]!r}{hint}")
+        raise ConfigError(f"{key}: unknown layer group {unknown[0]!r}{hint}")
+    if len(set(names)) == len(LAYER_GROUPS):
+        raise ConfigError(f"{key}: freezes all six layer groups, leaving nothing to train; leave conv_2 out")
+
+
+def _check_mean_var(transfer: TransferConfig) -> None:
+    unknown = [g for g in transfer.mean_var if g not in LAYER_GROUPS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], LAYER_GROUPS, n=1)
+        hint = f", did you mean {close[0]!r}?" if close else f"; groups are {', '.join(LAYER_GROUPS)}"
+        raise ConfigError(f"transfer.mean_var: unknown layer group {unknown[0]!r}{hint}")
+    if transfer.transfusion is not None and not 0 <= transfer.transfusion < len(LAYER_GROUPS):
+        raise ConfigError(
+            f"transfer.transfusion: expected the number of copied groups between 0 and {len(LAYER_GROUPS) - 1}, "
+            f"got {transfer.transfusion}")
+    if transfer.mean_var and transfer.transfusion is not None:
+        raise ConfigError("transfer: give mean_var (group names) or transfusion (copied groups), not both")
+    if transfer.inflate is not None and transfer.source is None:
+        raise ConfigError("transfer.inflate: inflates the kernels of a 2D source model; set transfer.source")
+    if transfer.inflate_alpha is not None and transfer.inflate != "scaled":
+        raise ConfigError("transfer.inflate_alpha: only used by transfer.inflate: scaled")
+    if (transfer.mean_var or transfer.transfusion is not None) and transfer.source is None:
+        raise ConfigError("transfer.mean_var / transfer.transfusion: the statistics come from a pretrained model; "
+                          "set transfer.source")
+
+
+def _check_learning_rates(multipliers, decay, prefix: str) -> None:
+    unknown = [g for g in (multipliers or {}) if g not in LAYER_GROUPS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], LAYER_GROUPS, n=1)
+        hint = f", did you mean {close[0]!r}?" if close else f"; groups are {', '.join(LAYER_GROUPS)}"
+        raise ConfigError(f"{prefix}.lr_multipliers: unknown layer group {unknown[0]!r}{hint}")
+    if multipliers and decay is not None:
+        raise ConfigError(f"{prefix}: give lr_multipliers or lr_decay, not both (lr_decay computes the multipliers)")
+
+
+def _check_stages(cfg: Config) -> None:
+    t = cfg.training
+    for i, stage in enumerate(t.stages):
+        key = f"training.stages[{i}]"
+        if stage.iterations is None:
+            raise ConfigError(f"{key}.iterations: required (how many iterations the stage runs)")
+        if stage.freeze is not None:
+            _check_freeze(stage.freeze, f"{key}.freeze")
+        _check_learning_rates(stage.lr_multipliers, stage.lr_decay, key)
+        probabilities = stage.sampler.class_probabilities
+        if probabilities is not None and len(probabilities) != cfg.network.num_classes:
+            raise ConfigError(
+                f"{key}.sampler.class_probabilities: expected {cfg.network.num_classes} values (one per class), got {len(probabilities)}"
+            )
+    if t.stages:
+        total = sum(stage.iterations for stage in t.stages)
+        if total != t.max_iter:
+            raise ConfigError(
+                f"training.stages: the stages' iterations sum to {total} but training.max_iter is {t.max_iter}; "
+                "make them equal"
+            )
+        names = [s.name for s in t.stages if s.name is not None]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"training.stages: stage names must differ, got {names}")
+    uses_groups = bool(t.lr_multipliers) or t.lr_decay is not None or any(
+        s.lr_multipliers is not None or s.lr_decay is not None for s in t.stages)
+    if t.mixed_precision and uses_groups:
+        raise ConfigError(
+            "training.mixed_precision: cannot be combined with per-group learning rates (lr_multipliers or lr_decay, "
+            "one optimizer per layer group share no loss scale); turn one of them off"
+        )
 
 
 def _niftynet_search_checks(ds: DatasetConfig) -> None:
@@ -743,5 +853,11 @@ def _describe_fields(cls, indent: str) -> list[str]:
             lines.extend(_describe_fields(hints[f.name], indent + "  "))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        item = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is tuple else None
+        if item is not None and dataclasses.is_dataclass(item):
+            # A list of mappings (training.stages): each entry's keys, as comments.
+            lines.append(f"{indent}{f.name}: []  # {f.metadata['doc']}; each entry:")
+            lines.extend(f"{indent}#   {line}" for line in _describe_fields(item, ""))
+            continue
         lines.append(f"{indent}{f.name}: {yaml.safe_dump(to_dict(default), default_flow_style=True).strip().removesuffix('...').strip()}  # {f.metadata['doc']}")
     return lines

@@ -1,4 +1,4 @@
-"""The thesis' experiment grids: freeze levels (Table 6.2) and training-set sizes (Tables 6.3-6.6).
+"""Experiment grids: freeze levels (Table 6.2), training-set sizes (Tables 6.3-6.6), transfer methods.
 
 An experiment is a grid of training runs derived from one config.  Each run
 trains (resuming if it was interrupted), keeps its best checkpoint by
@@ -8,7 +8,9 @@ foreground class goes to ``results.csv``::
 
     run, freeze, subset, subset_size, repeat, seed, split, subject, class,
     dice, jaccard, hd95_mm, hausdorff_mm, iterations, best_iteration,
-    time_to_best_s, wall_time_s
+    time_to_best_s, wall_time_s, method
+
+(``method`` is set by the transfer-methods grid, :func:`transfer_methods_grid`.)
 
 A grid that is interrupted resumes where it stopped: finished runs are skipped
 (their rows are already in ``results.csv``) and a half-trained run continues
@@ -35,12 +37,25 @@ from highres3d.utils import atomic_path, parse_shard
 RESULT_COLUMNS = [
     "run", "freeze", "subset", "subset_size", "repeat", "seed", "split", "subject", "class",
     "dice", "jaccard", "hd95_mm", "hausdorff_mm", "iterations", "best_iteration", "time_to_best_s", "wall_time_s",
+    "method",
 ]
 SCRATCH = "scratch"
 #: Table 6.2: from scratch, then the first 1..5 layer groups frozen.
 FREEZE_LEVELS = (SCRATCH, 1, 2, 3, 4, 5)
 #: Tables 6.3-6.6: from scratch and freeze 1, 2, 3 for each training-set size.
 DATASET_SIZE_LEVELS = (SCRATCH, 1, 2, 3)
+#: The transfer-methods comparison, in table order (docs/transfer.md describes each).
+TRANSFER_METHODS: tuple[str, ...] = (
+    SCRATCH, "finetune", "freeze1", "freeze2", "freeze3", "freeze4", "freeze5", "discriminative",
+    "gradual_unfreezing", "mean_var", "transfusion", "inflated_center", "inflated_average", "inflated_scaled",
+    "dual_stage",
+)
+#: Methods that need a 2D source model (``--source-2d``).
+INFLATED_METHODS: tuple[str, ...] = ("inflated_center", "inflated_average", "inflated_scaled")
+#: ULMFiT's discriminative decay factor, used by ``discriminative`` and ``gradual_unfreezing``.
+ULMFIT_DECAY = 2.6
+#: Transfusion's copied groups in the grid: conv_0, res_1, res_2 (Mean-Var for res_3, conv_1, conv_2).
+TRANSFUSION_KEEP = 3
 
 
 @dataclass(frozen=True)
@@ -52,8 +67,13 @@ class RunSpec:
     subset: Optional[int]  # 1-based training subset S_k, or None for the whole training split
     repeat: int
     seed: int
+    method: Optional[str] = None  # a TRANSFER_METHODS name; then ``freeze`` is only informative
+    source_2d: Optional[Path] = None  # the 2D source of the inflated methods
 
     def config(self, base: Config) -> Config:
+        if self.method is not None:
+            cfg = method_config(base, self.method, source_2d=self.source_2d)
+            return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, seed=self.seed))
         transfer = base.transfer
         if self.freeze is None:
             transfer = dataclasses.replace(transfer, source=None, freeze=0)
@@ -106,6 +126,101 @@ def dataset_size_grid(
         for level in _parse_levels(levels)
         for r in range(repeats)
     ]
+
+
+def method_config(cfg: Config, method: str, *, source_2d: Optional[str | Path] = None) -> Config:
+    """The config of one transfer method, derived from a base config with a (3D) ``transfer.source``.
+
+    Every method starts from the base with all transfer-method keys reset
+    (no freezing, stages, per-group rates, Mean-Var or inflation), then sets:
+
+    ``scratch``: no source; ``finetune``: the source, nothing frozen;
+    ``freeze1`` ... ``freeze5``: the first k groups frozen; ``discriminative``:
+    ``lr_decay`` 2.6; ``gradual_unfreezing``: six stages (five of a tenth of
+    ``max_iter`` each with 5, 4, ... 1 groups frozen, then everything) with
+    ``lr_decay`` 2.6; ``mean_var``: ``transfusion: 0``; ``transfusion``:
+    ``transfusion: 3``; ``inflated_<mode>``: the 2D source, ``inflate: <mode>``;
+    ``dual_stage``: three quarters of ``max_iter`` on class-balanced windows,
+    then a quarter on uniform windows with all but ``conv_2`` frozen at a
+    tenth of the rate.
+
+    Args:
+        cfg: the base config (its ``transfer.source`` is the 3D source).
+        method: one of :data:`TRANSFER_METHODS`.
+        source_2d: the 2D source model (run folder or ``.keras``) of the inflated methods.
+
+    Raises:
+        ConfigError: for an unknown method, a missing source, or a ``max_iter``
+            too small for the method's stages.
+    """
+    from highres3d.config import config_from_dict, to_dict
+    from highres3d.training.stages import dual_stage, gradual_unfreezing
+
+    if method not in TRANSFER_METHODS:
+        raise ConfigError(f"transfer method {method!r}: expected one of {', '.join(TRANSFER_METHODS)}")
+    raw = to_dict(cfg)
+    t, tr = raw["training"], raw["transfer"]
+    t.update(stages=[], lr_decay=None, lr_multipliers={})
+    tr.update(freeze=0, mean_var=[], transfusion=None, inflate=None, inflate_alpha=None)
+    max_iter = cfg.training.max_iter
+    if method == SCRATCH:
+        tr["source"] = None
+    elif method in INFLATED_METHODS:
+        if source_2d is None:
+            raise ConfigError(f"{method}: needs a 2D source model (--source-2d, e.g. a run of ixi_hippocampus_2d.yaml)")
+        tr.update(source=str(source_2d), inflate=method.split("_", 1)[1])
+    elif method.startswith("freeze"):
+        tr["freeze"] = int(method[len("freeze"):])
+    elif method == "discriminative":
+        t["lr_decay"] = ULMFIT_DECAY
+    elif method == "gradual_unfreezing":
+        per = max_iter // 10
+        if per < 1:
+            raise ConfigError(f"gradual_unfreezing: training.max_iter {max_iter} is too small for six stages (10 or more)")
+        stages = gradual_unfreezing(per, last_stage=max_iter - 5 * per)
+        t.update(stages=stages, lr_decay=ULMFIT_DECAY)
+    elif method == "mean_var":
+        tr["transfusion"] = 0
+    elif method == "transfusion":
+        tr["transfusion"] = TRANSFUSION_KEEP
+    elif method == "dual_stage":
+        if max_iter < 2:
+            raise ConfigError("dual_stage: training.max_iter must be at least 2 (two stages)")
+        natural = max(1, max_iter // 4)
+        classes = cfg.network.num_classes
+        t["stages"] = dual_stage(max_iter - natural, natural, [1.0 / classes] * classes,
+                                 natural_lr=cfg.training.lr * 0.1)
+    if method != SCRATCH and tr["source"] is None:
+        raise ConfigError(f"transfer.source: the {method} method needs a pretrained source model; set transfer.source")
+    return config_from_dict(raw, source=cfg.source_file)
+
+
+def transfer_methods_grid(cfg: Config, methods: Sequence[str] = TRANSFER_METHODS, repeats: int = 1,
+                          source_2d: Optional[str | Path] = None) -> list[RunSpec]:
+    """The transfer-methods comparison: every method × ``repeats`` seeds on the same split.
+
+    Args:
+        cfg: the base config (a BraTS-like target with a 3D ``transfer.source``).
+        methods: the methods to run (default: all of :data:`TRANSFER_METHODS`;
+            the inflated ones only when ``source_2d`` is given).
+        repeats: seeds per method (``training.seed + r``).
+        source_2d: the 2D source model of the inflated methods.
+
+    Raises:
+        ConfigError: for an unknown method, or an inflated method asked for without ``source_2d``.
+    """
+    chosen = list(methods)
+    if methods is TRANSFER_METHODS and source_2d is None:
+        chosen = [m for m in chosen if m not in INFLATED_METHODS]
+    specs = []
+    for method in chosen:
+        method_config(cfg, method, source_2d=source_2d)  # every method is checked before anything runs
+        freeze = int(method[len("freeze"):]) if method.startswith("freeze") else (None if method == SCRATCH else 0)
+        for r in range(repeats):
+            name = f"{method}_r{r}" if repeats > 1 else method
+            specs.append(RunSpec(name, freeze, None, r, cfg.training.seed + r, method,
+                                 Path(source_2d) if source_2d is not None else None))
+    return specs
 
 
 def select_runs(specs: Sequence[RunSpec], only: Optional[Sequence[str]] = None, shard: Optional[str] = None) -> list[RunSpec]:
@@ -215,7 +330,7 @@ def run_experiment(
     from highres3d.training import train
     from highres3d.training.run import RunFolder
 
-    if any(s.freeze is not None for s in specs) and cfg.transfer.source is None:
+    if any(s.freeze is not None and s.method is None for s in specs) and cfg.transfer.source is None:
         raise ConfigError(
             "transfer.source: the freeze levels need a pretrained source model; train it first "
             "(e.g. highres3d train --config ixi_hippocampus.yaml) and set transfer.source to its run folder"
@@ -251,6 +366,7 @@ def run_experiment(
             "subset_size": len(splits["training"]), "repeat": spec.repeat, "seed": spec.seed,
             "iterations": result.iterations, "best_iteration": state.best_iteration or result.iterations,
             "time_to_best_s": time_to_best, "wall_time_s": round(result.wall_time, 2),
+            "method": spec.method or "",
         }
         for row in evaluate_run(run_cfg, run_dir, splits, folder / "predictions" / spec.name,
                                 lambda text: echo("  " + text), show_progress):

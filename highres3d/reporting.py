@@ -52,6 +52,8 @@ PRODUCED_BY = {
                      "(writes runs/freeze-levels_brats_hgg)",
     "dataset-size": "`highres3d experiment dataset-size --config brats_freeze2.yaml --data-root BRATS_DIR` "
                     "(writes runs/dataset-size_brats_hgg; the grid needs dataset.split.subset_sizes)",
+    "transfer-methods": "`highres3d experiment transfer-methods --config demo/transfer_methods.yaml --repeats 3` "
+                        "(writes runs/transfer-methods_<dataset.name>)",
 }
 
 
@@ -122,7 +124,8 @@ def parse_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """Types one ``results.csv`` row (strings as :class:`csv.DictReader` gives them).
 
     Missing or empty numbers become ``nan``; ``freeze`` becomes ``None``
-    (scratch) or an ``int``; a ``model`` key (``scratch``/``freeze<k>``) is added.
+    (scratch) or an ``int``; a ``model`` key is added: the ``method`` of a
+    transfer-methods run, else ``scratch``/``freeze<k>``.
     """
     out: dict[str, Any] = dict(row)
     for column in _INT_COLUMNS:
@@ -134,7 +137,7 @@ def parse_row(row: Mapping[str, Any]) -> dict[str, Any]:
     freeze = out.get("freeze")
     out["freeze"] = None if freeze in (None, "", "None") else int(float(freeze))
     out["subset"] = out.get("subset") or ""
-    out["model"] = SCRATCH if out["freeze"] is None else f"freeze{out['freeze']}"
+    out["model"] = out.get("method") or (SCRATCH if out["freeze"] is None else f"freeze{out['freeze']}")
     return out
 
 
@@ -555,6 +558,109 @@ def loss_curves(folder: str | Path) -> dict[str, Curves]:
     order = [r["run"] for r in per_run(read_results(folder))] if folder.is_dir() else []
     names = [n for n in order if n in found] + sorted(n for n in found if n not in order)
     return {name: read_curves(found[name], name) for name in names}
+
+
+# --------------------------------------------------------------------------- transfer methods
+
+
+@dataclass(frozen=True)
+class MeanCurve:
+    """A logged scalar of one method: mean ± sd over its runs at each iteration all of them logged."""
+
+    method: str
+    iteration: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    runs: int
+
+
+def _runs_by_model(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for row in per_run(rows):
+        out.setdefault(row["model"], []).append(row["run"])
+    return out
+
+
+def _method_order(models: Iterable[str]) -> list[str]:
+    from highres3d.experiments import TRANSFER_METHODS
+
+    order = {m: i for i, m in enumerate(TRANSFER_METHODS)}
+    return sorted(set(models), key=lambda m: (order.get(m, len(order)), m))
+
+
+def method_curves(exp: Experiment, column: str = "val_volume_dice") -> dict[str, MeanCurve]:
+    """Per method, mean ± sd over its runs (repeats) of one logged scalar against the iteration.
+
+    Args:
+        exp: a transfer-methods experiment.
+        column: a ``metrics.csv`` column; whole-volume validation Dice by default.
+    """
+    curves = loss_curves(exp.folder)
+    out = {}
+    for method, runs in _runs_by_model(exp.rows).items():
+        series = [curves[r][column] for r in runs if r in curves and column in curves[r]]
+        if not series:
+            continue
+        common = sorted(set.intersection(*(set(s.iteration.tolist()) for s in series)))
+        values = np.asarray([[dict(zip(s.iteration.tolist(), s.value.tolist()))[i] for i in common] for s in series])
+        sd = values.std(axis=0, ddof=1) if len(series) > 1 else np.full(len(common), math.nan)
+        out[method] = MeanCurve(method, np.asarray(common, dtype=int), values.mean(axis=0), sd, len(series))
+    return {m: out[m] for m in _method_order(out)}
+
+
+def iterations_to_reach(series: Series, threshold: float) -> float:
+    """The first logged iteration whose value is at least ``threshold`` (``nan`` if never)."""
+    hits = series.iteration[series.value >= threshold]
+    return float(hits[0]) if hits.size else math.nan
+
+
+def scratch_best_validation_dice(exp: Experiment) -> float:
+    """The best whole-volume validation Dice of the scratch runs, averaged over them (``nan`` without any)."""
+    curves = loss_curves(exp.folder)
+    best = [float(np.max(curves[r]["val_volume_dice"].value)) for r in _runs_by_model(exp.rows).get(SCRATCH, [])
+            if r in curves and "val_volume_dice" in curves[r]]
+    return float(np.mean(best)) if best else math.nan
+
+
+def transfer_methods_table(exp: Experiment, *, cls: Optional[int] = None, fraction: float = 0.9,
+                           title: Optional[str] = None) -> Table:
+    """The transfer-methods comparison: one row per method, statistics over its runs (seeds).
+
+    Columns: test Dice (each run's mean over the test subjects, then mean ± sd
+    over runs), the best-checkpoint iteration, and the iterations to reach
+    ``fraction`` (90 %) of the scratch model's best whole-volume validation
+    Dice (Transfusion's measure: transfer mostly speeds convergence up); a run
+    that never reaches it is left out of that mean and counted in a note.
+
+    Args:
+        exp: a transfer-methods experiment (:func:`load_experiment`).
+        cls: the foreground class when the results hold several.
+        fraction: of the scratch model's best validation Dice (mean over scratch runs).
+        title: the table title.
+    """
+    rows = _single_class(exp.rows, cls)
+    curves = loss_curves(exp.folder)
+    runs = _runs_by_model(rows)
+    best = scratch_best_validation_dice(exp)
+    threshold = fraction * best
+    lines, never = [], 0
+    for method in _method_order(runs):
+        test = [Summary.of(float(r["dice"]) for r in rows if r["run"] == run and r["split"] == "inference").mean
+                for run in runs[method]]
+        best_iteration = [next(r["best_iteration"] for r in rows if r["run"] == run) for run in runs[method]]
+        reach = [iterations_to_reach(curves[run]["val_volume_dice"], threshold) if run in curves else math.nan
+                 for run in runs[method]]
+        never += sum(math.isnan(v) for v in reach) if math.isfinite(threshold) else 0
+        lines.append([method, Summary.of(test), Summary.of(best_iteration, 0), Summary.of(reach, 0), len(runs[method])])
+    notes = []
+    if math.isfinite(threshold):
+        notes.append(f"threshold: {fraction:.0%} of scratch's best validation Dice ({best:.3f}) = {threshold:.3f}")
+        if never:
+            notes.append(f"{never} run(s) never reached it (left out of that column)")
+    else:
+        notes.append("no scratch run: the iterations to 90 % of scratch's best validation Dice are undefined")
+    header = ["method", "test Dice", "best iteration", f"iterations to {fraction:.0%} of scratch", "runs"]
+    return Table(title or "transfer methods: test Dice and convergence (mean ± sd over seeds)", header, lines, notes)
 
 
 def smooth(values: Sequence[float], weight: float = 0.9) -> np.ndarray:

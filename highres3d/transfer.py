@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -210,11 +210,71 @@ def _adapt_input_kernel(source: np.ndarray, target_shape: tuple[int, ...], rule:
     return kernel, detail
 
 
+INFLATE_MODES: tuple[str, ...] = ("center", "average", "scaled")
+
+
+def inflation_weights(mode: str, depth: int, alpha: Sequence[float] | None = None, sigma: float = 1.0) -> np.ndarray:
+    """The weights α_t of the ``depth`` slices of an inflated kernel (they sum to 1).
+
+    Args:
+        mode: ``"center"`` (1 on the middle slice), ``"average"`` (1/depth
+            each) or ``"scaled"`` (``alpha`` normalised, or a Gaussian of
+            standard deviation ``sigma`` slices centred on the middle slice).
+        depth: the kernel size along the new axis.
+        alpha: ``scaled``: one weight per slice; ignored for 1-slice kernels.
+        sigma: ``scaled`` without ``alpha``.
+
+    Raises:
+        ConfigError: for an unknown mode or an ``alpha`` of another length.
+    """
+    if mode not in INFLATE_MODES:
+        raise ConfigError(f"transfer.inflate: expected one of {', '.join(INFLATE_MODES)}, got {mode!r}")
+    t = np.arange(depth) - depth // 2
+    if mode == "center" or depth == 1:
+        weights = (t == 0).astype(np.float64)
+    elif mode == "average":
+        weights = np.ones(depth)
+    elif alpha is not None:
+        if len(alpha) != depth:
+            raise ConfigError(f"transfer.inflate_alpha: expected {depth} weights (the kernel size), got {len(alpha)}")
+        weights = np.asarray(alpha, dtype=np.float64)
+    else:
+        weights = np.exp(-0.5 * (t / float(sigma)) ** 2)
+    return weights / weights.sum()
+
+
+def inflate_kernel(kernel: np.ndarray, mode: str, *, axis: int = 2, depth: int | None = None,
+                   alpha: Sequence[float] | None = None, sigma: float = 1.0) -> np.ndarray:
+    """A 2D kernel ``(k, k, c_in, c_out)`` inflated into a 3D kernel ``(k, k, k, c_in, c_out)``.
+
+    Slice ``t`` of the new axis is ``α_t · W`` (:func:`inflation_weights`):
+    ``center`` reproduces the 2D network on every slice, ``average`` (I3D)
+    reproduces it on volumes that are constant along ``axis``.
+
+    Args:
+        kernel: the 2D kernel; its two spatial axes are the volume's in-plane
+            axes in ascending order (as :class:`~highres3d.models.ToSlices` lays them out).
+        mode: ``"center"``, ``"average"`` or ``"scaled"``.
+        axis: the spatial axis (0, 1, 2) of the new kernel axis: the 2D network's slice axis.
+        depth: the kernel size along ``axis`` (default: the 2D kernel's size).
+        alpha: ``scaled``: the slices' weights.
+        sigma: ``scaled`` without ``alpha``: the Gaussian's standard deviation in slices.
+    """
+    kernel = np.asarray(kernel)
+    if kernel.ndim != 4:
+        raise ValueError(f"expected a 2D kernel (k, k, c_in, c_out), got shape {kernel.shape}")
+    weights = inflation_weights(mode, depth or kernel.shape[0], alpha, sigma)
+    return np.stack([w * kernel.astype(np.float64) for w in weights], axis=axis).astype(kernel.dtype)
+
+
 def load_weights(
     model: Any,
     source: Any,
     *,
     channel_init: str = "mean",
+    inflate: str | None = None,
+    inflate_alpha: Sequence[float] | None = None,
+    inflate_sigma: float = 1.0,
     echo: Callable[[str], None] | None = print,
 ) -> TransferReport:
     """Copies the weights of ``source`` into ``model`` by weight path.
@@ -225,6 +285,11 @@ def load_weights(
             (``best.keras`` is used if present, else ``model.keras``).
         channel_init: how to fill ``conv_0`` input channels the source lacks:
             ``"mean"`` (the mean of the source channels' kernels) or ``"zeros"``.
+        inflate: for a 2D source (``dims=2``) and a 3D target: how each 2D
+            kernel becomes 3D along the source's ``slice_axis``
+            (:func:`inflate_kernel`); BatchNorm and PReLU parameters copy unchanged.
+        inflate_alpha: ``inflate="scaled"``: the slices' weights.
+        inflate_sigma: ``inflate="scaled"`` without ``inflate_alpha``.
         echo: where the report goes (``None``: nowhere).
 
     Returns:
@@ -238,8 +303,13 @@ def load_weights(
 
     if channel_init not in CHANNEL_INIT_RULES:
         raise ConfigError(f"channel_init must be one of {', '.join(CHANNEL_INIT_RULES)}, got {channel_init!r}")
-    source_weights = read_source_weights(source)
-    label = f"model {source.name!r}" if hasattr(source, "layers") else str(resolve_source(source))
+    if inflate is not None and inflate not in INFLATE_MODES:
+        raise ConfigError(f"transfer.inflate: expected one of {', '.join(INFLATE_MODES)}, got {inflate!r}")
+    is_model = hasattr(source, "weights") and hasattr(source, "layers")
+    source_model = source if is_model else load_model(source)
+    source_weights = read_source_weights(source_model)
+    source_axis = int(getattr(source_model, "slice_axis", 2))
+    label = f"model {source.name!r}" if is_model else str(resolve_source(source))
     report = TransferReport(source=label)
     layers = named_layers(model)
     target_weights = named_weights(model)
@@ -252,13 +322,28 @@ def load_weights(
             report.missing.append(path)
             continue
         value = source_weights[path]
+        inflated = ""
+        if value.ndim + 1 == len(target_shape) and variable.name == "kernel":
+            if inflate is None:
+                raise DataError(
+                    f"{report.source}: a 2D network (kernel {path} has shape {tuple(value.shape)}) cannot initialise "
+                    "a 3D one as it is; set transfer.inflate to center, average or scaled"
+                )
+            value = inflate_kernel(value, inflate, axis=source_axis, depth=target_shape[source_axis],
+                                   alpha=inflate_alpha, sigma=inflate_sigma)
+            inflated = f"2D kernel inflated ({inflate}) along axis {source_axis}"
+        elif value.ndim + 1 == len(target_shape) and value.size == int(np.prod(target_shape)):
+            value = value.reshape(target_shape)  # PReLU slopes: one more shared spatial axis
         if tuple(value.shape) == target_shape:
             variable.assign(value.astype(variable.dtype, copy=False))
-            report.copied.append(path)
+            if inflated:
+                report.adapted.append((path, inflated))
+            else:
+                report.copied.append(path)
         elif path == _INPUT_KERNEL and value.ndim == 5 and value.shape[:3] + value.shape[4:] == target_shape[:3] + target_shape[4:]:
             kernel, detail = _adapt_input_kernel(value, target_shape, channel_init)
             variable.assign(kernel.astype(variable.dtype, copy=False))
-            report.adapted.append((path, detail))
+            report.adapted.append((path, f"{inflated}; {detail}" if inflated else detail))
         elif layer_group(path) == _CLASSIFIER_GROUP:
             layer = layers[path.rsplit("/", 1)[0]]
             variable.assign(_initial_value(layer, variable))
@@ -336,6 +421,8 @@ def _groups_from_spec(spec: Any) -> list[str] | None:
         return _groups_from_spec(int(spec.strip()))
     if isinstance(spec, str) and spec in GROUPS:
         return [spec]
+    if spec == "all_but_last":
+        return list(GROUPS[:-1])
     if isinstance(spec, (list, tuple, set, frozenset)):
         names = [str(s) for s in spec]
         unknown = [n for n in names if n not in GROUPS]
@@ -354,8 +441,9 @@ def select_frozen(model: Any, spec: Any) -> list[str]:
 
     Args:
         model: a :class:`~highres3d.models.HighResNet3D`.
-        spec: ``None`` (nothing), a number ``k`` of leading groups, a group name,
-            a list of group names, or a NiftyNet ``vars_to_freeze`` regex.
+        spec: ``None`` (nothing), a number ``k`` of leading groups,
+            ``"all_but_last"`` (every group but the classifier ``conv_2``), a
+            group name, a list of group names, or a NiftyNet ``vars_to_freeze`` regex.
 
     Raises:
         ConfigError: for an invalid specification or regex.
@@ -405,8 +493,8 @@ def freeze(model: Any, spec: Any, *, bn_policy: str = "niftynet") -> FreezeRepor
     Args:
         model: a :class:`~highres3d.models.HighResNet3D`.
         spec: ``k`` (freeze the first ``k`` of conv_0, res_1, res_2, res_3,
-            conv_1, conv_2; ``0`` or ``None`` freezes nothing), a group name or
-            list of group names, or a NiftyNet ``vars_to_freeze`` regex such as
+            conv_1, conv_2; ``0`` or ``None`` freezes nothing), ``"all_but_last"``
+            (everything except ``conv_2``), a group name or list of group names, or a NiftyNet ``vars_to_freeze`` regex such as
             ``^((?!HighRes3DNet\\/(res_2|res_3|conv_1|conv_2)).)*$`` (freezes
             conv_0 and res_1), matched against NiftyNet variable names.
         bn_policy: ``"niftynet"``: exclude the frozen kernels and BN gamma/beta
@@ -483,18 +571,171 @@ def frozen_weight_paths(model: Any) -> list[str]:
     return [p for p, v in _parameter_weights(model).items() if id(v) not in trainable]
 
 
+# --------------------------------------------------------------------------- Mean-Var re-initialisation
+
+
+@dataclasses.dataclass
+class MeanVarReport:
+    """What :func:`mean_var_reinit` did.
+
+    Attributes:
+        groups: the groups re-initialised.
+        redrawn: ``(path, mean, std)`` of every parameter tensor redrawn from
+            N(mean, std²) with the pretrained tensor's statistics.
+        reset: BatchNorm weight paths set to identity (γ 1, β 0, mean 0, variance 1).
+    """
+
+    groups: list[str]
+    redrawn: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)
+    reset: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"Mean-Var re-initialised {', '.join(self.groups) or 'no groups'}: {len(self.redrawn)} tensors redrawn "
+                f"from their pretrained mean and variance, {len(self.reset)} BatchNorm weights reset to identity.")
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+_BN_IDENTITY = {"gamma": 1.0, "beta": 0.0, "moving_mean": 0.0, "moving_variance": 1.0}
+
+
+def transfusion_groups(keep: int) -> list[str]:
+    """The groups Transfusion re-initialises when it keeps the first ``keep`` groups' weights.
+
+    Args:
+        keep: pretrained groups copied (0-5); the rest are Mean-Var re-initialised.
+
+    Raises:
+        ConfigError: for ``keep`` outside 0..5.
+    """
+    from highres3d.models import GROUPS
+
+    if isinstance(keep, bool) or not 0 <= int(keep) < len(GROUPS):
+        raise ConfigError(f"transfer.transfusion: expected the number of copied groups between 0 and {len(GROUPS) - 1}, got {keep!r}")
+    return list(GROUPS[int(keep):])
+
+
+def mean_var_reinit(model: Any, groups: Sequence[str], *, source: Any = None, seed: int = 0,
+                    echo: Callable[[str], None] | None = print) -> MeanVarReport:
+    """Mean-Var re-initialisation (Raghu et al. 2019, "Transfusion") of some layer groups.
+
+    Each parameter tensor of the chosen groups (convolution kernels, PReLU
+    slopes) is redrawn i.i.d. from a normal with the mean and variance of the
+    pretrained tensor of the same path; BatchNorm is reset to identity
+    (γ = 1, β = 0, moving mean 0, moving variance 1).  Everything else is left
+    as it is.  The statistics are scalars per tensor, so they are defined even
+    where the source's tensor has another shape (a classifier with another
+    class count).
+
+    Args:
+        model: the target :class:`~highres3d.models.HighResNet3D`.
+        groups: the group names to re-initialise.
+        source: where the pretrained statistics come from: a model, ``.keras``
+            file or run folder, or ``None`` for ``model``'s own current weights
+            (e.g. right after :func:`load_weights`).
+        seed: seed of the draws.
+        echo: where the summary goes (``None``: nowhere).
+
+    Returns:
+        A :class:`MeanVarReport`.
+
+    Raises:
+        ConfigError: for an unknown group name.
+        DataError: for an unreadable source.
+    """
+    from highres3d.models import GROUPS, layer_group, named_weights
+
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ConfigError(f"transfer.mean_var: unknown layer group(s) {unknown}; groups are {', '.join(GROUPS)}")
+    chosen = [g for g in GROUPS if g in set(groups)]
+    weights = named_weights(model)
+    statistics = read_source_weights(source) if source is not None else {p: np.asarray(v) for p, v in weights.items()}
+    rng = np.random.default_rng(seed)
+    report = MeanVarReport(groups=chosen)
+    for path, variable in weights.items():
+        if layer_group(path) not in chosen:
+            continue
+        name = path.rsplit("/", 1)[-1]
+        is_bn = path.rsplit("/", 2)[-2].startswith("bn")
+        if is_bn and name in _BN_IDENTITY:
+            variable.assign(np.full(tuple(variable.shape), _BN_IDENTITY[name], dtype=variable.dtype))
+            report.reset.append(path)
+            continue
+        if path not in statistics:
+            raise DataError(f"{path}: no pretrained tensor to take the Mean-Var statistics from")
+        pretrained = np.asarray(statistics[path], dtype=np.float64)
+        mean, std = float(pretrained.mean()), float(pretrained.std())
+        variable.assign(rng.normal(mean, std, size=tuple(variable.shape)).astype(variable.dtype))
+        report.redrawn.append((path, mean, std))
+    if echo is not None:
+        echo(report.summary())
+    return report
+
+
+# --------------------------------------------------------------------------- discriminative learning rates
+
+
+def learning_rate_multipliers(
+    multipliers: Mapping[str, float] | None = None,
+    decay: float | None = None,
+) -> dict[str, float]:
+    """The learning-rate multiplier of every layer group (discriminative fine-tuning).
+
+    Howard & Ruder (2018, ULMFiT) train lower layers with smaller rates:
+    ``lr_g = lr / decay**d`` with ``d`` the number of groups between ``g`` and
+    the classifier ``conv_2`` (``conv_2``: 1, ``conv_1``: 1/2.6, ... ``conv_0``:
+    1/2.6**5 for ``decay=2.6``).  Explicit multipliers are the alternative;
+    groups they leave out train at the base rate.
+
+    Args:
+        multipliers: a multiplier per group name (``training.lr_multipliers``).
+        decay: the decay factor from the top (``training.lr_decay``).
+
+    Returns:
+        ``{group: multiplier}`` for all six groups, in network order.
+
+    Raises:
+        ConfigError: for both arguments at once, an unknown group or a
+            multiplier that is not positive.
+    """
+    from highres3d.models import GROUPS
+
+    multipliers = dict(multipliers or {})
+    if multipliers and decay is not None:
+        raise ConfigError("lr_multipliers and lr_decay: give one of them, not both")
+    unknown = [g for g in multipliers if g not in GROUPS]
+    if unknown:
+        raise ConfigError(f"lr_multipliers: unknown layer group(s) {unknown}; groups are {', '.join(GROUPS)}")
+    bad = [g for g, m in multipliers.items() if not float(m) > 0]
+    if bad or (decay is not None and not float(decay) > 0):
+        raise ConfigError("lr_multipliers / lr_decay: expected positive values")
+    if decay is not None:
+        top = len(GROUPS) - 1
+        return {g: float(decay) ** -(top - i) for i, g in enumerate(GROUPS)}
+    return {g: float(multipliers.get(g, 1.0)) for g in GROUPS}
+
+
 __all__: Sequence[str] = (
     "BN_POLICIES",
     "CHANNEL_INIT_RULES",
     "RUN_FOLDER_MODEL_NAMES",
+    "INFLATE_MODES",
     "FreezeReport",
+    "MeanVarReport",
     "TransferReport",
     "freeze",
     "frozen_weight_paths",
+    "inflate_kernel",
+    "inflation_weights",
     "load_model",
+    "learning_rate_multipliers",
     "load_weights",
+    "mean_var_reinit",
     "read_source_weights",
     "resolve_source",
     "select_frozen",
+    "transfusion_groups",
     "unfreeze",
 )

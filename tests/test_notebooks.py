@@ -100,7 +100,7 @@ def images(notebook):
     return sum("image/png" in o.get("data", {}) for cell in notebook.cells for o in cell.get("outputs", []))
 
 
-@pytest.mark.parametrize("name", ["table_6_1_parameters", "freeze_levels", "dataset_size"])
+@pytest.mark.parametrize("name", ["table_6_1_parameters", "freeze_levels", "dataset_size", "transfer_methods"])
 def test_notebooks_are_stored_without_outputs(name):
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     nbformat.validate(notebook)
@@ -165,3 +165,44 @@ def test_dataset_size_notebook_needs_subsets(tiny_experiments, kernel_dir, tmp_p
     text = texts(notebook)
     assert "not a dataset-size experiment" in text and "highres3d experiment dataset-size" in text
     assert images(notebook) == 0 and "Table 6.3" not in text
+
+
+@pytest.fixture(scope="session")
+def tiny_transfer_methods(tmp_path_factory):
+    """A transfer-methods grid (scratch, discriminative, dual-stage) x 2 seeds, 2 iterations each."""
+    from highres3d import experiments
+    from highres3d.config import load_config
+    from highres3d.data.synth import synthesize_brats, synthesize_ixi
+    from highres3d.training import train
+
+    root = tmp_path_factory.mktemp("tiny_transfer_methods")
+    synthesize_brats(root / "brats", 5, size="small", seed=0)
+    synthesize_ixi(root / "ixi", 3, size="small", seed=0)
+    quiet = dict(show_progress=False, echo=lambda text: None)
+    tiny = TINY + ["training.checkpoint_every=1", f"training.output_dir={root / 'runs'}"]
+    train(load_config("demo/ixi.yaml", overrides=tiny, data_root=root / "ixi"), root / "source", **quiet)
+    cfg = load_config("demo/transfer_methods.yaml", overrides=tiny + [f"transfer.source={root / 'source'}"],
+                      data_root=root / "brats")
+    folder = root / "transfer_methods"
+    grid = experiments.transfer_methods_grid(cfg, ["scratch", "discriminative", "dual_stage"], repeats=2)
+    experiments.run_experiment(cfg, grid, folder, **quiet)
+    return folder
+
+
+def test_transfer_methods_notebook(tiny_transfer_methods, kernel_dir, tmp_path, monkeypatch):
+    from highres3d import reporting
+
+    folder = tiny_transfer_methods
+    exp = reporting.load_experiment(folder)
+    assert exp.models == ["scratch", "discriminative", "dual_stage"] and len(exp.runs) == 6
+    table = reporting.transfer_methods_table(exp)
+    assert [line[0] for line in table.rows] == ["scratch", "discriminative", "dual_stage"]
+    assert all(line[-1] == 2 for line in table.rows) and table.cell("scratch", "test Dice").n == 2
+    curves = reporting.method_curves(exp)
+    assert list(curves["dual_stage"].iteration) == [1, 2] and curves["dual_stage"].runs == 2
+    notebook = execute("transfer_methods", kernel_dir, tmp_path, monkeypatch, folder)
+    text = texts(notebook)
+    assert "transfer methods: test Dice and convergence" in text and "dual_stage" in text
+    assert images(notebook) == 1
+    for name in ("transfer_methods.md", "transfer_methods.csv", "transfer_methods_curves.png"):
+        assert (folder / "report" / name).stat().st_size > 0, name

@@ -1,21 +1,27 @@
-"""``highres3d experiment freeze-levels|dataset-size``: the thesis' grids of runs, evaluated into results.csv."""
+"""``highres3d experiment freeze-levels|dataset-size|transfer-methods``: grids of runs, evaluated into results.csv."""
 from __future__ import annotations
 
 from highres3d.cli.common import add_config_arguments, load_config_from_args
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("experiment", help="run the freeze-level or dataset-size experiment grid",
+    parser = subparsers.add_parser("experiment", help="run the freeze-level, dataset-size or transfer-methods grid",
                                    description=__doc__)
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name, text in (
         ("freeze-levels", "scratch + freeze 1..5 on the whole training split (Table 6.2)"),
         ("dataset-size", "nested subsets S1..Sn x scratch and freeze 1, 2, 3 (Tables 6.3-6.6)"),
+        ("transfer-methods", "scratch, fine-tuning, freeze 1..5, discriminative rates, gradual unfreezing, Mean-Var, "
+                             "Transfusion, 2D-inflated, dual-stage (docs/transfer.md)"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         add_config_arguments(p)
         p.add_argument("-o", "--output", help="experiment folder (default: <training.output_dir>/<experiment>_<dataset.name>)")
-        p.add_argument("--levels", help="comma-separated levels, e.g. scratch,1,2 (default: the thesis' levels)")
+        if name == "transfer-methods":
+            p.add_argument("--methods", help="comma-separated methods, e.g. scratch,finetune,discriminative (default: all)")
+            p.add_argument("--source-2d", help="2D source model (run folder or .keras) of the inflated_* methods")
+        else:
+            p.add_argument("--levels", help="comma-separated levels, e.g. scratch,1,2 (default: the thesis' levels)")
         p.add_argument("--repeats", type=int, default=1, help="seeds per cell; tables report mean ± sd")
         p.add_argument("--list", action="store_true", help="list the runs of the grid and exit")
         p.add_argument("--only", action="append", metavar="RUN", help="run only this run (repeatable)")
@@ -33,8 +39,11 @@ def run(args) -> int:
     if args.max_iter is not None:
         args.overrides.append(f"training.max_iter={args.max_iter}")
     cfg = load_config_from_args(args)
-    levels = args.levels.split(",") if args.levels else None
-    if args.grid == "freeze-levels":
+    levels = args.levels.split(",") if getattr(args, "levels", None) else None
+    if args.grid == "transfer-methods":
+        methods = args.methods.split(",") if args.methods else experiments.TRANSFER_METHODS
+        specs = experiments.transfer_methods_grid(cfg, methods, args.repeats, source_2d=args.source_2d)
+    elif args.grid == "freeze-levels":
         specs = experiments.freeze_level_grid(cfg, levels or experiments.FREEZE_LEVELS, args.repeats)
     else:
         specs = experiments.dataset_size_grid(cfg, levels or experiments.DATASET_SIZE_LEVELS, repeats=args.repeats)
@@ -48,5 +57,7 @@ def run(args) -> int:
                                       show_progress=False if args.no_progress else None)
     for table in reporting.experiment_tables(rows):
         print(table)
+    if args.grid == "transfer-methods":
+        print(reporting.transfer_methods_table(reporting.load_experiment(folder)))
     print(f"results: {experiments.results_path(folder, args.shard)}")
     return 0

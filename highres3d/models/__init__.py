@@ -7,9 +7,11 @@ from highres3d.models.highresnet import (
     BASE_FILTERS,
     GROUPS,
     ConvBNActivation,
+    FromSlices,
     GroupParameters,
     HighResBlock,
     HighResNet3D,
+    ToSlices,
     is_state_variable,
     layer_group,
     named_layers,
@@ -23,6 +25,7 @@ __all__ = [
     "BASE_FILTERS",
     "GROUPS",
     "ConvBNActivation",
+    "FromSlices",
     "GroupParameters",
     "HighResBlock",
     "HighResNet3D",
@@ -32,6 +35,7 @@ __all__ = [
     "named_weights",
     "niftynet_variable_name",
     "parameter_table",
+    "ToSlices",
 ]
 
 if TYPE_CHECKING:
@@ -52,4 +56,6 @@ def build_model(config: Config) -> HighResNet3D:
         activation=net.activation,
         width_multiplier=net.width_multiplier,
         l2_decay=net.l2_decay,
+        dims=net.dims,
+        slice_axis=net.slice_axis,
     )

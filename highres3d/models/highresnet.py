@@ -98,12 +98,12 @@ def canonical_activation(name: str) -> str:
     return _ACTIVATIONS[key]
 
 
-def _make_activation(activation: str, name: str) -> keras.layers.Layer:
+def _make_activation(activation: str, name: str, dims: int = 3) -> keras.layers.Layer:
     if activation == "leaky_relu":
         return keras.layers.LeakyReLU(negative_slope=NIFTYNET_LEAKY_SLOPE, name=name)
     if activation == "prelu":
         # One slope per channel, initialised to 0 as NiftyNet does.
-        return keras.layers.PReLU(alpha_initializer="zeros", shared_axes=[1, 2, 3], name=name)
+        return keras.layers.PReLU(alpha_initializer="zeros", shared_axes=list(range(1, dims + 1)), name=name)
     return keras.layers.Activation(activation, name=name)
 
 
@@ -118,11 +118,13 @@ def _conv(
     l2_decay: float,
     kernel_initializer: Any,
     name: str,
-) -> keras.layers.Conv3D:
+    dims: int = 3,
+) -> keras.layers.Layer:
     # NiftyNet's `decay` adds decay * tf.nn.l2_loss(w) = decay * sum(w^2) / 2, whereas
     # keras.regularizers.L2(f) adds f * sum(w^2): halve it so `l2_decay` means the same.
     regularizer = keras.regularizers.L2(l2_decay / 2.0) if l2_decay > 0 else None
-    return keras.layers.Conv3D(
+    conv = keras.layers.Conv3D if dims == 3 else keras.layers.Conv2D
+    return conv(
         filters,
         kernel_size,
         padding="same",
@@ -162,6 +164,7 @@ class ConvBNActivation(keras.layers.Layer):
         activation: canonical activation name, or ``None`` for the logits layer.
         l2_decay: NiftyNet ``decay`` on the kernel (``l2_decay * sum(w**2) / 2``).
         kernel_initializer: Keras initializer (name, config or instance).
+        dims: 3 (volumes) or 2 (slices: the same layer with 2D kernels).
     """
 
     def __init__(
@@ -171,6 +174,7 @@ class ConvBNActivation(keras.layers.Layer):
         activation: str | None = "leaky_relu",
         l2_decay: float = 0.0,
         kernel_initializer: Any = "he_normal",
+        dims: int = 3,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -179,9 +183,10 @@ class ConvBNActivation(keras.layers.Layer):
         self.activation = None if activation is None else canonical_activation(activation)
         self.l2_decay = float(l2_decay)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.conv = _conv(self.filters, self.kernel_size, 1, self.l2_decay, self.kernel_initializer, "conv")
+        self.dims = _check_dims(dims)
+        self.conv = _conv(self.filters, self.kernel_size, 1, self.l2_decay, self.kernel_initializer, "conv", self.dims)
         self.bn = _batch_norm("bn")
-        self.act = None if self.activation is None else _make_activation(self.activation, "act")
+        self.act = None if self.activation is None else _make_activation(self.activation, "act", self.dims)
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         self.conv.build(input_shape)
@@ -208,6 +213,7 @@ class ConvBNActivation(keras.layers.Layer):
             activation=self.activation,
             l2_decay=self.l2_decay,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            dims=self.dims,
         )
         return config
 
@@ -227,6 +233,7 @@ class HighResBlock(keras.layers.Layer):
         activation: canonical activation name.
         l2_decay: NiftyNet ``decay`` on the kernels.
         kernel_initializer: Keras initializer.
+        dims: 3 (volumes) or 2 (slices).
     """
 
     def __init__(
@@ -236,6 +243,7 @@ class HighResBlock(keras.layers.Layer):
         activation: str = "leaky_relu",
         l2_decay: float = 0.0,
         kernel_initializer: Any = "he_normal",
+        dims: int = 3,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -244,14 +252,15 @@ class HighResBlock(keras.layers.Layer):
         self.activation = canonical_activation(activation)
         self.l2_decay = float(l2_decay)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.dims = _check_dims(dims)
         # Attribute names equal the layer names so that weight paths read
         # `res_1_0/conv_0/kernel`, mirroring NiftyNet's `res_1_0/conv_0/w`.
         self.bn_0 = _batch_norm("bn_0")
-        self.act_0 = _make_activation(self.activation, "act_0")
-        self.conv_0 = _conv(self.filters, 3, self.dilation, self.l2_decay, self.kernel_initializer, "conv_0")
+        self.act_0 = _make_activation(self.activation, "act_0", self.dims)
+        self.conv_0 = _conv(self.filters, 3, self.dilation, self.l2_decay, self.kernel_initializer, "conv_0", self.dims)
         self.bn_1 = _batch_norm("bn_1")
-        self.act_1 = _make_activation(self.activation, "act_1")
-        self.conv_1 = _conv(self.filters, 3, self.dilation, self.l2_decay, self.kernel_initializer, "conv_1")
+        self.act_1 = _make_activation(self.activation, "act_1", self.dims)
+        self.conv_1 = _conv(self.filters, 3, self.dilation, self.l2_decay, self.kernel_initializer, "conv_1", self.dims)
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         in_channels = input_shape[-1]
@@ -288,8 +297,73 @@ class HighResBlock(keras.layers.Layer):
             activation=self.activation,
             l2_decay=self.l2_decay,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            dims=self.dims,
         )
         return config
+
+
+def _check_dims(dims: int) -> int:
+    if int(dims) not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3, got {dims!r}")
+    return int(dims)
+
+
+def _slice_permutation(axis: int) -> list[int]:
+    """Axes of a ``(B, X, Y, Z, C)`` tensor with spatial axis ``axis`` moved next to the batch."""
+    return [0, 1 + axis] + [1 + a for a in range(3) if a != axis] + [4]
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ToSlices(keras.layers.Layer):
+    """``(B, X, Y, Z, C)`` -> ``(B * S, A, B', C)``: the slices along spatial axis ``axis`` as a batch of images.
+
+    The two in-plane axes keep their order, so a 2D kernel's axes are the
+    volume's remaining spatial axes in ascending order.
+
+    Args:
+        axis: the slice axis, 0, 1 or 2 (x, y, z).
+    """
+
+    def __init__(self, axis: int = 2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.axis = int(axis)
+
+    def call(self, inputs: Any) -> Any:
+        x = ops.transpose(inputs, _slice_permutation(self.axis))
+        shape = ops.shape(x)
+        return ops.reshape(x, (-1, shape[2], shape[3], shape[4]))
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        shape = [input_shape[i] for i in _slice_permutation(self.axis)]
+        return (None, shape[2], shape[3], shape[4])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "axis": self.axis}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class FromSlices(keras.layers.Layer):
+    """The inverse of :class:`ToSlices`: ``[(B * S, A, B', K), volume]`` -> ``(B, X, Y, Z, K)``."""
+
+    def __init__(self, axis: int = 2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.axis = int(axis)
+
+    def call(self, inputs: Any) -> Any:
+        slices, volume = inputs
+        permutation = _slice_permutation(self.axis)
+        shape = ops.shape(volume)
+        x = ops.reshape(slices, (-1, shape[permutation[1]], shape[permutation[2]], shape[permutation[3]],
+                                 ops.shape(slices)[-1]))
+        inverse = [permutation.index(i) for i in range(5)]
+        return ops.transpose(x, inverse)
+
+    def compute_output_shape(self, input_shapes: Sequence[Sequence[int | None]]) -> tuple[int | None, ...]:
+        slices, volume = input_shapes
+        return tuple(volume[:-1]) + (slices[-1],)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "axis": self.axis}
 
 
 def scaled_filters(width_multiplier: float) -> tuple[int, int, int, int]:
@@ -325,6 +399,12 @@ class HighResNet3D(keras.Model):
         kernel_initializer: initializer of every kernel; ``"he_normal"`` is
             NiftyNet's (a truncated normal with fan-in scaling).
         name: model name; NiftyNet's top scope is ``HighRes3DNet``.
+        dims: 3, or 2 for the 2D HighResNet: the same groups, layer names
+            and weight paths with 2D kernels ``(k, k, c_in, c_out)``, applied
+            slice by slice along ``slice_axis`` (it still takes and returns
+            ``(B, X, Y, Z, C)`` volumes, so samplers, validation and inference
+            are unchanged; a window of size 1 along the axis is one slice).
+        slice_axis: the spatial axis (0, 1, 2 = x, y, z) a 2D network slices along.
 
     Example:
         >>> model = HighResNet3D(in_channels=2, num_classes=2)
@@ -343,8 +423,13 @@ class HighResNet3D(keras.Model):
         filters: Sequence[int] | None = None,
         kernel_initializer: Any = "he_normal",
         name: str = "HighRes3DNet",
+        dims: int = 3,
+        slice_axis: int = 2,
         **kwargs: Any,
     ) -> None:
+        dims = _check_dims(dims)
+        if int(slice_axis) not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis!r}")
         in_channels = int(in_channels)
         num_classes = int(num_classes)
         if in_channels < 1:
@@ -361,10 +446,11 @@ class HighResNet3D(keras.Model):
             if not widths[0] <= widths[1] <= widths[2]:
                 raise ValueError(f"filters of res_1..res_3 must not decrease, got {filters!r}")
         initializer = keras.initializers.get(kernel_initializer)
-        common = dict(l2_decay=float(l2_decay), kernel_initializer=initializer)
+        common = dict(l2_decay=float(l2_decay), kernel_initializer=initializer, dims=dims)
 
         inputs = keras.Input(shape=(None, None, None, in_channels), name="images")
-        x = ConvBNActivation(widths[0], 3, activation, name="conv_0", **common)(inputs)
+        x = inputs if dims == 3 else ToSlices(int(slice_axis), name="to_slices")(inputs)
+        x = ConvBNActivation(widths[0], 3, activation, name="conv_0", **common)(x)
         for group, width_index, dilation in _RES_STAGES:
             for j in range(_BLOCKS_PER_STAGE):
                 x = HighResBlock(
@@ -372,6 +458,8 @@ class HighResNet3D(keras.Model):
                 )(x)
         x = ConvBNActivation(widths[3], 1, activation, name="conv_1", **common)(x)
         outputs = ConvBNActivation(num_classes, 1, None, name="conv_2", **common)(x)
+        if dims == 2:
+            outputs = FromSlices(int(slice_axis), name="from_slices")([outputs, inputs])
         if softmax:
             outputs = keras.layers.Softmax(axis=-1, dtype="float32", name="softmax")(outputs)
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
@@ -384,6 +472,8 @@ class HighResNet3D(keras.Model):
         self.softmax = bool(softmax)
         self.filters = widths if filters is not None else None
         self.kernel_initializer = initializer
+        self.dims = dims
+        self.slice_axis = int(slice_axis)
 
     @classmethod
     def from_preset(cls, name: str) -> HighResNet3D:
@@ -417,6 +507,8 @@ class HighResNet3D(keras.Model):
             "softmax": self.softmax,
             "filters": None if self.filters is None else list(self.filters),
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "dims": self.dims,
+            "slice_axis": self.slice_axis,
         }
 
     @classmethod

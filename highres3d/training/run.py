@@ -6,7 +6,8 @@
       config.yaml          the resolved config (every default filled in)
       split.csv            the subjects of each split (NiftyNet format)
       state.json           iteration, best score, checkpoints (rewritten atomically)
-      metrics.csv          every logged scalar, one row per logged iteration
+      metrics.csv          every logged scalar, one row per logged iteration (with its stage)
+      stages.csv           the training stages: iterations, freeze, sampler, rates, loss of each
       checkpoints/iter_000150.keras   model + optimizer state, last ``max_checkpoints`` kept
       best.keras           the model with the best validation Dice (used by infer and transfer)
       model.keras          the final model (used when there is no best.keras)
@@ -40,6 +41,7 @@ BEST_MODEL = "best.keras"
 FINAL_MODEL = "model.keras"
 SPLIT_FILE = "split.csv"
 CHECKPOINT_DIR = "checkpoints"
+STAGES_FILE = "stages.csv"
 
 
 class RunExistsError(Highres3dError):
@@ -96,6 +98,10 @@ class RunFolder:
     @property
     def final_model_path(self) -> Path:
         return self.path / FINAL_MODEL
+
+    @property
+    def stages_path(self) -> Path:
+        return self.path / STAGES_FILE
 
     @property
     def checkpoint_dir(self) -> Path:

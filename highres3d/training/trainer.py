@@ -6,6 +6,12 @@ iterations) and a resumed run must continue bit-for-bit: every training window
 is a pure function of ``(seed, element index)``, so resuming at iteration *i*
 restarts the window stream at element ``i * batch_size`` and, with the
 restored weights and optimizer state, reproduces the uninterrupted loss curve.
+
+A run is a sequence of stages (``training.stages``; one stage without it):
+each stage freezes its layer groups, compiles its own training step and draws
+from its own window stream, and the learning rate of every layer group is set
+before each step (:mod:`highres3d.training.stages`,
+:mod:`highres3d.training.optimizers`).
 """
 from __future__ import annotations
 
@@ -20,12 +26,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from highres3d.config import Config
+from highres3d.config import Config, SamplerConfig
 from highres3d.data import histogram
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.data.preprocess import Volume, load_volume
 from highres3d.errors import DataError, Highres3dError
 from highres3d.training.run import MetricsLog, RunFolder, RunState
+from highres3d.training.stages import STAGE_SEED_STRIDE, resolve_stages, scheduled_lr, stage_at, write_stage_plan
 
 
 @dataclass
@@ -43,43 +50,41 @@ class TrainResult:
 # --------------------------------------------------------------------------- building blocks
 
 
-def build_optimizer(cfg: Config):
-    import keras
+def build_optimizer(cfg: Config, model: Any):
+    """The optimizer of a run: one per layer group when any stage uses per-group rates, else one.
+
+    Args:
+        cfg: the config (``training.optimizer``, ``lr``, ``mixed_precision``,
+            ``lr_multipliers``, ``lr_decay``, ``stages``).
+        model: the built model whose parameters it updates.
+
+    Returns:
+        A :class:`~highres3d.training.optimizers.GroupOptimizer`; its learning
+        rates are set every iteration by the trainer.
+    """
+    from highres3d.training.optimizers import GroupOptimizer
+    from highres3d.training.stages import uses_group_rates
 
     t = cfg.training
-    lr: Any = t.lr
-    if t.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(t.lr, decay_steps=t.max_iter, alpha=0.01)
-    elif t.lr_schedule == "step":
-        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
-            [int(t.max_iter * 0.5), int(t.max_iter * 0.75)], [t.lr, t.lr * 0.1, t.lr * 0.01]
-        )
-    optimizers = {
-        "adam": lambda: keras.optimizers.Adam(lr, beta_1=0.9, beta_2=0.999, epsilon=1e-8),
-        "adamw": lambda: keras.optimizers.AdamW(lr),
-        "sgd": lambda: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
-        "rmsprop": lambda: keras.optimizers.RMSprop(lr),
-    }
-    optimizer = optimizers[t.optimizer]()
-    if t.mixed_precision:
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
+    return GroupOptimizer(model, t.optimizer, t.lr, per_group=uses_group_rates(cfg),
+                          mixed_precision=t.mixed_precision)
 
 
-def build_loss(cfg: Config):
+def build_loss(cfg: Config, name: Optional[str] = None):
+    """The training loss of a config (or the loss ``name`` of a stage, with the config's class weights)."""
     from highres3d.losses import get_loss
 
     kwargs = {}
     if cfg.training.class_weights is not None:
         kwargs["class_weights"] = list(cfg.training.class_weights)
-    return get_loss(cfg.training.loss, **kwargs)
+    return get_loss(name or cfg.training.loss, **kwargs)
 
 
-def build_sampler(cfg: Config):
-    """The training window sampler of a config."""
+def build_sampler(cfg: Config, settings: Optional[SamplerConfig] = None):
+    """The training window sampler of a config (or of a stage's sampler ``settings``)."""
     from highres3d import samplers
 
-    s = cfg.sampler
+    s = settings or cfg.sampler
     common = dict(edge_policy=s.edge_policy, pad_value=s.pad_value, label_pad_value=s.label_pad_value)
     if s.type == "uniform":
         return samplers.UniformSampler(s.window_size, **common)
@@ -223,11 +228,23 @@ class Trainer:
             self.echo(f"resumed from {checkpoint} at iteration {state.iteration}")
         elif cfg.transfer.source is not None:
             transfer.load_weights(model, cfg.transfer.source, channel_init=cfg.transfer.channel_init,
-                                  echo=self.echo)
-        if cfg.transfer.freeze:
-            report = transfer.freeze(model, cfg.transfer.freeze, bn_policy=cfg.transfer.bn_policy)
-            self.echo(report.summary())
+                                  inflate=cfg.transfer.inflate, inflate_alpha=cfg.transfer.inflate_alpha,
+                                  inflate_sigma=cfg.transfer.inflate_sigma, echo=self.echo)
+            groups = (transfer.transfusion_groups(cfg.transfer.transfusion) if cfg.transfer.transfusion is not None
+                      else list(cfg.transfer.mean_var))
+            if groups:
+                transfer.mean_var_reinit(model, groups, source=cfg.transfer.source, seed=cfg.training.seed,
+                                         echo=self.echo)
         return model
+
+    def _enter_stage(self, model, stage):
+        """Freezes what ``stage`` freezes; returns the variables it trains."""
+        from highres3d import transfer
+
+        report = transfer.freeze(model, stage.freeze or None, bn_policy=self.cfg.transfer.bn_policy)
+        if report.frozen:
+            self.echo(report.summary())
+        return model.trainable_variables
 
     # ---- run
     def fit(self) -> TrainResult:
@@ -254,53 +271,56 @@ class Trainer:
             self.echo(f"{self.run.path}: this run already finished ({state.iteration} iterations)")
             return self._result(state)
         self._data(dataset)
+        stages = resolve_stages(cfg)
+        # Rewritten on resume too: a longer max_iter lengthens the last stage.
+        write_stage_plan(stages, self.run.stages_path)
         strategy = _strategy(t.strategy)
         with strategy.scope():
             model = self._model(state)
-            optimizer = build_optimizer(cfg)
-            loss_fn = build_loss(cfg)
-            trainable = model.trainable_variables
-            optimizer.build(trainable)
+            optimizer = build_optimizer(cfg, model)
             augment_layer = self._device_augmentation()
             loop_variables = _loop_variables(optimizer, augment_layer)
             if state.iteration > 0:
                 self.run.restore_loop_variables(self.run.latest_checkpoint(state), loop_variables)
-        batches = self._training_batches(strategy, build_sampler(cfg), start_batch=state.iteration)
 
-        def step(images, labels):
-            if augment_layer is not None:
-                images, labels = augment_layer((images, labels), training=True)
-            with tf.GradientTape() as tape:
-                logits = model(images, training=True)
-                # Keras losses already divide by the number of replicas; the
-                # regulariser must be scaled the same way, so that the gradients
-                # summed over replicas equal those of the whole batch.
-                loss = loss_fn(labels, logits)
-                if model.losses:
-                    loss = loss + tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-                scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
-            grads = tape.gradient(scaled, trainable)
-            optimizer.apply_gradients(zip(grads, trainable))
-            return loss
+        def make_train_step(trainable, loss_fn):
+            def step(images, labels):
+                if augment_layer is not None:
+                    images, labels = augment_layer((images, labels), training=True)
+                with tf.GradientTape() as tape:
+                    logits = model(images, training=True)
+                    # Keras losses already divide by the number of replicas; the
+                    # regulariser must be scaled the same way, so that the gradients
+                    # summed over replicas equal those of the whole batch.
+                    loss = loss_fn(labels, logits)
+                    if model.losses:
+                        loss = loss + tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+                    scaled = optimizer.scale_loss(loss)
+                grads = tape.gradient(scaled, trainable)
+                optimizer.apply_gradients(zip(grads, trainable))
+                return loss
 
-        @tf.function
-        def train_step(images, labels):
-            per_replica = strategy.run(step, args=(images, labels))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            # One compiled step per stage: freezing changes the variables and the BN modes it traces.
+            @tf.function
+            def train_step(images, labels):
+                per_replica = strategy.run(step, args=(images, labels))
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+            return train_step
 
         validation = self._validation_windows() if self.val_volumes else None
+        validation_loss = build_loss(cfg)
         self._window_dice = MeanForegroundDice(cfg.network.num_classes)
         # A plain compiled call: Keras' predict_on_batch would split batches across replicas.
         self._infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         log = MetricsLog(self.run.metrics_path)
         log.truncate_after(state.iteration)
         writer = tf.summary.create_file_writer(str(self.run.tensorboard_dir))
-        iterator = iter(batches)
         start_iter = state.iteration
         stop = t.max_iter if self.stop_after is None else min(t.max_iter, self.stop_after)
-        self.echo(f"training {model.count_params():,} parameters "
-                  f"({sum(int(np.prod(v.shape)) for v in trainable):,} trainable) "
-                  f"for iterations {start_iter + 1}..{stop} -> {self.run.path}")
+        stage, iterator, batches, train_step = None, None, None, None
+        self.echo(f"training {model.count_params():,} parameters for iterations {start_iter + 1}..{stop} "
+                  f"in {len(stages)} stage{'s' if len(stages) > 1 else ''} -> {self.run.path}")
         clock = time.perf_counter()
         wall_before = state.wall_time
         bar = Progress(stop, "train", unit="windows", rate_scale=t.batch_size, start=start_iter,
@@ -312,6 +332,22 @@ class Trainer:
 
         try:
             while state.iteration < stop:
+                if stage is None or state.iteration + 1 > stage.last:
+                    stage = stage_at(stages, state.iteration)
+                    del iterator, batches
+                    trainable = self._enter_stage(model, stage)
+                    train_step = make_train_step(trainable, build_loss(cfg, stage.loss))
+                    # The window stream of a stage depends on the stage and the position in it only,
+                    # so a run resumed mid-stage draws the windows the uninterrupted run drew.
+                    batches = self._training_batches(strategy, build_sampler(cfg, stage.sampler),
+                                                     start_batch=state.iteration - stage.first + 1,
+                                                     seed=t.seed + STAGE_SEED_STRIDE * stage.index)
+                    iterator = iter(batches)
+                    where = "starts" if state.iteration + 1 == stage.first else "resumes"
+                    self.echo(f"{stage.describe()} {where} at iteration {state.iteration + 1}; "
+                              f"{sum(int(np.prod(v.shape)) for v in trainable):,} parameters trainable")
+                lr = scheduled_lr(t.lr_schedule, stage.lr, state.iteration + 1 - stage.first, stage.iterations)
+                optimizer.set_learning_rates(lr, stage.multipliers)
                 images, labels = next(iterator)
                 loss = float(train_step(images, labels))
                 if not math.isfinite(loss):
@@ -321,10 +357,10 @@ class Trainer:
                     )
                 state.iteration += 1
                 state.wall_time = wall_before + time.perf_counter() - clock
-                row = {"loss": loss, "lr": _current_lr(optimizer), "wall_time": state.wall_time}
+                row = {"loss": loss, "lr": lr, "stage": stage.index + 1, "wall_time": state.wall_time}
                 bar.update(status=f"loss {loss:.4f}")
                 if validation is not None and state.iteration % t.validation_every == 0:
-                    row.update(self._validate(model, loss_fn, validation))
+                    row.update(self._validate(model, validation_loss, validation))
                 scheduled = state.iteration % t.checkpoint_every == 0 or state.iteration == t.max_iter
                 if scheduled and self.val_volumes:
                     row["val_volume_dice"] = self._validate_volumes(model)
@@ -377,8 +413,8 @@ class Trainer:
         )
         return None if augmentation.is_identity else augmentation
 
-    def _training_batches(self, strategy, sampler, start_batch: int):
-        """The window stream, positioned at batch ``start_batch`` (a resumed run continues the same stream)."""
+    def _training_batches(self, strategy, sampler, start_batch: int, seed: int):
+        """The window stream of ``seed``, positioned at batch ``start_batch`` (a resumed run continues it)."""
         from highres3d.data.pipeline import make_training_dataset
 
         cfg = self.cfg
@@ -393,7 +429,7 @@ class Trainer:
                 shuffle_buffer=cfg.training.shuffle_buffer,
                 augmentation=augmentation,
                 augment_on="device" if cfg.augmentation.device == "accelerator" else "cpu",
-                seed=cfg.training.seed,
+                seed=seed,
                 input_context=input_context,
                 echo=None,
             )
@@ -467,14 +503,8 @@ def _strategy(name: str):
     return tf.distribute.get_strategy()
 
 
-def _current_lr(optimizer) -> float:
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    lr = inner.learning_rate
-    return float(np.asarray(lr))
-
-
 def _loop_variables(optimizer, augment_layer) -> list:
-    """Everything besides the weights that a resumed run needs: optimizer slots and RNG states."""
+    """Everything besides the weights that a resumed run needs: every optimizer's state and RNG states."""
     variables = list(optimizer.variables)
     if augment_layer is not None:
         variables.append(augment_layer.seed_generator.state)
