@@ -80,6 +80,9 @@ def mirror_axes(tta_mirror: Union[bool, Sequence[int]]) -> list[tuple[int, ...]]
 
 
 def _predict_batch(predict: Callable, batch: np.ndarray, combos: list[tuple[int, ...]]) -> np.ndarray:
+    if combos == [()]:
+        # The aggregator only reads the output: no copy (the model may return its own buffer).
+        return np.asarray(predict(batch), dtype=np.float32)
     total = None
     for combo in combos:
         flipped = np.ascontiguousarray(np.flip(batch, axis=tuple(a + 1 for a in combo))) if combo else batch
@@ -115,7 +118,9 @@ def predict_volume(
     """Predict a whole (X, Y, Z, C) volume with a model trained on windows.
 
     Args:
-        model: a Keras model or callable mapping (B, x, y, z, C) to (B, x, y, z, K) logits.
+        model: a Keras model or callable mapping (B, x, y, z, C) to (B, x, y, z, K) logits;
+            it must not write into its input (a single window may arrive as a
+            read-only view of the volume).
         image: the preprocessed volume, (X, Y, Z, C) or (X, Y, Z).
         window_size: window in voxels (int or triple); ``None`` = one
             whole-volume pass (exact, memory-hungry).
@@ -165,8 +170,13 @@ def predict_volume(
     pool = _thread_pool(None)
     for first in batches:
         locs = locations[first:first + batch_size]
-        if len(locs) == 1 and sampler.window == sampler.padded_shape:
-            batch = padded[None]
+        if len(locs) == 1 and (sampler.window == sampler.padded_shape or combos == [()]):
+            # One window goes to the model as a read-only view: converting a strided
+            # view to a tensor costs no more than a contiguous array, so copying it
+            # first would be a second, wasted copy.
+            x, y, z = locs[0]
+            batch = padded[None, x:x + wx, y:y + wy, z:z + wz]
+            batch.flags.writeable = False
         else:
             if buffer is None or len(buffer) != len(locs):
                 buffer = np.empty((len(locs), wx, wy, wz, image.shape[-1]), dtype=np.float32)
