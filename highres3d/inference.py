@@ -21,9 +21,11 @@ Modes and what they cost (docs/inference.md has the figures):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -77,6 +79,11 @@ def mirror_axes(tta_mirror: Union[bool, Sequence[int]]) -> list[tuple[int, ...]]
     if any(a not in (0, 1, 2) for a in axes):
         raise ConfigError(f"tta_mirror: axes must be among 0, 1, 2; got {list(axes)}")
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
+
+
+@functools.cache
+def _stitch_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="highres3d-stitch")
 
 
 def _predict_batch(predict: Callable, batch: np.ndarray, combos: list[tuple[int, ...]]) -> np.ndarray:
@@ -166,8 +173,10 @@ def predict_volume(
 
         batches = track(batches, "windows", unit="batches", enabled=progress)
     aggregator = None
+    pending = None
     buffer = None
     pool = _thread_pool(None)
+    stitcher = _stitch_thread() if pool is not None and len(locations) > batch_size else None
     for first in batches:
         locs = locations[first:first + batch_size]
         if len(locs) == 1 and (sampler.window == sampler.padded_shape or combos == [()]):
@@ -203,7 +212,15 @@ def predict_volume(
             aggregator = GridAggregator(
                 sampler, logits.shape[-1], blend=blend, output=output, sigma_scale=sigma_scale, from_logits=from_logits
             )
-        aggregator.add_batch(logits, locs)
+        # Stitching runs in a thread of its own while the model computes the next
+        # batch; waiting for the previous batch first keeps one batch in flight.
+        if pending is not None:
+            pending.result()
+        pending = stitcher.submit(aggregator.add_batch, logits, locs) if stitcher is not None else None
+        if stitcher is None:
+            aggregator.add_batch(logits, locs)
+    if pending is not None:
+        pending.result()
     return aggregator.result()
 
 
