@@ -274,7 +274,10 @@ def main() -> int:
     parser.add_argument("--real-whole", action="store_true", help="with --real-net: also highres3d's whole-volume pass")
     _peers.add_arguments(parser)
     parser.add_argument("--peers-json", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="smoke run: one round, one repetition")
     args = parser.parse_args()
+    if args.quick:
+        args.reps, args.rounds = 1, 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     if args.peers_json:
