@@ -135,6 +135,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
     parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"), help="where to write (default: %(default)s)")
     parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: samplers,inference,model_step")
+    parser.add_argument("--keep", metavar="DIR", help="keep each benchmark's JSON here; a JSON already there is reused")
     _peers.add_arguments(parser)
     args = parser.parse_args()
     peers_python = _peers.resolve(args)
@@ -156,10 +157,17 @@ def main() -> int:
     ]
     sections = []
     with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         for key, title, script, extra, rows_of in plans:
             if key in skip:
                 continue
-            data = run(script, extra, Path(tmp) / f"{key}.json", peers_python, env)
+            path = folder / f"{key}.json"
+            if args.keep and path.is_file():
+                print(f"reusing {path}", file=sys.stderr, flush=True)
+                data = json.loads(path.read_text())
+            else:
+                data = run(script, extra, path, peers_python, env)
             command = f"python benchmarks/{script} {' '.join(extra)}".strip()
             sections.append((title, command, rows_of(data) if data is not None else []))
     Path(args.out).write_text(render(sections, commit, date, args.quick))
