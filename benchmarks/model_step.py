@@ -20,6 +20,8 @@ numbers; never beside another benchmark)::
     .venv/bin/python benchmarks/model_step.py
 
 Options: ``--sizes 32,64 --batches 1,2 --threads 2 --reps 3 --jit on|off|both``;
+``--precision float32|bfloat16|both`` (bfloat16: Keras' ``mixed_bfloat16`` policy,
+as ``training.mixed_precision``; rows marked ``bf16``);
 ``--quick`` for a smoke run at 16^3; ``--json FILE`` to keep the raw timings.
 """
 from __future__ import annotations
@@ -71,7 +73,7 @@ def reps_for(size: int, reps: int | None) -> int:
 class Ours:
     """Our full-width model compiled once per XLA setting; times one configuration at a time."""
 
-    def __init__(self, threads: int, jit_modes: list[bool]) -> None:
+    def __init__(self, threads: int, jit_modes: list[bool], precisions: tuple[str, ...] = ("float32",)) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import numpy as np
         import tensorflow as tf
@@ -85,13 +87,18 @@ class Ours:
 
         self.np = np
         self.models = {}
-        for jit in jit_modes:
-            keras.utils.set_random_seed(0)
-            model = HighResNet3D(in_channels=2, num_classes=2)
-            trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
-            assert trainable == 809_380, trainable
-            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=DiceLoss(), jit_compile=jit)
-            self.models["xla" if jit else "default"] = model
+        for precision in precisions:
+            # training.mixed_precision: bfloat16 compute, float32 weights (Keras' mixed_bfloat16 policy).
+            keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+            for jit in jit_modes:
+                keras.utils.set_random_seed(0)
+                model = HighResNet3D(in_channels=2, num_classes=2)
+                trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+                assert trainable == 809_380, trainable
+                model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=DiceLoss(), jit_compile=jit)
+                name = "xla" if jit else "default"
+                self.models[name if precision == "float32" else f"{name} bf16"] = model
+        keras.mixed_precision.set_global_policy("float32")
         self.versions = f"TensorFlow {tf.__version__}, Keras {keras.__version__}"
 
     def run(self, variant: str, size: int, batch: int, reps: int) -> dict[str, Any]:
@@ -210,6 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jit", choices=("on", "off", "both"), default="both",
                         help="XLA compilation of our step (default: %(default)s)")
     _peers.add_arguments(parser, "MONAI")
+    parser.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="float32",
+                        help="compute precision of our model; bfloat16 = training.mixed_precision (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 16^3, batch 1, 1 rep")
     parser.add_argument("--json", metavar="FILE", help="write all timings as JSON")
     parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
@@ -229,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     peers_python = _peers.resolve(args)
     jit_modes = {"on": [True], "off": [False], "both": [False, True]}[args.jit]
-    ours = Ours(args.threads, jit_modes)
+    precisions = ("float32", "bfloat16") if args.precision == "both" else (args.precision,)
+    ours = Ours(args.threads, jit_modes, precisions)
     peer = None
     if peers_python:
         try:

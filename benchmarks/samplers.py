@@ -8,7 +8,8 @@ Rows (one thread unless stated):
     copied out of the volume at a uniform corner, in our (X, Y, Z, C) layout
     and, for reference, in the peers' (C, X, Y, Z) layout;
   * our UniformSampler / ClassWeightedSampler / WeightedSampler: per-volume
-    setup and windows/s (one window per call, location + aligned copy);
+    setup and windows/s (next() on the sampler's iterator, as training and
+    TorchIO's LabelSampler draw them: starts in blocks, one aligned copy each);
   * our CPU rotation + scaling (+-10 deg per axis, +-10 %), sampled straight
     from the volume (location + resampling = the whole cost of a window);
   * our tf.data pipeline on 2 cores delivering batches of 4: plain windows,
@@ -139,11 +140,12 @@ def ours(image, label, quick: bool) -> list[dict]:
     ]
     for name, sampler in samplers:
         setup = setup_ms(lambda: sampler.prepare(volume), reps)
-        state = sampler.prepare(volume)
+        # As training draws them, and as TorchIO's LabelSampler is timed: next() on the
+        # sampler's iterator (setup once, window starts drawn in blocks, one crop per window).
+        windows = sampler(volume, None, rng)
 
-        def draw(sampler=sampler, state=state):
-            start = sampler.locations(volume, 1, rng, state)[0]
-            sampler.crop(volume, start)
+        def draw(windows=windows):
+            next(windows)
 
         measured.append(dict(method=name, setup_ms=setup, fn=draw, kind="sampler"))
     # Round-robin repetitions: drift from other jobs on the machine hits every row alike.

@@ -20,10 +20,13 @@ Modes and what they cost (docs/inference.md has the figures):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -36,7 +39,7 @@ from highres3d.samplers.grid import GridSampler
 
 __all__ = [
     "predict_volume", "predict_subject", "SubjectPrediction", "load_run", "mirror_axes", "as_predict_fn",
-    "input_patterns", "predict_subjects", "predict_folder", "FolderPrediction", "SEG_SUFFIX", "PROB_SUFFIX",
+    "input_patterns", "predict_subjects", "resolve_precision", "compute_precision", "predict_folder", "FolderPrediction", "SEG_SUFFIX", "PROB_SUFFIX",
 ]
 
 #: Output file names: ``<subject>_seg.nii.gz`` (labels) and ``<subject>_prob.nii.gz`` (probabilities).
@@ -64,6 +67,57 @@ def as_predict_fn(model) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
+def _cpu_has_bfloat16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str = "auto") -> str:
+    """``inference.precision`` as ``"float32"`` or ``"bfloat16"``.
+
+    Args:
+        precision: ``"auto"`` (bfloat16 on a CPU with native bfloat16
+            arithmetic, AVX512_BF16 or AMX, where it measured 2.4x faster at
+            equal Dice; float32 elsewhere, where bfloat16 is emulated),
+            ``"float32"`` or ``"bfloat16"``.
+    """
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"inference.precision: expected auto, float32 or bfloat16, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bfloat16" if _cpu_has_bfloat16() else "float32"
+
+
+@contextlib.contextmanager
+def compute_precision(model, precision: str):
+    """Run a Keras model's layers in ``precision`` (float32 weights kept), restoring them afterwards.
+
+    Args:
+        model: a Keras model; anything else is left as it is.
+        precision: ``"float32"`` or ``"bfloat16"`` (Keras' ``mixed_bfloat16`` policy).
+    """
+    layers = list(model._flatten_layers()) if precision == "bfloat16" and hasattr(model, "_flatten_layers") else []
+    saved = [layer.dtype_policy for layer in layers]
+    try:
+        for layer in layers:
+            layer.dtype_policy = "mixed_bfloat16"
+        if layers:
+            model.predict_function = None  # retraced in the new precision
+        yield model
+    finally:
+        for layer, policy in zip(layers, saved):
+            layer.dtype_policy = policy
+        if layers:
+            model.predict_function = None
+
+
 def mirror_axes(tta_mirror: Union[bool, Sequence[int]]) -> list[tuple[int, ...]]:
     """Axis combinations for mirroring test-time augmentation (identity first).
 
@@ -79,7 +133,15 @@ def mirror_axes(tta_mirror: Union[bool, Sequence[int]]) -> list[tuple[int, ...]]
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
+@functools.cache
+def _stitch_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="highres3d-stitch")
+
+
 def _predict_batch(predict: Callable, batch: np.ndarray, combos: list[tuple[int, ...]]) -> np.ndarray:
+    if combos == [()]:
+        # The aggregator only reads the output: no copy (the model may return its own buffer).
+        return np.asarray(predict(batch), dtype=np.float32)
     total = None
     for combo in combos:
         flipped = np.ascontiguousarray(np.flip(batch, axis=tuple(a + 1 for a in combo))) if combo else batch
@@ -111,11 +173,14 @@ def predict_volume(
     sigma_scale: float = 0.125,
     from_logits: Optional[bool] = None,
     progress: Union[bool, None] = False,
+    precision: str = "float32",
 ) -> np.ndarray:
     """Predict a whole (X, Y, Z, C) volume with a model trained on windows.
 
     Args:
-        model: a Keras model or callable mapping (B, x, y, z, C) to (B, x, y, z, K) logits.
+        model: a Keras model or callable mapping (B, x, y, z, C) to (B, x, y, z, K) logits;
+            it must not write into its input (a single window may arrive as a
+            read-only view of the volume).
         image: the preprocessed volume, (X, Y, Z, C) or (X, Y, Z).
         window_size: window in voxels (int or triple); ``None`` = one
             whole-volume pass (exact, memory-hungry).
@@ -137,7 +202,18 @@ def predict_volume(
         from_logits: whether the model outputs logits; None reads the
             model's ``softmax`` attribute (HighResNet3D) and otherwise assumes logits.
         progress: show a progress bar over the windows (None = when stderr is a terminal).
+        precision: compute precision of a Keras model, ``"float32"``,
+            ``"bfloat16"`` or ``"auto"`` (see :func:`resolve_precision`);
+            other callables run as they are.
     """
+    with compute_precision(model, resolve_precision(precision)):
+        return _predict_volume(model, image, window_size, overlap=overlap, border=border, blend=blend,
+                               batch_size=batch_size, output=output, tta_mirror=tta_mirror, pad_mode=pad_mode,
+                               pad_value=pad_value, sigma_scale=sigma_scale, from_logits=from_logits, progress=progress)
+
+
+def _predict_volume(model, image, window_size, *, overlap, border, blend, batch_size, output, tta_mirror, pad_mode,
+                    pad_value, sigma_scale, from_logits, progress) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 3:
         image = image[..., None]
@@ -161,12 +237,19 @@ def predict_volume(
 
         batches = track(batches, "windows", unit="batches", enabled=progress)
     aggregator = None
+    pending = None
     buffer = None
     pool = _thread_pool(None)
+    stitcher = _stitch_thread() if pool is not None and len(locations) > batch_size else None
     for first in batches:
         locs = locations[first:first + batch_size]
-        if len(locs) == 1 and sampler.window == sampler.padded_shape:
-            batch = padded[None]
+        if len(locs) == 1 and (sampler.window == sampler.padded_shape or combos == [()]):
+            # One window goes to the model as a read-only view: converting a strided
+            # view to a tensor costs no more than a contiguous array, so copying it
+            # first would be a second, wasted copy.
+            x, y, z = locs[0]
+            batch = padded[None, x:x + wx, y:y + wy, z:z + wz]
+            batch.flags.writeable = False
         else:
             if buffer is None or len(buffer) != len(locs):
                 buffer = np.empty((len(locs), wx, wy, wz, image.shape[-1]), dtype=np.float32)
@@ -193,7 +276,15 @@ def predict_volume(
             aggregator = GridAggregator(
                 sampler, logits.shape[-1], blend=blend, output=output, sigma_scale=sigma_scale, from_logits=from_logits
             )
-        aggregator.add_batch(logits, locs)
+        # Stitching runs in a thread of its own while the model computes the next
+        # batch; waiting for the previous batch first keeps one batch in flight.
+        if pending is not None:
+            pending.result()
+        pending = stitcher.submit(aggregator.add_batch, logits, locs) if stitcher is not None else None
+        if stitcher is None:
+            aggregator.add_batch(logits, locs)
+    if pending is not None:
+        pending.result()
     return aggregator.result()
 
 
@@ -224,6 +315,7 @@ def predict_subject(
     blend: Optional[str] = None,
     batch_size: Optional[int] = None,
     progress: Union[bool, None] = False,
+    precision: Optional[str] = None,
 ) -> SubjectPrediction:
     """Preprocess a subject as in training, predict, and map back to its original grid.
 
@@ -253,6 +345,7 @@ def predict_subject(
         output="probabilities" if probabilities else "labels",
         tta_mirror=inf.tta_mirror if tta_mirror is None else tta_mirror,
         progress=progress,
+        precision=precision or inf.precision,
     )
     t2 = time.perf_counter()
     if probabilities:
@@ -407,7 +500,8 @@ def predict_subjects(
     skipped unless ``overwrite``; a subject that fails (unreadable file, out
     of memory) is recorded in :attr:`FolderPrediction.failed` and the others
     go on.  ``options`` go to :func:`predict_subject` (``tta_mirror``,
-    ``whole_volume``, ``window_size``, ``overlap``, ``blend``, ``batch_size``).
+    ``whole_volume``, ``window_size``, ``overlap``, ``blend``, ``batch_size``,
+    ``precision``).
     """
     from highres3d.io.nifti import save_like
     from highres3d.progress import Progress

@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     parser.add_argument("--overlap", type=float, help="overlap between windows, a fraction of the window in [0, 1)")
     parser.add_argument("--blend", choices=("crop", "average", "gaussian"), help="how overlapping windows combine")
     parser.add_argument("--batch-size", type=int, help="windows per model call")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"),
+                        help="compute precision (inference.precision; auto = bfloat16 where the CPU has it natively)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     parser.add_argument("--shard", metavar="I/N",
                         help="process only shard I of N (0-based, subjects in sorted order), to split a folder across machines")
@@ -66,6 +68,7 @@ def run(args) -> int:
         overlap=args.overlap,
         blend=args.blend,
         batch_size=args.batch_size,
+        precision=args.precision,
     )
     # Failures go to standard error, where schedulers and scripts look for them.
     print(result.summary(), file=sys.stdout if result.ok else sys.stderr)

@@ -172,3 +172,44 @@ def test_argmax_channels_matches_numpy_including_ties(channels):
     out = argmax_channels(x)
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, x.argmax(-1))
+
+
+def reference_blend(image, sampler, blend, model):
+    """Float64 weighted mean of every window's output, with a full-volume weight map."""
+    padded = sampler.pad(image).astype(np.float64)
+    total = np.zeros(sampler.padded_shape + (image.shape[-1],))
+    weight = np.zeros(sampler.padded_shape + (1,))
+    if blend == "gaussian":
+        p = [gaussian_profile(w).astype(np.float64) for w in sampler.window]
+        w3 = p[0][:, None, None] * p[1][None, :, None] * p[2][None, None, :]
+    else:
+        w3 = np.ones(sampler.window)
+    wx, wy, wz = sampler.window
+    for x, y, z in sampler.locations:
+        out = model(padded[None, x:x + wx, y:y + wy, z:z + wz])[0]
+        total[x:x + wx, y:y + wy, z:z + wz] += out * w3[..., None]
+        weight[x:x + wx, y:y + wy, z:z + wz] += w3[..., None]
+    b = sampler.pad_before
+    return (total / weight)[b[0]:b[0] + image.shape[0], b[1]:b[1] + image.shape[1], b[2]:b[2] + image.shape[2]]
+
+
+@pytest.mark.parametrize("blend", ["average", "gaussian"])
+@pytest.mark.parametrize("classes", [2, 3])
+def test_blending_matches_a_float64_reference(blend, classes):
+    """A window-position-dependent model, so overlapping windows disagree and the weights matter."""
+    image = np.random.default_rng(4).normal(size=(23, 17, 12, classes)).astype(np.float32)
+    s = GridSampler(image.shape[:3], (9, 8, 7), overlap=0.4)
+    ramp = np.linspace(-1.0, 1.0, 9)[None, :, None, None, None]
+
+    def model(windows):
+        return (windows + ramp * np.arange(classes)).astype(windows.dtype)
+
+    reference = reference_blend(image, s, blend, model)
+    logits, _ = run_grid(image, s, blend, output="logits", model=model)
+    np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
+    labels, agg = run_grid(image, s, blend, output="labels", model=model)
+    decided = np.sort(reference, axis=-1)
+    clear = decided[..., -1] - decided[..., -2] > 1e-4  # leave out float32 near-ties
+    np.testing.assert_array_equal(labels[clear], reference.argmax(-1)[clear])
+    # two classes accumulate one channel (the logit difference) in a slab of window_x planes
+    assert agg._slab.shape == ((9, 17, 12) if classes == 2 else (9, 17, 12, classes))

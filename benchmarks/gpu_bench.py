@@ -1,0 +1,187 @@
+"""GPU figures: HighResNet3D on Keras 3 (JAX backend) against MONAI's HighResNet on PyTorch, same GPU, same run.
+
+Measured, per precision (float32; bfloat16 = Keras' ``mixed_bfloat16`` policy /
+``torch.autocast(dtype=torch.bfloat16)``):
+
+* forward and training-step windows/s at 96³ for batch 1, 2 and 4 (training
+  step = forward, Dice loss, backward, Adam; both compiled: ``jit_compile``
+  for ours, eager PyTorch for MONAI as its users run it);
+* whole-volume inference of a 2×240×240×155 subject in one pass
+  (``highres3d.inference.predict_volume(window_size=None)`` and one MONAI
+  forward), seconds per subject.
+
+Targets (issue 12): training step ≥ 1.0× MONAI, whole volume < 1 s.
+
+``benchmarks/gpu.sh`` sets up the environment and runs this; ``--quick`` (16³,
+batch 1, one repetition, CPU is fine) is a smoke run.  ``--part ours`` or
+``--part peer`` runs one side only (their JSON rows can be merged).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VOLUME = (240, 240, 155)
+
+
+def best(fn, reps: int, sync=lambda out: out) -> float:
+    """Smallest wall time of ``reps`` calls after two untimed ones (compilation, autotuning)."""
+    for _ in range(2):
+        sync(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def ours(args) -> list[dict]:
+    sys.path.insert(0, str(ROOT))
+    import keras
+    import numpy as np
+
+    from highres3d.inference import predict_volume
+    from highres3d.losses import DiceLoss
+    from highres3d.models import HighResNet3D
+
+    rows = []
+    device = f"keras {keras.__version__}, backend {keras.backend.backend()}"
+    for precision in args.precisions:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+        keras.utils.set_random_seed(0)
+        model = HighResNet3D(in_channels=2, num_classes=2)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=DiceLoss(), jit_compile=True)
+        for batch in args.batches:
+            rng = np.random.default_rng(batch)
+            x = rng.normal(size=(batch,) + (args.size,) * 3 + (2,)).astype("float32")
+            y = rng.integers(0, 2, size=(batch,) + (args.size,) * 3).astype("int32")
+            fwd = best(lambda: model.predict_on_batch(x), args.reps, np.asarray)
+            train = best(lambda: model.train_on_batch(x, y), args.reps, np.asarray)
+            rows.append(dict(method="highres3d", precision=precision, what="forward", batch=batch, size=args.size,
+                             seconds=fwd, windows_s=batch / fwd))
+            rows.append(dict(method="highres3d", precision=precision, what="train", batch=batch, size=args.size,
+                             seconds=train, windows_s=batch / train))
+            print(f"  ours {precision} {batch}x{args.size}^3: fwd {fwd * 1e3:.1f} ms, train {train * 1e3:.1f} ms",
+                  file=sys.stderr, flush=True)
+        volume = np.random.default_rng(0).normal(size=args.volume + (2,)).astype("float32")
+        whole = best(lambda: predict_volume(model, volume, None), max(1, args.reps // 2))
+        rows.append(dict(method="highres3d", precision=precision, what="whole volume", batch=1,
+                         size="x".join(map(str, args.volume)), seconds=whole))
+        print(f"  ours {precision} whole volume: {whole:.2f} s", file=sys.stderr, flush=True)
+    keras.mixed_precision.set_global_policy("float32")
+    return [dict(r, versions=device) for r in rows]
+
+
+def peer(args) -> list[dict]:
+    import monai
+    import torch
+    from monai.losses import DiceLoss
+    from monai.networks.nets import HighResNet
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = (lambda out: torch.cuda.synchronize()) if device.type == "cuda" else (lambda out: out)
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    for precision in args.precisions:
+        torch.manual_seed(0)
+        net = HighResNet(spatial_dims=3, in_channels=2, out_channels=2).to(device)
+        loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+        def autocast(precision=precision):
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+        for batch in args.batches:
+            x = torch.randn(batch, 2, *(args.size,) * 3, device=device)
+            y = torch.randint(0, 2, (batch, 1, *(args.size,) * 3), device=device)
+
+            def forward():
+                net.eval()
+                with torch.inference_mode(), autocast():
+                    return net(x)
+
+            def train():
+                net.train()
+                optimizer.zero_grad(set_to_none=True)
+                with autocast():
+                    loss = loss_fn(net(x).float(), y)
+                loss.backward()
+                optimizer.step()
+
+            fwd = best(forward, args.reps, sync)
+            step = best(train, args.reps, sync)
+            rows.append(dict(method="MONAI HighResNet", precision=precision, what="forward", batch=batch, size=args.size,
+                             seconds=fwd, windows_s=batch / fwd))
+            rows.append(dict(method="MONAI HighResNet", precision=precision, what="train", batch=batch, size=args.size,
+                             seconds=step, windows_s=batch / step))
+            print(f"  MONAI {precision} {batch}x{args.size}^3: fwd {fwd * 1e3:.1f} ms, train {step * 1e3:.1f} ms",
+                  file=sys.stderr, flush=True)
+        volume = torch.randn(1, 2, *args.volume, device=device)
+
+        def whole():
+            net.eval()
+            with torch.inference_mode(), autocast():
+                return net(volume).argmax(1).cpu()
+
+        seconds = best(whole, max(1, args.reps // 2), sync)
+        rows.append(dict(method="MONAI HighResNet", precision=precision, what="whole volume", batch=1,
+                         size="x".join(map(str, args.volume)), seconds=seconds))
+        print(f"  MONAI {precision} whole volume: {seconds:.2f} s", file=sys.stderr, flush=True)
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    return [dict(r, versions=f"torch {torch.__version__}, monai {monai.__version__}, {name}") for r in rows]
+
+
+def table(rows: list[dict]) -> str:
+    theirs = {(r["precision"], r["what"], r["batch"]): r for r in rows if r["method"] != "highres3d"}
+    lines = ["| measurement | precision | ours | MONAI | MONAI time / ours | target |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"] != "highres3d":
+            continue
+        p = theirs.get((r["precision"], r["what"], r["batch"]))
+        ratio = f"{p['seconds'] / r['seconds']:.2f}" if p else "-"
+        if r["what"] == "whole volume":
+            name, value, other = f"whole volume {r['size']}, s", f"{r['seconds']:.2f}", f"{p['seconds']:.2f}" if p else "-"
+            target = "< 1 s" + (" (met)" if r["seconds"] < 1 else " (missed)")
+        else:
+            name = f"{r['what']} {r['batch']}x{r['size']}³, windows/s"
+            value, other = f"{r['windows_s']:.1f}", f"{p['windows_s']:.1f}" if p else "-"
+            target = ""
+            if r["what"] == "train" and p:
+                target = "≥ 1.0" + (" (met)" if p["seconds"] >= r["seconds"] else " (missed)")
+        lines.append(f"| {name} | {r['precision']} | {value} | {other} | {ratio} | {target} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("both", "ours", "peer"), default="both")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 16^3, batch 1, 32^3 volume, one rep")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", metavar="PATH", help="write the rows here")
+    parser.add_argument("--merge", nargs="*", default=[], metavar="JSON", help="rows of earlier parts to add")
+    args = parser.parse_args()
+    args.size, args.batches, args.volume = 96, (1, 2, 4), VOLUME
+    args.precisions = ("float32", "bfloat16")
+    if args.quick:
+        args.size, args.batches, args.volume, args.reps = 16, (1,), (32, 32, 24), 1
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    rows = [r for path in args.merge for r in json.loads(Path(path).read_text())]
+    if args.part in ("both", "ours"):
+        rows += ours(args)
+    if args.part in ("both", "peer"):
+        rows += peer(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print("; ".join(sorted({r["versions"] for r in rows})))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""Run every CPU benchmark and write the figures to docs/performance.md.
+
+Runs ``samplers.py``, ``inference.py`` and ``model_step.py`` one after the
+other (never side by side), each with ``--json``, and renders one table:
+each figure with ours, the peers', the ratio, the target and whether it is
+met, under the commit and the date of the run.  The peers' interpreter comes
+from ``--peers-python`` / ``$HIGHRES3D_PEERS_PYTHON`` (benchmarks/README.md);
+without it the peers' columns stay empty.
+
+    .venv/bin/python benchmarks/run_all.py            # the full run (tens of minutes)
+    .venv/bin/python benchmarks/run_all.py --quick    # smoke run, figures meaningless
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import _peers  # benchmarks/_peers.py: this script's folder is sys.path[0]
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def run(script: str, args: list[str], json_path: Path, peers_python: str | None, env: dict) -> object:
+    """Run one benchmark script with ``--json`` and return what it wrote (None when it failed)."""
+    peer_args = ["--peers-python", peers_python] if peers_python else ["--no-peers"]
+    cmd = [sys.executable, str(HERE / script), *args, *peer_args, "--json", str(json_path)]
+    print(f"$ {' '.join(cmd)}", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sys.stderr, stderr=sys.stderr)
+    if done.returncode != 0 or not json_path.is_file():
+        print(f"{script} failed (exit {done.returncode}); its figures are left out", file=sys.stderr, flush=True)
+        return None
+    return json.loads(json_path.read_text())
+
+
+def fmt(value, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def sampler_rows(rows: list[dict]) -> list[list[str]]:
+    """Class-weighted sampling against TorchIO / MONAI and the faster copy floor."""
+    def med(pred):
+        found = [r["windows_s"][0] for r in rows if pred(r)]
+        return found[0] if found else None
+
+    ours = med(lambda r: r.get("kind") == "sampler" and "ClassWeighted" in r["method"])
+    setup = next((r.get("setup_ms") for r in rows if r.get("kind") == "sampler" and "ClassWeighted" in r["method"]), None)
+    floor = max(r["windows_s"][0] for r in rows if "memory-copy floor" in r["method"])
+    torchio = med(lambda r: r.get("kind") == "peer_sampler" and "TorchIO" in r["method"])
+    monai = med(lambda r: r.get("kind") == "peer_sampler" and "ClassesToIndicesd" in r["method"])
+    out = []
+    for name, peer in (("TorchIO LabelSampler", torchio), ("MONAI RandCropByLabelClassesd (cached indices)", monai)):
+        ratio = ours / peer if ours and peer else None
+        out.append([f"class-weighted 96³ windows/s vs {name}", fmt(ours), fmt(peer), fmt(ratio, 2), "≥ 1.0",
+                    "-" if ratio is None else ("yes" if ratio >= 1.0 else "no")])
+    ratio = ours / floor if ours and floor else None
+    out.append(["class-weighted windows/s vs fastest copy floor", fmt(ours), f"{fmt(floor)} (floor)", fmt(ratio, 2),
+                "≥ 0.90", "-" if ratio is None else ("yes" if ratio >= 0.9 else "no")])
+    out.append(["class-weighted setup, ms per volume", fmt(setup, 1), "-", "-", "≤ 20",
+                "-" if setup is None else ("yes" if setup <= 20 else "no")])
+    for r in rows:
+        if r.get("kind") == "pipeline":
+            target = "≥ 1,000" if "on-device" in r["method"] else "-"
+            met = "-" if target == "-" else ("yes" if r["windows_s"][0] >= 1000 else "no")
+            out.append([r["method"] + " windows/s", fmt(r["windows_s"][0]), "-", "-", target, met])
+    return out
+
+
+def inference_rows(data: dict) -> list[list[str]]:
+    """Stitching (whole call minus model time) against MONAI's sliding_window_inference."""
+    peers = (data.get("peers") or {}).get("rows", [])
+    monai = {(r["overlap"], r["mode"]): r for r in peers if r["method"] == "MONAI swi"}
+    out = []
+    for r in data["ours"]:
+        if r["mode"] not in ("crop", "average", "gaussian"):
+            continue
+        ref = monai.get((r["overlap"], "gaussian" if r["mode"] == "gaussian" else "constant"))
+        ratio = r["stitch"] / ref["stitch"] if ref and ref["stitch"] > 0 else None
+        out.append([f"stitching ms, overlap {r['overlap']}, {r['mode']} (total ms: ours {r['total'] * 1e3:.0f}"
+                    + (f", MONAI {ref['total'] * 1e3:.0f})" if ref else ")"),
+                    fmt(r["stitch"] * 1e3), fmt(ref["stitch"] * 1e3) if ref else "-", fmt(ratio, 2), "≤ 0.5",
+                    "-" if ratio is None else ("yes" if ratio <= 0.5 else "no")])
+    return out
+
+
+def model_rows(data: dict) -> list[list[str]]:
+    """Training step and forward pass against MONAI's HighResNet, float32 and bfloat16."""
+    peer = {(r["size"], r["batch"]): r for r in data.get("peer", [])}
+    out = []
+    for variant, results in data["ours"].items():
+        for r in results:
+            p = peer.get((r["size"], r["batch"]))
+            for what in ("train", "forward"):
+                ours = r[what]["min_s"] * 1e3
+                theirs = p[what]["min_s"] * 1e3 if p else None
+                ratio = theirs / ours if theirs else None
+                target = "≥ 1.0 (MONAI / ours)" if what == "train" else "-"
+                met = "-" if ratio is None or what != "train" else ("yes" if ratio >= 1.0 else "no")
+                out.append([f"{what} ms, {r['batch']}x{r['size']}³, {variant}", fmt(ours), fmt(theirs), fmt(ratio, 2),
+                            target, met])
+    return out
+
+
+def render(sections: list[tuple[str, str, list[list[str]]]], commit: str, date: str, quick: bool) -> str:
+    lines = [
+        "# Performance",
+        "",
+        f"Written by `benchmarks/run_all.py{' --quick' if quick else ''}` at commit `{commit}` on {date}, "
+        f"{os.cpu_count()} CPUs, 1-min load average {os.getloadavg()[0]:.2f} at the end.",
+        "Ratios compare ours with a peer measured in the same run; absolute times depend on the machine "
+        "and whatever else it runs.",
+    ]
+    if quick:
+        lines += ["", "**Smoke run (`--quick`): too few repetitions for the figures to mean anything.**"]
+    for title, command, rows in sections:
+        lines += ["", f"## {title}", "", f"`{command}`", ""]
+        if not rows:
+            lines.append("(not run, or failed: see the run's output)")
+            continue
+        lines += ["| figure | ours | peer | ratio | target | met |", "|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "## GPU", "", "`benchmarks/gpu.sh` (JAX backend) has not been run: no GPU machine was lent "
+              "while these figures were taken.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"), help="where to write (default: %(default)s)")
+    parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: samplers,inference,model_step")
+    parser.add_argument("--keep", metavar="DIR", help="keep each benchmark's JSON here; a JSON already there is reused")
+    _peers.add_arguments(parser)
+    args = parser.parse_args()
+    peers_python = _peers.resolve(args)
+    skip = {s for s in args.skip.split(",") if s}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    commit = (commit or "unknown") + (" (with uncommitted changes)" if dirty else "")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    q = ["--quick"] if args.quick else []
+    plans = [
+        ("samplers", "Sampling and the input pipeline", "samplers.py", q, sampler_rows),
+        ("inference", "Stitching (2×240×240×155, 96³ windows, trivial model)", "inference.py",
+         ["--quick"] if args.quick else ["--reps", "3", "--rounds", "3"], inference_rows),
+        ("model_step", "HighResNet3D step vs MONAI HighResNet (float32 and bfloat16)", "model_step.py",
+         q + ["--jit", "off", "--precision", "both"] + ([] if args.quick else ["--sizes", "32,64", "--batches", "1"]),
+         model_rows),
+    ]
+    sections = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, title, script, extra, rows_of in plans:
+            if key in skip:
+                continue
+            path = folder / f"{key}.json"
+            if args.keep and path.is_file():
+                print(f"reusing {path}", file=sys.stderr, flush=True)
+                data = json.loads(path.read_text())
+            else:
+                data = run(script, extra, path, peers_python, env)
+            command = f"python benchmarks/{script} {' '.join(extra)}".strip()
+            sections.append((title, command, rows_of(data) if data is not None else []))
+    Path(args.out).write_text(render(sections, commit, date, args.quick))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

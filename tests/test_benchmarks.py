@@ -1,0 +1,58 @@
+"""benchmarks/run_all.py: a smoke run writes the performance page; the renderers read every script's JSON."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_run_all():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_quick_run_writes_the_page(tmp_path):
+    out = tmp_path / "performance.md"
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # The stitching benchmark alone keeps this a smoke test; the other sections are rendered below.
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--no-peers",
+         "--skip", "samplers,model_step", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    page = out.read_text()
+    assert "at commit `" in page and "Smoke run" in page
+    assert "| stitching ms, overlap 0.5, gaussian" in page and "| ≤ 0.5 |" in page
+
+
+def test_sections_render_ours_peer_ratio_target_and_met():
+    run_all = load_run_all()
+    samplers = [
+        {"method": "numpy memory-copy floor, (X,Y,Z,C) layout", "kind": "floor", "windows_s": [1000, 900, 1100]},
+        {"method": "numpy memory-copy floor, (C,X,Y,Z) layout", "windows_s": [800, 700, 900]},
+        {"method": "highres3d ClassWeightedSampler", "kind": "sampler", "setup_ms": 3.0, "windows_s": [950, 900, 990]},
+        {"method": "TorchIO LabelSampler", "kind": "peer_sampler", "windows_s": [900, 800, 950]},
+        {"method": "MONAI RandCropByLabelClassesd + ClassesToIndicesd", "kind": "peer_sampler", "windows_s": [500, 1, 2]},
+    ]
+    rows = run_all.sampler_rows(samplers)
+    assert rows[0][1:] == ["950", "900", "1.06", "≥ 1.0", "yes"]
+    assert rows[2][3:] == ["0.95", "≥ 0.90", "yes"] and rows[3][-1] == "yes"
+    inference = {"ours": [{"method": "highres3d", "overlap": 0.5, "mode": "gaussian", "total": 0.3, "stitch": 0.1}],
+                 "peers": {"rows": [{"method": "MONAI swi", "overlap": 0.5, "mode": "gaussian", "total": 0.2,
+                                     "stitch": 0.1}]}}
+    assert run_all.inference_rows(inference)[0][1:] == ["100", "100", "1.00", "≤ 0.5", "no"]
+    step = {"min_s": 1.0}
+    model = {"ours": {"default": [{"size": 32, "batch": 1, "train": step, "forward": step}]},
+             "peer": [{"size": 32, "batch": 1, "train": {"min_s": 2.0}, "forward": {"min_s": 0.5}}]}
+    train, forward = run_all.model_rows(model)
+    assert train[3:] == ["2.00", "≥ 1.0 (MONAI / ours)", "yes"] and forward[3] == "0.50"
+    page = run_all.render([("Sampling", "python benchmarks/samplers.py", rows)], "abc123", "2026-01-01 00:00 UTC", False)
+    assert "| figure | ours | peer | ratio | target | met |" in page and "`abc123`" in page
