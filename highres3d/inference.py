@@ -103,7 +103,11 @@ def compute_precision(model, precision: str):
         model: a Keras model; anything else is left as it is.
         precision: ``"float32"`` or ``"bfloat16"`` (Keras' ``mixed_bfloat16`` policy).
     """
-    layers = list(model._flatten_layers()) if precision == "bfloat16" and hasattr(model, "_flatten_layers") else []
+    import keras
+
+    from highres3d.models import all_layers
+
+    layers = all_layers(model) if precision == "bfloat16" and isinstance(model, keras.Model) else []
     saved = [layer.dtype_policy for layer in layers]
     try:
         for layer in layers:

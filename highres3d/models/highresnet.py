@@ -544,6 +544,19 @@ def named_weights(model: keras.Model) -> dict[str, Any]:
     return {variable.path: variable for variable in model.weights}
 
 
+def all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer of ``model``: its top-level layers and, below them, the sub-layers our blocks hold as attributes."""
+    found: list[keras.layers.Layer] = []
+    pending = list(model.layers)
+    while pending:
+        layer = pending.pop(0)
+        if any(layer is seen for seen in found):
+            continue
+        found.append(layer)
+        pending.extend(v for v in vars(layer).values() if isinstance(v, keras.layers.Layer))
+    return found
+
+
 def named_layers(model: keras.Model) -> dict[str, keras.layers.Layer]:
     """The layers that own weights, by path, e.g. ``"res_1_0/bn_0"`` or ``"conv_0/conv"``.
 

@@ -55,3 +55,16 @@ def test_precision_values():
     assert resolve_precision("auto") in ("float32", "bfloat16")
     with pytest.raises(ConfigError, match="inference.precision"):
         resolve_precision("float16")
+
+
+def test_compute_precision_reaches_every_layer_and_restores_them():
+    from highres3d.inference import compute_precision
+    from highres3d.models import HighResNet3D, all_layers
+
+    model = HighResNet3D(2, 2, width_multiplier=0.125)
+    layers = all_layers(model)
+    # The top-level layers + 3 + 3 + 2 sub-layers of conv_0/conv_1/conv_2 + 6 per residual block.
+    assert len(layers) == len(model.layers) + 3 + 3 + 2 + 9 * 6
+    with compute_precision(model, "bfloat16"):
+        assert all(layer.dtype_policy.name == "mixed_bfloat16" for layer in layers)
+    assert all(layer.dtype_policy.name == "float32" for layer in layers)
