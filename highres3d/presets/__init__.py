@@ -185,6 +185,9 @@ def write_preset(
         raise DataError(f"{target}: already exists; remove it or choose another name")
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=output))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a preset is meant to be shared
     try:
         shutil.copyfile(model_file, staging / MODEL_FILE)
         if curves is not None:
