@@ -36,3 +36,18 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     # a second run reuses everything
     assert main(args) == 0
     assert "already in the results, skipped" in capsys.readouterr().out
+
+
+def test_demo_fine_tunes_from_the_shipped_preset(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "-o", str(out), "--iterations", "2", "--brats-subjects", "6", "--no-progress",
+            "--set", "sampler.window_size=[16,16,16]", "--set", "training.validation_every=2",
+            "--set", "training.checkpoint_every=2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "the preset ixi_hippocampus_demo" in printed
+    # Every weight came from the preset (same width), and no IXI-like data or source run was made.
+    assert "105 of 105 weights copied" in printed
+    assert not (out / "data" / "ixi").exists() and not (out / "runs").exists()
+    config = (out / "brats_experiment" / "runs" / "freeze2" / "config.yaml").read_text()
+    assert "source: preset:ixi_hippocampus_demo" in config
