@@ -1,13 +1,13 @@
 """``highres3d demo``: synthesize data, pretrain, fine-tune vs. scratch, infer, evaluate, compare.
 
 Runs the thesis' transfer-learning study in miniature on this machine's CPU
-(about 9 minutes on 2 cores); a second run reuses what is already done.
+(about 9–10 minutes on 2 cores); a second run reuses what is already done.
 """
 from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="the whole study in miniature on synthetic data (about 9 min on a 2-core CPU)",
+    parser = subparsers.add_parser("demo", help="the whole study in miniature on synthetic data (about 9–10 min on a 2-core CPU)",
                                    description=__doc__)
     parser.add_argument("-o", "--output", default="demo_output", help="output folder (default: demo_output)")
     parser.add_argument("--iterations", type=int, help="training iterations per model (default: the demo configs')")
