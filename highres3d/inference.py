@@ -437,7 +437,7 @@ def input_patterns(config, input_dir: Optional[str | Path] = None, overrides: Se
 
     ``overrides`` are ``MODALITY=PATTERN`` strings (a bare ``PATTERN`` for a
     single-modality model); without them the run's config decides: its
-    ``dataset.patterns``, or for an nnU-Net layout ``<case>_<XXXX>`` files
+    ``dataset.patterns``, or for an nnU-Net layout ``<case>_<channel index>`` files
     matched to the modalities **by name** through ``dataset.json`` (looked up in
     ``input_dir``, its parent, then the training ``dataset.root``), so a config
     listing its modalities in another order than ``dataset.json`` still reads
