@@ -30,7 +30,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates private (0600) files; results are meant to be shared like any other file.
-    os.chmod(tmp_path, 0o666 & ~_umask())
+    os.chmod(tmp_path, 0o666 & ~current_umask())
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -55,7 +55,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it for good)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -45,6 +45,7 @@ from typing import Any, Optional
 import numpy as np
 
 from highres3d.errors import DataError, Highres3dError
+from highres3d.utils import current_umask
 
 IMPORT_REPORT = "niftynet_import.json"
 _CKPT = re.compile(r"^model\.ckpt-(\d+)\.index$")
@@ -389,7 +390,7 @@ def write_run_folder(
         payload["architecture"]["filters"] = list(arch["filters"])
         payload["notes"] = list(notes or [])
         (staging / IMPORT_REPORT).write_text(json.dumps(payload, indent=2) + "\n")
-        os.chmod(staging, 0o777 & ~_umask())
+        os.chmod(staging, 0o777 & ~current_umask())
         if run_dir.exists():
             shutil.rmtree(run_dir)
         os.replace(staging, run_dir)
@@ -397,9 +398,3 @@ def write_run_folder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return run_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -37,6 +37,7 @@ from typing import Any, Optional
 
 from highres3d.config import PRESET_SCHEME as SCHEME
 from highres3d.errors import ConfigError, DataError
+from highres3d.utils import current_umask
 
 #: Environment variable listing extra preset folders.
 ENV_VAR = "HIGHRES3D_PRESETS"
@@ -185,9 +186,7 @@ def write_preset(
         raise DataError(f"{target}: already exists; remove it or choose another name")
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=output))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a preset is meant to be shared
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; a preset is meant to be shared
     try:
         shutil.copyfile(model_file, staging / MODEL_FILE)
         if curves is not None:
