@@ -9,7 +9,7 @@ from highres3d.training.stages import resolve_stages
 
 @pytest.fixture(scope="module")
 def base():
-    return load_config("demo/transfer_methods.yaml", overrides=["transfer.freeze=2", "training.lr_decay=3"])
+    return load_config("demo/transfer_methods.yaml", overrides=["transfer.freeze=2", "training.lr_decay=3", "training.max_iter=200"])
 
 
 def test_each_method_sets_only_its_own_keys(base):
