@@ -42,6 +42,14 @@ def _non_negative(value) -> Optional[str]:
     return None if value >= 0 else "expected a number >= 0"
 
 
+def _split_names(value) -> Optional[str]:
+    # The split names of data/dataset.py; spelled out so config.py imports no data code.
+    known = ("training", "validation", "inference")
+    if not value or any(v not in known for v in value):
+        return f"expected one or more of {', '.join(known)}"
+    return None
+
+
 def _fraction(value) -> Optional[str]:
     return None if 0 <= value < 1 else "expected a fraction in [0, 1)"
 
@@ -312,6 +320,7 @@ class EvaluationConfig:
     """Metrics on whole volumes."""
 
     truth_labels: dict[int, int] = _field({}, "mapping of ground-truth values to classes (empty = preprocessing.labels)")
+    splits: tuple[str, ...] = _field(("training", "validation", "inference"), "the splits an experiment segments and scores after each run (the thesis tables report all three; a grid that reports test Dice needs only 'inference')", _split_names)
 
 
 @dataclass(frozen=True)

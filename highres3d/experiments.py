@@ -359,11 +359,13 @@ def run_experiment(
             "validation": dataset.split("validation"),
             "inference": [s for s in dataset.split("inference") if s.label is not None],
         }
+        training_size = len(splits["training"])
+        splits = {name: subjects for name, subjects in splits.items() if name in cfg.evaluation.splits}
         time_to_best = _time_at_iteration(RunFolder(run_dir), state.best_iteration)
         common = {
             "run": spec.name, "freeze": "" if spec.freeze is None else spec.freeze,
             "subset": "" if spec.subset is None else f"S{spec.subset}",
-            "subset_size": len(splits["training"]), "repeat": spec.repeat, "seed": spec.seed,
+            "subset_size": training_size, "repeat": spec.repeat, "seed": spec.seed,
             "iterations": result.iterations, "best_iteration": state.best_iteration or result.iterations,
             "time_to_best_s": time_to_best, "wall_time_s": round(result.wall_time, 2),
             "method": spec.method or "",

@@ -190,11 +190,15 @@ def tiny_transfer_methods(tmp_path_factory):
 
 
 def test_transfer_methods_notebook(tiny_transfer_methods, kernel_dir, tmp_path, monkeypatch):
-    from highres3d import reporting
+    from highres3d import experiments, reporting
 
     folder = tiny_transfer_methods
     exp = reporting.load_experiment(folder)
     assert exp.models == ["scratch", "discriminative", "dual_stage"] and len(exp.runs) == 6
+    # demo/transfer_methods.yaml has evaluation.splits [inference]: only the test subjects were segmented
+    rows = experiments.read_results(folder)
+    assert {row["split"] for row in rows} == {"inference"} and all(row["subset_size"] == "3" for row in rows)
+    assert not (folder / "predictions" / "scratch_r0" / "training").exists()
     table = reporting.transfer_methods_table(exp)
     assert [line[0] for line in table.rows] == ["scratch", "discriminative", "dual_stage"]
     assert all(line[-1] == 2 for line in table.rows) and table.cell("scratch", "test Dice").n == 2

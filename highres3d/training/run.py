@@ -141,7 +141,8 @@ class RunFolder:
         return state
 
     def _check_same_config(self, cfg: Config) -> None:
-        """A run may only be resumed with its own config (a longer ``max_iter`` is allowed)."""
+        """A run may only be resumed with its own config (a longer ``max_iter`` is allowed, and keys that
+        only say what is done after training, such as ``evaluation.splits``)."""
         import yaml
 
         try:
@@ -149,7 +150,7 @@ class RunFolder:
         except (OSError, yaml.YAMLError) as err:
             raise Highres3dError(f"{self.config_path}: cannot read the run's config ({err})") from None
         differences = _differences(saved, yaml.safe_load(dump_config(cfg, relative_to=self.path)))
-        differences = [key for key in differences if key != "training.max_iter"]
+        differences = [key for key in differences if key not in ("training.max_iter", "evaluation.splits")]
         if differences:
             raise Highres3dError(
                 f"{self.path}: cannot resume with a different config (changed: {', '.join(differences[:8])}); "
