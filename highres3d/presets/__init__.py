@@ -324,7 +324,8 @@ def make_preset(
             "inputs": list(cfg.dataset.modalities),
             "num_classes": cfg.network.num_classes,
             "labels": {str(k): v for k, v in cfg.preprocessing.labels.items()},
-            "network": {"width_multiplier": cfg.network.width_multiplier, "activation": cfg.network.activation},
+            "network": {"width_multiplier": cfg.network.width_multiplier, "activation": cfg.network.activation,
+                        "dims": cfg.network.dims},
             "parameters": parameters,
             "weights": len(named_weights(model)),
             "made": {
