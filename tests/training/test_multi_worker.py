@@ -191,26 +191,30 @@ def test_each_worker_draws_its_own_windows_reproducibly(run, data):
     """Worker i's batches are input pipeline i of 2: different from the other's, and a pure function of the seed."""
     import hashlib
 
+    import keras
     import tensorflow as tf
 
+    from highres3d.data.dataset import Dataset
     from highres3d.data.pipeline import make_training_dataset
-    from highres3d.training.trainer import build_sampler, load_volumes
+    from highres3d.training.trainer import Trainer, build_sampler, load_volumes
 
-    _, killed, _, resumed = run
+    run_dir, killed, _, resumed = run
     traces = [killed.traces[i][:4] + resumed.traces[i] for i in range(2)]  # iterations 1-6 with the resumed 5, 6
     assert all(r["windows"] == 1 for t in traces for r in t)  # global batch 2 = 1 window per worker
     for a, b in zip(*traces):
         assert a["batch"] != b["batch"], a["iteration"]
-    cfg = load_config("demo/brats.yaml", overrides=TINY, data_root=data)
-    from highres3d.data.dataset import Dataset
-
+    # The same windows again, in this process, from the run's own config (its histogram landmarks) and the pipeline.
+    cfg = load_config(run_dir / "config.yaml", overrides=["training.strategy=default"])
     volumes = load_volumes(Dataset.from_config(cfg.dataset).split("training"), cfg, "training", lambda *_: None, False)
+    augmentation = Trainer(cfg, run_dir)._augmentation()
+    assert augmentation is not None  # the windows are resampled on the CPU: rotation and scaling are checked too
+    keras.utils.set_random_seed(cfg.training.seed)  # as the trainer does: tf.data's shuffles use the global seed too
     for index, trace in enumerate(traces):
         context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=index, num_replicas_in_sync=2)
         batches = make_training_dataset(volumes, build_sampler(cfg), batch_size=cfg.training.batch_size,
                                         windows_per_volume=cfg.sampler.windows_per_volume,
                                         shuffle_buffer=cfg.training.shuffle_buffer, seed=cfg.training.seed,
-                                        input_context=context, echo=None)
+                                        augmentation=augmentation, input_context=context, echo=None)
         for row, (images, labels) in zip(trace, batches.take(len(trace)).as_numpy_iterator()):
             h = hashlib.sha256()
             for a in (images, labels):
@@ -234,4 +238,5 @@ def test_only_the_chief_writes_the_run_folder(run):
         assert "train: " in err0 and "train: " not in err1  # progress on the chief only
     # The other worker's scratch folder is removed at the end (the killed worker could not clean up).
     assert not list(resumed.scratch[1].iterdir()) and not list(resumed.scratch[0].iterdir())
-    assert [p.name.startswith("highres3d-worker1-") for p in killed.scratch[1].iterdir()] == [True]
+    assert [p.name for p in killed.scratch[1].iterdir() if p.name.startswith("highres3d-")][0].startswith(
+        "highres3d-worker1-")
