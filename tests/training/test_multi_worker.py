@@ -35,7 +35,7 @@ TINY = [
 ]
 
 WORKER = r"""
-import hashlib, json, os, signal, sys
+import hashlib, json, os, signal, sys, time
 import numpy as np
 from highres3d.config import load_config
 from highres3d.errors import Highres3dError
@@ -52,7 +52,7 @@ def digest(arrays):
 
 def on_step(iteration, model, images, labels):
     row = {"iteration": iteration, "trainable": digest(model.trainable_weights), "all": digest(model.weights),
-           "batch": digest([images, labels]), "windows": len(images)}
+           "batch": digest([images, labels]), "windows": len(images), "time": time.time()}
     with open(trace, "a") as handle:
         handle.write(json.dumps(row) + "\n")
     if str(iteration) == die_at:
@@ -105,19 +105,21 @@ def run_workers(data, run_dir, tmp_path, tag, *overrides, resume=False, die_at=N
                 "resume" if resume else "new", str(die_at) if index == 1 and die_at else "-"]
         processes.append(subprocess.Popen(argv + TINY + list(overrides), env=worker_env(ports, index, tmp),
                                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    outputs, ended = [None, None], [None, None]
+    outputs = [None, None]
     try:
-        # The other worker first: the chief's time to notice a lost worker is measured from its end.
+        # The other worker first, then the chief: when it ends, it has noticed a lost worker.
         for index in (1, 0):
             out, err = processes[index].communicate(timeout=300)
-            outputs[index], ended[index] = (processes[index].returncode, out, err), time.monotonic()
+            outputs[index] = (processes[index].returncode, out, err)
+        chief_end = time.time()
     finally:
         for p in processes:
             if p.poll() is None:
                 p.kill()
     traces = [[json.loads(line) for line in (tmp_path / f"{tag}_trace{i}.jsonl").read_text().splitlines()]
               for i in range(2)]
-    return Launch(outputs, traces, scratch, ended[0] - ended[1], [p.pid for p in processes])
+    # At most the time from worker 1's last step (its death, when die_at) to the chief's end.
+    return Launch(outputs, traces, scratch, chief_end - traces[1][-1]["time"], [p.pid for p in processes])
 
 
 @dataclass
@@ -125,7 +127,7 @@ class Launch:
     outputs: list  # (returncode, stdout, stderr) of each worker
     traces: list  # the on_step rows of each worker
     scratch: list  # each worker's $TMPDIR
-    chief_lag: float  # seconds the chief ended after the other worker
+    chief_lag: float  # seconds from the other worker's last step to the chief's end, at most
     pids: list
 
 
@@ -229,7 +231,7 @@ def test_only_the_chief_writes_the_run_folder(run):
         "iter_000004.keras", "iter_000004.state.npz", "iter_000006.keras", "iter_000006.state.npz"]
     # TensorBoard names its event files after the writing process: the chief's only, one per start.
     chief_pids = {str(launch.pids[0]) for launch in (killed, resumed)}
-    writers = {p.name.split(".")[4] for p in (run_dir / "tensorboard").iterdir()}
+    writers = {p.name.split(".")[-3] for p in (run_dir / "tensorboard").iterdir()}  # events.out.tfevents.T.HOST.PID.N.v2
     assert writers == chief_pids, (writers, chief_pids)
     for launch in (killed, resumed):
         (_, out0, err0), (_, out1, err1) = launch.outputs
