@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "highres3d.cli.data",
     "highres3d.cli.show",
     "highres3d.cli.train",
+    "highres3d.cli.cluster",
     "highres3d.cli.experiment",
     "highres3d.cli.infer",
     "highres3d.cli.evaluate",

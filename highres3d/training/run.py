@@ -16,6 +16,10 @@
 Every file is written to a temporary name and renamed, so an interrupted run
 never leaves a half-written checkpoint; ``--resume`` continues from the newest
 complete checkpoint.
+
+In multi-worker training only the chief writes here; every other worker is
+given a :class:`WorkerRunFolder`, a scratch copy that reads the chief's state
+and checkpoints and is removed at the end.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import csv
 import json
 import os
 import shutil
+import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,11 +78,20 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+#: Config keys a run may be resumed with changed.
+RESUMABLE_CHANGES = ("training.max_iter", "training.strategy", "evaluation.splits")
+
+
 class RunFolder:
     """Creates, reads and updates one run folder."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+
+    @property
+    def shared_path(self) -> Path:
+        """The run folder the results land in (a worker's scratch folder reports the chief's)."""
+        return self.path
 
     # ---- paths
     @property
@@ -141,8 +156,7 @@ class RunFolder:
         return state
 
     def _check_same_config(self, cfg: Config) -> None:
-        """A run may only be resumed with its own config (a longer ``max_iter`` is allowed, and keys that
-        only say what is done after training, such as ``evaluation.splits``)."""
+        """A run may only be resumed with its own config, up to the keys of :data:`RESUMABLE_CHANGES`."""
         import yaml
 
         try:
@@ -150,7 +164,9 @@ class RunFolder:
         except (OSError, yaml.YAMLError) as err:
             raise Highres3dError(f"{self.config_path}: cannot read the run's config ({err})") from None
         differences = _differences(saved, yaml.safe_load(dump_config(cfg, relative_to=self.path)))
-        differences = [key for key in differences if key not in ("training.max_iter", "evaluation.splits")]
+        # A longer max_iter continues a run, another strategy resumes it on other hardware, and what is
+        # evaluated after training does not touch the training.
+        differences = [key for key in differences if key not in RESUMABLE_CHANGES]
         if differences:
             raise Highres3dError(
                 f"{self.path}: cannot resume with a different config (changed: {', '.join(differences[:8])}); "
@@ -227,6 +243,46 @@ class RunFolder:
         if not path.exists():
             raise Highres3dError(f"{path}: the run's newest checkpoint is missing; the run cannot be resumed")
         return path
+
+
+class WorkerRunFolder(RunFolder):
+    """The run folder of a non-chief worker: writes go to a private scratch folder, reads to the chief's.
+
+    ``MultiWorkerMirroredStrategy`` wants every worker to take part in every
+    save, so a non-chief worker saves its checkpoints and models like the chief
+    does, into a scratch folder under the system's temporary directory
+    (``$TMPDIR``) that :meth:`cleanup` removes.  The run state and checkpoints
+    it resumes from are the chief's (:meth:`chief_state`, :meth:`latest_checkpoint`).
+
+    Args:
+        chief_path: the run folder the chief writes.
+        index: this worker's index (names the scratch folder).
+    """
+
+    def __init__(self, chief_path: str | os.PathLike, index: int):
+        self.chief = RunFolder(chief_path)
+        super().__init__(Path(tempfile.gettempdir()) / f"highres3d-worker{index}-{uuid.uuid4().hex[:12]}")
+
+    @property
+    def shared_path(self) -> Path:
+        return self.chief.path
+
+    def prepare(self, cfg: Config, resume: bool, overwrite: bool) -> RunState:
+        """Create the scratch folder; the state comes from the chief's folder (:meth:`chief_state`)."""
+        return super().prepare(cfg, resume=False, overwrite=True)
+
+    def chief_state(self) -> RunState:
+        """The chief's run state, read once the chief has prepared its folder."""
+        state = self.chief.load_state()
+        self.save_state(state)
+        return state
+
+    def latest_checkpoint(self, state: RunState) -> Optional[Path]:
+        return self.chief.latest_checkpoint(state)
+
+    def cleanup(self) -> None:
+        """Remove the scratch folder."""
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -31,7 +31,8 @@ from highres3d.data import histogram
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.data.preprocess import Volume, load_volume
 from highres3d.errors import DataError, Highres3dError
-from highres3d.training.run import MetricsLog, RunFolder, RunState
+from highres3d.training import cluster
+from highres3d.training.run import MetricsLog, RunFolder, RunState, WorkerRunFolder
 from highres3d.training.stages import STAGE_SEED_STRIDE, resolve_stages, scheduled_lr, stage_at, write_stage_plan
 
 
@@ -143,6 +144,14 @@ class Trainer:
         echo: where messages go.
         check_data: check every training and validation subject before
             creating anything (``False`` when the caller did).
+        on_step: called after every iteration as ``on_step(iteration, model,
+            images, labels)`` with this worker's share of the batch as NumPy
+            arrays (a hook for tests and notebooks: weight digests, window checks).
+
+    With ``training.strategy: multi_worker`` the worker is read from ``$TF_CONFIG``
+    (:mod:`highres3d.training.cluster`); a worker other than the chief writes
+    into a scratch folder instead of the run folder, prefixes its messages with
+    ``[worker I/N]`` and shows no progress.
     """
 
     def __init__(
@@ -157,12 +166,21 @@ class Trainer:
         show_progress: Optional[bool] = None,
         echo: Callable[[str], None] = print,
         check_data: bool = True,
+        on_step: Optional[Callable[[int, Any, np.ndarray, np.ndarray], None]] = None,
     ):
         self.cfg = cfg
         # One folder per config file, so brats_scratch and brats_freeze2 never collide.
         base = cfg.source_file.stem if cfg.source_file is not None else cfg.dataset.name
         name = base + (f"_S{subset}" if subset else "")
-        self.run = RunFolder(run_dir if run_dir is not None else Path(cfg.training.output_dir) / name)
+        path = run_dir if run_dir is not None else Path(cfg.training.output_dir) / name
+        self.worker = (cluster.worker_from_tf_config() if cfg.training.strategy == "multi_worker"
+                       else cluster.SINGLE)
+        if self.worker.is_chief:
+            self.run = RunFolder(path)
+        else:
+            self.run = WorkerRunFolder(path, self.worker.index)
+            show_progress = False
+            echo = functools.partial(_prefixed, echo, f"[{self.worker.label}]")
         # Histogram landmarks live in the run folder, so infer/evaluate use the ones trained with.
         self._landmark_source = cfg.preprocessing.histogram.ref_file
         self.cfg = cfg = histogram.run_config(cfg, self.run.path)
@@ -173,6 +191,8 @@ class Trainer:
         self.show_progress = show_progress
         self.echo = echo
         self.check_data = check_data
+        self.on_step = on_step
+        self._state: Optional[RunState] = None
 
     # ---- setup
     def _dataset(self) -> Dataset:
@@ -253,9 +273,18 @@ class Trainer:
         previous_policy = keras.mixed_precision.global_policy()
         try:
             return self._fit()
+        except Exception as err:
+            if self.cfg.training.strategy != "multi_worker" or not cluster.is_worker_failure(err):
+                raise
+            state = self._state
+            done = self.run.checkpoint_iterations(state) if state is not None else []
+            raise cluster.worker_failure(err, state.iteration + 1 if state is not None else None,
+                                         done[-1] if done else None, self.run.shared_path) from None
         finally:
             # Mixed precision is a process-wide setting: later runs and models must not inherit it.
             keras.mixed_precision.set_global_policy(previous_policy)
+            if isinstance(self.run, WorkerRunFolder):
+                self.run.cleanup()
 
     def _fit(self) -> TrainResult:
         import tensorflow as tf
@@ -265,16 +294,26 @@ class Trainer:
 
         cfg = self.cfg
         t = cfg.training
-        dataset = self._dataset()
-        state = self.run.prepare(cfg, resume=self.resume, overwrite=self.overwrite)
+        # Created first: MultiWorkerMirroredStrategy must connect before any other TensorFlow op.
+        strategy = _strategy(t.strategy)
+        if t.strategy == "multi_worker":
+            self.echo(self.worker.describe())
+            # The chief's folder is ready (or every worker stops) before any other worker reads it.
+            dataset, state = cluster.together(strategy, self.worker, lambda: (
+                self._dataset(), self.run.prepare(cfg, resume=self.resume, overwrite=self.overwrite)))
+            if isinstance(self.run, WorkerRunFolder):
+                state = self.run.chief_state()
+        else:
+            dataset = self._dataset()
+            state = self.run.prepare(cfg, resume=self.resume, overwrite=self.overwrite)
+        self._state = state
         if state.finished:
-            self.echo(f"{self.run.path}: this run already finished ({state.iteration} iterations)")
+            self.echo(f"{self.run.shared_path}: this run already finished ({state.iteration} iterations)")
             return self._result(state)
         self._data(dataset)
         stages = resolve_stages(cfg)
         # Rewritten on resume too: a longer max_iter lengthens the last stage.
         write_stage_plan(stages, self.run.stages_path)
-        strategy = _strategy(t.strategy)
         with strategy.scope():
             model = self._model(state)
             optimizer = build_optimizer(cfg, model)
@@ -326,6 +365,10 @@ class Trainer:
         bar = Progress(stop, "train", unit="windows", rate_scale=t.batch_size, start=start_iter,
                        enabled=self.show_progress)
 
+        # Workers see different windows, so their BatchNorm statistics differ: averaged before they are used.
+        average_statistics = (cluster.averager(strategy, model.non_trainable_weights)
+                              if t.strategy == "multi_worker" else lambda: None)
+
         def checkpoint():
             log.flush()
             self.run.save_checkpoint(model, loop_variables, state, t.max_checkpoints)
@@ -359,9 +402,14 @@ class Trainer:
                 state.wall_time = wall_before + time.perf_counter() - clock
                 row = {"loss": loss, "lr": lr, "stage": stage.index + 1, "wall_time": state.wall_time}
                 bar.update(status=f"loss {loss:.4f}")
-                if validation is not None and state.iteration % t.validation_every == 0:
-                    row.update(self._validate(model, validation_loss, validation))
+                validate = validation is not None and state.iteration % t.validation_every == 0
                 scheduled = state.iteration % t.checkpoint_every == 0 or state.iteration == t.max_iter
+                if validate or scheduled or state.iteration == stop:
+                    average_statistics()
+                if self.on_step is not None:
+                    self.on_step(state.iteration, model, _local(strategy, images), _local(strategy, labels))
+                if validate:
+                    row.update(self._validate(model, validation_loss, validation))
                 if scheduled and self.val_volumes:
                     row["val_volume_dice"] = self._validate_volumes(model)
                     self._update_best(model, state, row["val_volume_dice"])
@@ -399,7 +447,7 @@ class Trainer:
         return self._result(state)
 
     def _result(self, state: RunState) -> TrainResult:
-        return TrainResult(self.run.path, state.iteration, state.best_score, state.best_iteration,
+        return TrainResult(self.run.shared_path, state.iteration, state.best_score, state.best_iteration,
                            state.wall_time, state.stopped_early)
 
     # ---- data
@@ -503,6 +551,15 @@ def _strategy(name: str):
     return tf.distribute.get_strategy()
 
 
+def _local(strategy, value) -> np.ndarray:
+    """This worker's share of a distributed batch, as one NumPy array."""
+    return np.concatenate([np.asarray(v) for v in strategy.experimental_local_results(value)])
+
+
+def _prefixed(echo: Callable[[str], None], prefix: str, message: str) -> None:
+    echo(f"{prefix} {message}")
+
+
 def _loop_variables(optimizer, augment_layer) -> list:
     """Everything besides the weights that a resumed run needs: every optimizer's state and RNG states."""
     variables = list(optimizer.variables)
@@ -519,7 +576,7 @@ def train(cfg: Config, run_dir: Optional[str | os.PathLike] = None, **options: A
         run_dir: the run folder (default: ``<training.output_dir>/<config file name>``).
         **options: the keyword arguments of :class:`Trainer` (``resume``,
             ``overwrite``, ``subset``, ``stop_after``, ``show_progress``,
-            ``echo``, ``check_data``).  Unless ``check_data=False`` (a caller
+            ``echo``, ``check_data``, ``on_step``).  Unless ``check_data=False`` (a caller
             that checked already), every subject of the training and validation
             splits is checked first (:func:`highres3d.data.check.require_valid_data`):
             a problem stops training with the full list before the run folder
