@@ -131,6 +131,9 @@ class RandomAffine3D(keras.layers.Layer):
         seed: Optional[int] = None,
         **kwargs,
     ) -> None:
+        # Sample positions and interpolation weights need float32 whatever the global policy: under
+        # training.mixed_precision the model computes in float16/bfloat16 and casts its own input.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.window_size = window_triple(window_size)
         self.augmentation = AffineAugmentation(

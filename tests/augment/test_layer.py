@@ -73,3 +73,20 @@ def test_layer_from_augmentation_expects_the_pipelines_crop_size():
     layer = RandomAffine3D.from_augmentation(aug, (16, 12, 8), seed=1)
     assert layer.augmentation == aug
     assert layer.crop_size == tuple(w + 2 * m for w, m in zip((16, 12, 8), aug.margin((16, 12, 8))))
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_layer_resamples_in_float32_under_mixed_precision(policy):
+    # training.mixed_precision sets a global policy; the geometry must not follow it.
+    image, label = crops(RandomAffine3D(10, rotation_degrees=12, scale_range=0.1), seed=3)
+    reference = RandomAffine3D(10, rotation_degrees=12, scale_range=0.1, seed=5)((image, label), training=True)
+    previous = keras.mixed_precision.global_policy()
+    try:
+        keras.mixed_precision.set_global_policy(policy)
+        layer = RandomAffine3D(10, rotation_degrees=12, scale_range=0.1, seed=5)
+        out, lab = layer((image, label), training=True)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert layer.compute_dtype == "float32" and keras.backend.standardize_dtype(out.dtype) == "float32"
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(reference[0]))
+    np.testing.assert_array_equal(np.asarray(lab), np.asarray(reference[1]))
