@@ -69,6 +69,11 @@ def sampler_rows(rows: list[dict]) -> list[list[str]]:
             target = "≥ 1,000" if "on-device" in r["method"] else "-"
             met = "-" if target == "-" else ("yes" if r["windows_s"][0] >= 1000 else "no")
             out.append([r["method"] + " windows/s", fmt(r["windows_s"][0]), "-", "-", target, met])
+        elif r.get("kind") == "augmented":
+            met = "yes" if r["windows_s"][0] >= 1000 else "no"
+            out.append([f"{r['method']} windows/s ({r['note']})", fmt(r["windows_s"][0], 1), "-", "-", "≥ 1,000", met])
+        elif r.get("kind") == "wait":
+            out.append([r["method"] + ", % of the step waiting", fmt(100 * r["wait_fraction"]), "-", "-", "-", "-"])
     return out
 
 

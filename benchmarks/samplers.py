@@ -13,7 +13,10 @@ Rows (one thread unless stated):
   * our CPU rotation + scaling (+-10 deg per axis, +-10 %), sampled straight
     from the volume (location + resampling = the whole cost of a window);
   * our tf.data pipeline on 2 cores delivering batches of 4: plain windows,
-    margin crops for on-device augmentation, and CPU augmentation;
+    margin crops for on-device augmentation, and CPU augmentation; for the
+    margin crops also the augmented windows/s once RandomAffine3D resamples
+    them on the same cores (XLA-compiled and not); and for each, the fraction
+    of a small model's training step that waits for input;
   * peers, when their interpreter is given by --peers-python or
     $HIGHRES3D_PEERS_PYTHON (see benchmarks/README.md; re-runs this file
     there with --section peers and reads its JSON): MONAI RandCropByLabelClassesd
@@ -184,8 +187,44 @@ def ours(image, label, quick: bool) -> list[dict]:
     return rows
 
 
+def _small_step():
+    """A compiled training step of a small model (two 3^3 convolutions, 8 features) on 96^3 batches."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((W, W, W, 2))
+    x = keras.layers.Conv3D(8, 3, padding="same", activation="relu")(inputs)
+    logits = keras.layers.Conv3D(2, 3, padding="same")(x)
+    model = keras.Model(inputs, logits)
+    optimizer = keras.optimizers.Adam(1e-3)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, model(images, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return step
+
+
 def pipeline(volume, quick: bool) -> list[dict]:
-    from highres3d.augment import AffineAugmentation
+    """Batches of 4 from make_training_dataset: delivery rate, then the step's wait for input.
+
+    Delivery: windows/s that ``next()`` on the dataset yields, nothing else running.
+    Augmented (device): the crops plus :class:`RandomAffine3D` resampling them in
+    the consumer, as the training step does (XLA-compiled, the default, and the
+    ordinary graph), i.e. augmented windows/s on the same 2 cores.
+    Waiting: a small model's training step consumes the batches (with the layer
+    first for ``device``); the share of the loop's wall time spent blocked in
+    ``next()``, i.e. the fraction of a training step that waits for input.
+    """
+    import tensorflow as tf
+
+    from highres3d.augment import AffineAugmentation, RandomAffine3D
     from highres3d.data.pipeline import make_training_dataset
     from highres3d.samplers import ClassWeightedSampler
 
@@ -197,41 +236,73 @@ def pipeline(volume, quick: bool) -> list[dict]:
         ("tf.data pipeline, 2 cores, plain 96^3 windows", None, "cpu", 40, "target >= 1000/s"),
         (
             "tf.data pipeline, 2 cores, on-device aug. (CPU crops window+margin)", aug, "device", 25,
-            f"crops are {margin_bytes:.1f}x the bytes of a 96^3 window",
+            f"crops are {margin_bytes:.1f}x the bytes of a 96^3 window; resampling not included",
         ),
         ("tf.data pipeline, 2 cores, CPU rotation/scaling", aug, "cpu", 6, ""),
     ]
-    for name, augmentation, where, n_batches, note in configs:
-        if quick:
-            n_batches = max(3, n_batches // 5)
-        ds = make_training_dataset(
+    step = _small_step()
+    layers = {jit: RandomAffine3D.from_augmentation(aug, W, seed=0, jit_resample=jit) for jit in (True, False)}
+    augment = {jit: tf.function(lambda x, y, layer=layer: layer((x, y), training=True)) for jit, layer in layers.items()}
+
+    def dataset(augmentation, where):
+        return make_training_dataset(
             [volume], ClassWeightedSampler(W, {0: 1, 1: 1}), batch_size=batch, windows_per_volume=8,
             augmentation=augmentation, augment_on=where, seed=1, echo=None,
         )
-        it = iter(ds)
-        for _ in range(4):
-            x, _y = next(it)
-        crop = tuple(int(s) for s in x.shape[1:4])
+
+    def measure(it, n_batches, consume=None):
         rates = []
         cpu0 = os.times()
         for _ in range(3):
             t0 = time.perf_counter()
             for _ in range(n_batches):
-                next(it)
+                x, y = next(it)
+                if consume is not None:
+                    consume(x, y)
             rates.append(batch * n_batches / (time.perf_counter() - t0))
         cpu1 = os.times()
         # CPU time per window tells the capacity even when other jobs share the cores.
         cpu_ms = 1e3 * (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / (3 * batch * n_batches)
+        return (statistics.median(rates), min(rates), max(rates)), cpu_ms
+
+    for name, augmentation, where, n_batches, note in configs:
+        if quick:
+            n_batches = max(3, n_batches // 5)
+        ds = dataset(augmentation, where)
+        it = iter(ds)
+        for _ in range(4):
+            x, y = next(it)
+        crop = tuple(int(s) for s in x.shape[1:4])
+        windows_s, cpu_ms = measure(it, n_batches)
         note = f"{cpu_ms:.2f} CPU-ms/window" + (f"; {note}" if note else "")
+        rows.append(dict(method=f"{name} [{'x'.join(map(str, crop))}]", windows_s=windows_s, kind="pipeline", note=note))
+        if where == "device":
+            # What training with augmentation.device: accelerator gets on these cores: crops, then the layer.
+            for jit in (True, False):
+                fn = augment[jit]
+                fn(x, y)[0].numpy()  # traced (and compiled) outside the timing
+                n_aug = max(2, n_batches // (4 if jit else 12))
+                aug_rate, aug_cpu = measure(it, n_aug, lambda x, y, fn=fn: fn(x, y)[0].numpy())
+                rows.append(dict(
+                    method=f"augmented windows/s, 2 cores, device: accelerator (crops + RandomAffine3D, "
+                           f"{'XLA' if jit else 'graph, jit_resample=False'}) [{W}x{W}x{W}]",
+                    windows_s=aug_rate, kind="augmented", note=f"{aug_cpu:.1f} CPU-ms/window"))
+        # The share of a training step spent waiting for the next batch (input-bound when near 1).
+        consume = (lambda x, y: step(*augment[True](x, y))) if where == "device" else step
+        consume(x, y).numpy()
+        waited = total = 0.0
+        n_steps = 3 if quick else 8
+        for _ in range(n_steps):
+            t0 = time.perf_counter()
+            x, y = next(it)
+            t1 = time.perf_counter()
+            consume(x, y).numpy()
+            waited, total = waited + t1 - t0, total + time.perf_counter() - t0
+        rows.append(dict(method=f"input wait, {name.split(', ', 2)[-1]}: small model's step on batches of {batch}",
+                         windows_s=(batch * n_steps / total,) * 3, kind="wait", wait_fraction=waited / total,
+                         note=f"{100 * waited / total:.0f} % of the step waits for input "
+                              f"({1e3 * total / n_steps:.0f} ms/step)"))
         del it, ds
-        rows.append(
-            dict(
-                method=f"{name} [{'x'.join(map(str, crop))}]",
-                windows_s=(statistics.median(rates), min(rates), max(rates)),
-                kind="pipeline",
-                note=note,
-            )
-        )
         print(f"pipeline {where} done", file=sys.stderr, flush=True)
     return rows
 
@@ -352,7 +423,7 @@ def table(rows: list[dict]) -> str:
         note = ""
         if r.get("kind") == "augment" and best_peer_aug:
             note = f"{med / best_peer_aug:.2f}x the faster peer (target >= 2x)"
-        elif r.get("kind") == "pipeline":
+        elif r.get("kind") in ("pipeline", "augmented", "wait"):
             note = r["note"]
         elif r.get("kind") == "sampler" and "ClassWeighted" in r["method"]:
             note = "target >= 90 % of floor, setup <= 20 ms"

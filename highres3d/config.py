@@ -121,6 +121,8 @@ PRESET_SCHEME = "preset:"
 LossName = Literal["dice", "dice_ns", "generalised_dice", "cross_entropy", "dice_ce"]
 #: Inference compute precision; "auto" = bfloat16 on a CPU with native bfloat16 (AVX512_BF16 / AMX), else float32.
 Precision = Literal["auto", "float32", "bfloat16"]
+#: Mixed-precision compute dtypes of training (``training.mixed_precision``; ``true`` is read as float16).
+MixedPrecisionName = Literal["float16", "bfloat16"]
 
 #: Freeze specifications by name: ``all_but_last`` freezes every group except the classifier ``conv_2``.
 FREEZE_KEYWORDS: tuple[str, ...] = ("all_but_last",)
@@ -282,9 +284,16 @@ class TrainingConfig:
     seed: int = _field(0, "seed of initialisation, sampling and augmentation")
     cache: Literal["ram", "lazy"] = _field("ram", "keep preprocessed volumes in memory or reload them")
     shuffle_buffer: int = _field(32, "windows in the shuffle buffer", _positive)
-    mixed_precision: bool = _field(False, "compute in float16/bfloat16 with float32 weights")
+    mixed_precision: Union[bool, MixedPrecisionName] = _field(False, "compute in float16 (with loss scaling) or bfloat16 (no loss scaling, so per-group learning rates work) with float32 weights; false: float32; true: float16 (older configs)")
     strategy: Literal["default", "mirrored", "multi_worker"] = _field("default", "tf.distribute strategy")
     output_dir: Path = _field(Path("runs"), "folder where run folders are created", path=True)
+
+    @property
+    def compute_dtype(self) -> str:
+        """``"float32"``, ``"float16"`` or ``"bfloat16"``: ``mixed_precision`` with ``true`` read as float16."""
+        if self.mixed_precision is True:
+            return "float16"
+        return self.mixed_precision or "float32"
 
 
 @dataclass(frozen=True)
@@ -625,10 +634,11 @@ def _check_stages(cfg: Config) -> None:
             raise ConfigError(f"training.stages: stage names must differ, got {names}")
     uses_groups = bool(t.lr_multipliers) or t.lr_decay is not None or any(
         s.lr_multipliers is not None or s.lr_decay is not None for s in t.stages)
-    if t.mixed_precision and uses_groups:
+    if t.compute_dtype == "float16" and uses_groups:
         raise ConfigError(
-            "training.mixed_precision: cannot be combined with per-group learning rates (lr_multipliers or lr_decay, "
-            "one optimizer per layer group share no loss scale); turn one of them off"
+            "training.mixed_precision: float16 cannot be combined with per-group learning rates (lr_multipliers or "
+            "lr_decay, one optimizer per layer group share no loss scale); use bfloat16, which needs no loss scaling, "
+            "or turn one of them off"
         )
 
 

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import itertools
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -95,9 +96,18 @@ def resolve_precision(precision: str = "auto") -> str:
     return "bfloat16" if _cpu_has_bfloat16() else "float32"
 
 
+#: Each model's compiled bfloat16 predict function, kept between calls: tracing the full network
+#: costs seconds, as much as a whole 64³ pass, and would otherwise be paid at every subject.
+_BFLOAT16_PREDICT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @contextlib.contextmanager
 def compute_precision(model, precision: str):
     """Run a Keras model's layers in ``precision`` (float32 weights kept), restoring them afterwards.
+
+    The model's compiled predict function of each precision is kept, so
+    alternating precisions, or predicting subject after subject in bfloat16,
+    traces the network once per precision (and input shape), not at every call.
 
     Args:
         model: a Keras model; anything else is left as it is.
@@ -109,17 +119,21 @@ def compute_precision(model, precision: str):
 
     layers = all_layers(model) if precision == "bfloat16" and isinstance(model, keras.Model) else []
     saved = [layer.dtype_policy for layer in layers]
+    float32_predict = getattr(model, "predict_function", None) if layers else None
     try:
         for layer in layers:
             layer.dtype_policy = "mixed_bfloat16"
         if layers:
-            model.predict_function = None  # retraced in the new precision
+            # A function traced in float32 would ignore the new policies: use the bfloat16 one (or trace it).
+            model.predict_function = _BFLOAT16_PREDICT.get(model)
         yield model
     finally:
         for layer, policy in zip(layers, saved):
             layer.dtype_policy = policy
         if layers:
-            model.predict_function = None
+            if model.predict_function is not None:
+                _BFLOAT16_PREDICT[model] = model.predict_function
+            model.predict_function = float32_predict
 
 
 def mirror_axes(tta_mirror: Union[bool, Sequence[int]]) -> list[tuple[int, ...]]:

@@ -41,8 +41,13 @@ def test_sections_render_ours_peer_ratio_target_and_met():
         {"method": "highres3d ClassWeightedSampler", "kind": "sampler", "setup_ms": 3.0, "windows_s": [950, 900, 990]},
         {"method": "TorchIO LabelSampler", "kind": "peer_sampler", "windows_s": [900, 800, 950]},
         {"method": "MONAI RandCropByLabelClassesd + ClassesToIndicesd", "kind": "peer_sampler", "windows_s": [500, 1, 2]},
+        {"method": "augmented windows/s, device: accelerator", "kind": "augmented", "windows_s": [35.0, 30, 40],
+         "note": "57 CPU-ms/window"},
+        {"method": "input wait, plain", "kind": "wait", "windows_s": [1, 1, 1], "wait_fraction": 0.25, "note": ""},
     ]
     rows = run_all.sampler_rows(samplers)
+    assert rows[-2][1:] == ["35.0", "-", "-", "≥ 1,000", "no"] and "57 CPU-ms/window" in rows[-2][0]
+    assert rows[-1][0].endswith("% of the step waiting") and rows[-1][1] == "25"
     assert rows[0][1:] == ["950", "900", "1.06", "≥ 1.0", "yes"]
     assert rows[2][3:] == ["0.95", "≥ 0.90", "yes"] and rows[3][-1] == "yes"
     inference = {"ours": [{"method": "highres3d", "overlap": 0.5, "mode": "gaussian", "total": 0.3, "stitch": 0.1}],

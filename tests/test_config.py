@@ -47,6 +47,9 @@ def test_defaults_and_immutability():
         ("transfer: {freeze: [conv_0, res1]}", "transfer.freeze: unknown layer group 'res1', did you mean"),
         ("transfer: {freeze: 'res_(1'}", "transfer.freeze: 'res_(1' is neither a layer group nor a valid regular expression"),
         ("training: {loss: dise}", "training.loss: expected one of 'dice'"),
+        ("training: {mixed_precision: bf16}", "training.mixed_precision: expected true or false or one of 'float16', 'bfloat16'"),
+        ("training: {mixed_precision: 1}", "training.mixed_precision: expected true or false or one of 'float16', 'bfloat16'"),
+        ("training: {mixed_precision: float16, lr_decay: 2.6}", "float16 cannot be combined with per-group learning rates"),
         ("dataset: {missing: ignore}", "dataset.missing: expected one of 'error', 'skip'"),
         ("sampler: {label_pad_value: 255}", "sampler.label_pad_value: expected a class index below network.num_classes=2"),
         ("- a\n- b", "expected a mapping of sections"),
@@ -58,6 +61,21 @@ def test_errors_name_key_and_expectation(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("value, dtype", [("false", "float32"), ("true", "float16"), ("float16", "float16"),
+                                          ("bfloat16", "bfloat16")])
+def test_mixed_precision_values(tmp_path, value, dtype):
+    # true stays float16 for configs written when the key was a boolean.
+    cfg = load_config(write(tmp_path / "c.yaml", f"training: {{mixed_precision: {value}}}"))
+    assert cfg.training.compute_dtype == dtype
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_bfloat16_allows_per_group_learning_rates(tmp_path):
+    # bfloat16 needs no loss scale, so one optimizer per layer group is fine.
+    cfg = load_config(write(tmp_path / "c.yaml", "training: {mixed_precision: bfloat16, lr_decay: 2.6}"))
+    assert cfg.training.compute_dtype == "bfloat16"
 
 
 def test_did_you_mean_for_choices(tmp_path):

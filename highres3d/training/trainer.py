@@ -67,8 +67,9 @@ def build_optimizer(cfg: Config, model: Any):
     from highres3d.training.stages import uses_group_rates
 
     t = cfg.training
+    # Only float16 needs loss scaling; bfloat16 has float32's exponent range.
     return GroupOptimizer(model, t.optimizer, t.lr, per_group=uses_group_rates(cfg),
-                          mixed_precision=t.mixed_precision)
+                          mixed_precision=t.compute_dtype == "float16")
 
 
 def build_loss(cfg: Config, name: Optional[str] = None):
@@ -239,8 +240,8 @@ class Trainer:
 
         cfg = self.cfg
         keras.utils.set_random_seed(cfg.training.seed)
-        if cfg.training.mixed_precision:
-            keras.mixed_precision.set_global_policy("mixed_float16")
+        if cfg.training.compute_dtype != "float32":
+            keras.mixed_precision.set_global_policy(f"mixed_{cfg.training.compute_dtype}")
         model = build_model(cfg)
         checkpoint = self.run.latest_checkpoint(state) if state.iteration > 0 else None
         if checkpoint is not None:

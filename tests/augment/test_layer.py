@@ -73,3 +73,33 @@ def test_layer_from_augmentation_expects_the_pipelines_crop_size():
     layer = RandomAffine3D.from_augmentation(aug, (16, 12, 8), seed=1)
     assert layer.augmentation == aug
     assert layer.crop_size == tuple(w + 2 * m for w, m in zip((16, 12, 8), aug.margin((16, 12, 8))))
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_layer_resamples_in_float32_under_mixed_precision(policy):
+    # training.mixed_precision sets a global policy; the geometry must not follow it.
+    image, label = crops(RandomAffine3D(10, rotation_degrees=12, scale_range=0.1), seed=3)
+    reference = RandomAffine3D(10, rotation_degrees=12, scale_range=0.1, seed=5)((image, label), training=True)
+    previous = keras.mixed_precision.global_policy()
+    try:
+        keras.mixed_precision.set_global_policy(policy)
+        layer = RandomAffine3D(10, rotation_degrees=12, scale_range=0.1, seed=5)
+        out, lab = layer((image, label), training=True)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert layer.compute_dtype == "float32" and keras.backend.standardize_dtype(out.dtype) == "float32"
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(reference[0]))
+    np.testing.assert_array_equal(np.asarray(lab), np.asarray(reference[1]))
+
+
+def test_compiled_resampling_is_the_same_augmentation():
+    # XLA compiles only the resampling: same draws from the seed, same windows up to float rounding.
+    kwargs = dict(rotation_degrees=12, scale_range=0.1, flip_axes=(0, 2), intensity_scale=0.1, seed=7)
+    plain, compiled = RandomAffine3D(14, jit_resample=False, **kwargs), RandomAffine3D(14, **kwargs)
+    assert compiled.jit_resample and RandomAffine3D.from_config(plain.get_config()).jit_resample is False
+    image, label = crops(plain, seed=4)
+    for _ in range(2):  # the seed generator advances alike
+        a, la = plain((image, label), training=True)
+        b, lb = compiled((image, label), training=True)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+        assert np.mean(np.asarray(la) != np.asarray(lb)) < 1e-3  # float32 ties at exactly .5 may round apart
