@@ -70,8 +70,7 @@ class DemoResult:
     overlays: list
 
 
-def _configs(output: Path, iterations: Optional[int], seed: int, extra: list[str], source: str) -> tuple[Config, Config]:
-    common = [f"training.seed={seed}"] + ([f"training.max_iter={iterations}"] if iterations else []) + extra
+def _configs(output: Path, common: list[str], source: str) -> tuple[Config, Config]:
     source_cfg = load_config("demo/ixi.yaml", overrides=common, data_root=output / "data" / "ixi")
     target = load_config(TARGET_CONFIG, overrides=[f"transfer.source={source}"] + common,
                          data_root=output / "data" / "brats")
@@ -120,7 +119,9 @@ def run_demo(
 
     start = time.perf_counter()
     output = Path(output).resolve()
-    extra = (list(QUICK_OVERRIDES) if quick else []) + list(overrides or [])
+    # Later settings win: the explicit options and --set over --quick's.
+    common = ((list(QUICK_OVERRIDES) if quick else []) + [f"training.seed={seed}"]
+              + ([f"training.max_iter={iterations}"] if iterations else []) + list(overrides or []))
     seeds = seeds or (1 if quick else SEEDS)
     brats_subjects = brats_subjects or (QUICK_SUBJECTS if quick else 20)
     source_dir = output / "runs" / "ixi_source"
@@ -129,7 +130,7 @@ def run_demo(
         from highres3d.presets import get_preset
 
         get_preset(SOURCE_PRESET).verify()  # fail now, not after the synthesis
-    source_cfg, target_cfg = _configs(output, iterations, seed, extra, source)
+    source_cfg, target_cfg = _configs(output, common, source)
     # Checked before anything is written: unknown methods and a missing subset stop here.
     specs = experiments.transfer_methods_grid(target_cfg, list(methods), repeats=seeds, subsets=(1, None))
 
