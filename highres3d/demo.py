@@ -1,50 +1,79 @@
-"""``highres3d demo``: the whole transfer-learning study in miniature, on synthetic data, on a CPU.
+"""``highres3d demo``: the transfer-learning study in miniature, on synthetic data, on a CPU, in minutes.
 
 1. synthesize a small BraTS-like (target) set;
 2. take the source model (hippocampus, T1+T2) from the shipped preset
-   ``ixi_hippocampus_demo`` (trained on 40 synthetic IXI-like subjects until its
-   validation Dice stopped improving; ``highres3d models list``), or with
-   ``train_source`` pretrain one on a small IXI-like set as before;
-3. on the target (tumour core, T1+T2), train from scratch and fine-tune the
-   source model with its first two layer groups frozen (the thesis' Model 2);
-4. segment the held-out test subjects on their original grid, evaluate, print
-   the comparison table and write overlay PNGs.
+   ``ixi_hippocampus_demo`` (``highres3d models list``), or with
+   ``train_source`` pretrain one here on a small IXI-like set;
+3. on the target (tumour core, T1+T2), train every method of :data:`METHODS`
+   (from scratch, and fine-tuned with the first two layer groups frozen) on a
+   small training subset and on the whole training split, with
+   :data:`SEEDS` training seeds each (same data split);
+4. segment the test subjects on their original grid, score them, and print one
+   table: mean ± sd test Dice per cell, the best-checkpoint iteration and the
+   iterations each run needed to reach 90 % of scratch's best validation Dice;
+   write one overlay PNG per test subject (truth and every model on the same
+   slices through the tumour centre) and a dot plot of the Dice per method and seed.
 
-Everything goes below one output folder; a second run resumes what is missing
-(finished trainings and evaluations are reused).
+The grid is :func:`highres3d.experiments.transfer_methods_grid` run by
+:func:`highres3d.experiments.run_experiment`, so everything goes below one
+output folder and a second run resumes what is missing (finished runs are
+reused, whatever options the second run has).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from highres3d.config import Config, load_config
 
+#: The preset the demo fine-tunes from unless it is asked to train its own source.
+SOURCE_PRESET = "ixi_hippocampus_demo"
+#: The methods the demo compares (names of :data:`highres3d.experiments.TRANSFER_METHODS`), in table
+#: order: from scratch, and fine-tuning with conv_0 and res_1 frozen, the best method of
+#: docs/transfer.md so far.  Add a method here (or pass ``--methods``) to put it in the demo.
+METHODS: tuple[str, ...] = ("scratch", "freeze2")
+#: Training seeds per cell of the grid (``training.seed``, ``+1``, ...); the data split stays the same.
+SEEDS = 3
+#: The target config: demo/brats.yaml cut to the demo's time budget (window, iterations, early stopping).
+TARGET_CONFIG = "demo/brats_fast.yaml"
+#: ``quick``: a smoke run of the whole pipeline in about a minute; the figures mean nothing.
+QUICK_OVERRIDES: tuple[str, ...] = (
+    "sampler.window_size=[16,16,16]",
+    "training.max_iter=4",
+    "training.validation_every=2",
+    "training.checkpoint_every=2",
+    "training.patience=0",
+    "dataset.split.subset_sizes=[2]",
+)
+QUICK_SUBJECTS = 8
+
 
 @dataclass
 class DemoResult:
+    """What :func:`run_demo` made.
+
+    Attributes:
+        output: the demo folder.
+        table: the comparison table (:func:`highres3d.reporting.transfer_methods_table`).
+        rows: the result rows of the demo's runs (``results.csv``).
+        seconds: wall time of this call.
+        overlays: the PNGs written (one per test subject, then the dot plot).
+    """
+
     output: Path
-    table: str
+    table: object
     rows: list
     seconds: float
     overlays: list
 
 
-#: The preset the demo fine-tunes from unless it is asked to train its own source.
-SOURCE_PRESET = "ixi_hippocampus_demo"
-
-
-def _configs(output: Path, iterations: Optional[int], seed: int, extra: list[str], source: str) -> tuple[Config, Config]:
-    common = [f"training.seed={seed}"] + ([f"training.max_iter={iterations}"] if iterations else []) + extra
+def _configs(output: Path, common: list[str], source: str) -> tuple[Config, Config]:
     source_cfg = load_config("demo/ixi.yaml", overrides=common, data_root=output / "data" / "ixi")
-    target = load_config(
-        "demo/brats.yaml",
-        overrides=common + [f"transfer.source={source}", "transfer.freeze=2"],
-        data_root=output / "data" / "brats",
-    )
+    target = load_config(TARGET_CONFIG, overrides=[f"transfer.source={source}"] + common,
+                         data_root=output / "data" / "brats")
     return source_cfg, target
 
 
@@ -52,21 +81,36 @@ def run_demo(
     output: str | Path = "demo_output",
     *,
     ixi_subjects: int = 8,
-    brats_subjects: int = 20,
+    brats_subjects: Optional[int] = None,
     iterations: Optional[int] = None,
     seed: int = 0,
+    seeds: Optional[int] = None,
+    methods: Sequence[str] = METHODS,
     overrides: Optional[list[str]] = None,
     echo: Callable[[str], None] = print,
     show_progress: Optional[bool] = None,
     train_source: bool = False,
+    quick: bool = False,
 ) -> DemoResult:
     """Run the demo into ``output``; returns the comparison table and where things are.
 
-    ``iterations`` overrides the demo configs' ``training.max_iter`` for every
-    training; ``overrides`` are further ``key=value`` settings (e.g. a smaller
-    window for a quick smoke run).  The source model is the preset
-    :data:`SOURCE_PRESET`, or with ``train_source`` one trained here on
-    ``ixi_subjects`` synthetic IXI-like subjects.
+    Args:
+        output: the demo folder (data, runs, results, overlays).
+        ixi_subjects: synthetic IXI-like subjects for ``train_source``.
+        brats_subjects: synthetic BraTS-like subjects (default 20; 8 with ``quick``).
+        iterations: ``training.max_iter`` of every training (default: the configs').
+        seed: seed of the synthesis and the first training seed.
+        seeds: training seeds per cell (default :data:`SEEDS`; 1 with ``quick``).
+        methods: the methods compared (default :data:`METHODS`).
+        overrides: further ``key=value`` settings of both configs.
+        echo: where the messages go.
+        show_progress: progress display (``None``: a bar on a terminal, plain
+            lines elsewhere; ``False``: none).
+        train_source: train the source model here instead of using :data:`SOURCE_PRESET`.
+        quick: a smoke run (:data:`QUICK_OVERRIDES`, fewer subjects, one seed).
+
+    Raises:
+        ConfigError: for an unknown method or a bad override.
     """
     from highres3d import experiments, reporting
     from highres3d.data.synth import synthesize_brats, synthesize_ixi
@@ -75,14 +119,20 @@ def run_demo(
 
     start = time.perf_counter()
     output = Path(output).resolve()
-    extra = list(overrides or [])
+    # Later settings win: the explicit options and --set over --quick's.
+    common = ((list(QUICK_OVERRIDES) if quick else []) + [f"training.seed={seed}"]
+              + ([f"training.max_iter={iterations}"] if iterations else []) + list(overrides or []))
+    seeds = seeds or (1 if quick else SEEDS)
+    brats_subjects = brats_subjects or (QUICK_SUBJECTS if quick else 20)
     source_dir = output / "runs" / "ixi_source"
     source = str(source_dir) if train_source else f"preset:{SOURCE_PRESET}"
     if not train_source:
         from highres3d.presets import get_preset
 
         get_preset(SOURCE_PRESET).verify()  # fail now, not after the synthesis
-    source_cfg, target_cfg = _configs(output, iterations, seed, extra, source)
+    source_cfg, target_cfg = _configs(output, common, source)
+    # Checked before anything is written: unknown methods and a missing subset stop here.
+    specs = experiments.transfer_methods_grid(target_cfg, list(methods), repeats=seeds, subsets=(1, None))
 
     echo(f"== 1/4 synthetic data -> {output / 'data'}")
     sets = [("brats", synthesize_brats, brats_subjects)] + ([("ixi", synthesize_ixi, ixi_subjects)] if train_source else [])
@@ -102,36 +152,73 @@ def run_demo(
         echo(f"== 2/4 source model: the preset {SOURCE_PRESET} (hippocampus on IXI-like T1+T2; "
              "highres3d models list; --train-source trains one here instead)")
 
-    echo("== 3/4 target: tumour core on BraTS-like T1+T2, from scratch and fine-tuned with 2 groups frozen")
+    small = target_cfg.dataset.split.subset_sizes[0]
+    echo(f"== 3/4 target: tumour core on BraTS-like T1+T2; {', '.join(methods)} on {small} training subjects "
+         f"and on all of them, {seeds} seed{'s' if seeds > 1 else ''} each ({len(specs)} trainings)")
     folder = output / "brats_experiment"
-    specs = experiments.freeze_level_grid(target_cfg, levels=("scratch", 2))
-    results = experiments.run_experiment(target_cfg, specs, folder, echo=lambda text: echo("   " + text),
+    rows = experiments.run_experiment(target_cfg, specs, folder, echo=lambda text: echo("   " + text),
                                       show_progress=show_progress)
 
-    echo(f"== 4/4 overlays -> {output / 'overlays'}")
-    from highres3d.data.dataset import Dataset
-    from highres3d.visualize import compare_segmentations, dot_plot
-
-    overlays = []
-    dataset = Dataset.from_config(target_cfg.dataset)
-    for subject in dataset.split("inference"):
-        panels = [("truth", subject.label)] + [
-            (spec.name, folder / "predictions" / spec.name / "inference" / f"{subject.id}_seg.nii.gz") for spec in specs
-        ]
-        panels = [(name, path) for name, path in panels if path is not None and Path(path).exists()]
-        # One picture per test subject: truth and each model on the same slices through the tumour centre.
-        overlays.append(compare_segmentations(subject.images[target_cfg.dataset.modalities[0]], panels,
-                                              output / "overlays" / f"{subject.id}.png", overwrite=True))
-    mine = [r for r in results if r["run"] in {s.name for s in specs}]
-    test_dice = {spec.name: [float(r["dice"]) for r in mine if r["run"] == spec.name and r["split"] == "inference"]
-                 for spec in specs}
-    overlays.append(dot_plot(test_dice, output / "overlays" / "test_dice.png", overwrite=True,
-                             title="tumour-core test Dice per subject (red: mean)"))
-    table = "\n".join(str(t) for t in reporting.experiment_tables(mine))
+    echo(f"== 4/4 comparison and overlays -> {output / 'overlays'}")
+    names = {spec.name for spec in specs}
+    exp = reporting.Experiment(folder, [reporting.parse_row(r) for r in rows if r["run"] in names])
+    table = reporting.transfer_methods_table(
+        exp, subset="all",
+        title="tumour-core test Dice (mean ± sd over seeds) and the iterations each run needed")
+    table.notes.append(f"best iteration: chosen by whole-volume validation Dice every "
+                       f"{target_cfg.training.checkpoint_every} iterations; training stops after "
+                       f"{target_cfg.training.patience or 'no'} validations without a better one "
+                       f"(at most {target_cfg.training.max_iter} iterations)")
+    overlays = _overlays(target_cfg, specs, exp, folder, output / "overlays")
+    _write_table(table, output / "results.md")
     seconds = time.perf_counter() - start
     echo("")
-    echo("Tumour-core Dice on the synthetic BraTS-like subjects (scratch vs. fine-tuned from the IXI-like model):")
-    echo(table)
-    echo(f"\nresults: {folder / 'results.csv'}; overlays: {output / 'overlays'}; {seconds / 60:.1f} min in all")
-    echo("notebooks: notebooks/freeze_levels.ipynb reads these results by default")
-    return DemoResult(output, table, mine, seconds, overlays)
+    echo(table.to_text())
+    echo(f"\ntable: {output / 'results.md'}; results: {folder / 'results.csv'}; overlays and "
+         f"test_dice.png: {output / 'overlays'}; {seconds / 60:.1f} min in all")
+    return DemoResult(output, table, exp.rows, seconds, overlays)
+
+
+def _label(size: int, method: str) -> str:
+    return f"{method}, {size} training subjects"
+
+
+def _overlays(cfg: Config, specs, exp, folder: Path, out: Path) -> list[Path]:
+    """One PNG per test subject (truth, then each cell's first seed) and the dot plot of test Dice."""
+    from highres3d.data.dataset import Dataset
+    from highres3d.reporting import Summary
+    from highres3d.visualize import compare_segmentations, dot_plot
+
+    size = {row["run"]: row["subset_size"] for row in exp.rows}
+    first_seed = [spec for spec in specs if spec.repeat == 0 and spec.name in size]
+    # The whole training split first: its models are the ones a reader compares with the truth.
+    first_seed.sort(key=lambda spec: spec.subset is not None)
+    written = []
+    dataset = Dataset.from_config(cfg.dataset)
+    for subject in dataset.split("inference"):
+        if subject.label is None:
+            continue
+        panels = [("truth", subject.label)] + [
+            (_label(size[spec.name], spec.method), folder / "predictions" / spec.name / "inference" / f"{subject.id}_seg.nii.gz")
+            for spec in first_seed
+        ]
+        panels = [(title, path) for title, path in panels if Path(path).exists()]
+        # Every row is cut through the same voxel, the centre of the true tumour.
+        written.append(compare_segmentations(subject.images[cfg.dataset.modalities[0]], panels,
+                                             out / f"{subject.id}.png", overwrite=True))
+    dots: dict[str, list[float]] = {}
+    for spec in specs:
+        scores = [float(r["dice"]) for r in exp.rows if r["run"] == spec.name and r["split"] == "inference"]
+        if scores:
+            # One dot per seed: the run's mean over the test subjects, as in the table.
+            dots.setdefault(f"{spec.method} ({size[spec.name]})", []).append(Summary.of(scores).mean)
+    written.append(dot_plot(dots, out / "test_dice.png", overwrite=True,
+                            title="mean test Dice per seed (red: mean over seeds); (n) = training subjects"))
+    return written
+
+
+def _write_table(table, path: Path) -> None:
+    from highres3d.utils import atomic_path
+
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(table.to_markdown())

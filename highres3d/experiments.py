@@ -196,8 +196,9 @@ def method_config(cfg: Config, method: str, *, source_2d: Optional[str | Path] =
 
 
 def transfer_methods_grid(cfg: Config, methods: Sequence[str] = TRANSFER_METHODS, repeats: int = 1,
-                          source_2d: Optional[str | Path] = None) -> list[RunSpec]:
-    """The transfer-methods comparison: every method × ``repeats`` seeds on the same split.
+                          source_2d: Optional[str | Path] = None,
+                          subsets: Sequence[Optional[int]] = (None,)) -> list[RunSpec]:
+    """The transfer-methods comparison: every training subset × method × ``repeats`` seeds on the same split.
 
     Args:
         cfg: the base config (a BraTS-like target with a 3D ``transfer.source``).
@@ -205,21 +206,32 @@ def transfer_methods_grid(cfg: Config, methods: Sequence[str] = TRANSFER_METHODS
             the inflated ones only when ``source_2d`` is given).
         repeats: seeds per method (``training.seed + r``).
         source_2d: the 2D source model of the inflated methods.
+        subsets: the training sets: ``None`` for the whole training split, ``k``
+            for the nested subset S_k of ``dataset.split.subset_sizes``; runs of
+            a subset are named ``S<k>_<method>``.
 
     Raises:
-        ConfigError: for an unknown method, or an inflated method asked for without ``source_2d``.
+        ConfigError: for an unknown method, an inflated method asked for without
+            ``source_2d``, or a subset the config does not define.
     """
     chosen = list(methods)
     if methods is TRANSFER_METHODS and source_2d is None:
         chosen = [m for m in chosen if m not in INFLATED_METHODS]
-    specs = []
+    n_subsets = len(cfg.dataset.split.subset_sizes) or len(cfg.dataset.split.subset_files)
+    for k in subsets:
+        if k is not None and not 1 <= k <= n_subsets:
+            raise ConfigError(f"dataset.split.subset_sizes: training subset S{k} is not defined "
+                              f"(the config defines {n_subsets}); add its size, e.g. subset_sizes: [3]")
     for method in chosen:
         method_config(cfg, method, source_2d=source_2d)  # every method is checked before anything runs
-        freeze = int(method[len("freeze"):]) if method.startswith("freeze") else (None if method == SCRATCH else 0)
-        for r in range(repeats):
-            name = f"{method}_r{r}" if repeats > 1 else method
-            specs.append(RunSpec(name, freeze, None, r, cfg.training.seed + r, method,
-                                 Path(source_2d) if source_2d is not None else None))
+    specs = []
+    for k in subsets:
+        for method in chosen:
+            freeze = int(method[len("freeze"):]) if method.startswith("freeze") else (None if method == SCRATCH else 0)
+            for r in range(repeats):
+                name = (f"S{k}_" if k is not None else "") + (f"{method}_r{r}" if repeats > 1 else method)
+                specs.append(RunSpec(name, freeze, k, r, cfg.training.seed + r, method,
+                                     Path(source_2d) if source_2d is not None else None))
     return specs
 
 
@@ -324,9 +336,23 @@ def run_experiment(
     Before anything is created, every subject of the training, validation and
     test splits is checked (:func:`highres3d.data.check.require_valid_data`);
     a problem stops the experiment with the full list.  Each run's
-    segmentations stay in ``<folder>/predictions/<run>/<split>/``.
+    segmentations stay in ``<folder>/predictions/<run>/<split>/``; the splits
+    segmented and scored are ``evaluation.splits`` (all three by default).
+
+    Args:
+        cfg: the base config of the grid.
+        specs: the runs (a grid function's result, perhaps :func:`select_runs`' choice).
+        folder: the experiment folder (``results.csv``, ``runs/``, ``predictions/``).
+        shard: this job's ``I/N`` shard: its results go to ``results.<I>of<N>.csv``.
+        echo: where the one-line messages go; each run's line gives the time
+            elapsed and an estimate of the time left for the grid.
+        show_progress: progress display of training and segmentation (``None``:
+            a bar on a terminal, plain lines elsewhere; ``False``: none).
     """
+    import time
+
     from highres3d.data.check import require_valid_data
+    from highres3d.progress import format_duration
     from highres3d.training import train
     from highres3d.training.run import RunFolder
 
@@ -344,33 +370,38 @@ def run_experiment(
     if out_path.exists():
         with open(out_path, newline="") as handle:
             own_rows = list(csv.DictReader(handle))
+    started, trained = time.perf_counter(), 0
+    todo = sum(spec.name not in done for spec in specs)
     for i, spec in enumerate(specs, 1):
         if spec.name in done:
             echo(f"[{i}/{len(specs)}] {spec.name}: already in the results, skipped")
             continue
-        echo(f"[{i}/{len(specs)}] {spec.name}: training")
+        elapsed = time.perf_counter() - started
+        # The estimate assumes the runs still to do take as long as those done in this call.
+        eta = f", ETA {format_duration(elapsed / trained * (todo - trained))}" if trained else ""
+        echo(f"[{i}/{len(specs)}] {spec.name}: training ({format_duration(elapsed)} elapsed{eta})")
+        trained += 1
         run_cfg = spec.config(cfg)
         run_dir = folder / "runs" / spec.name
         result = train(run_cfg, run_dir, resume=RunFolder(run_dir).exists(), subset=spec.subset,
                        show_progress=show_progress, echo=lambda text: echo("  " + text), check_data=False)
         state = RunFolder(run_dir).load_state()
-        splits = {
+        subjects = {
             "training": dataset.split("training", subset=spec.subset),
             "validation": dataset.split("validation"),
             "inference": [s for s in dataset.split("inference") if s.label is not None],
         }
-        training_size = len(splits["training"])
-        splits = {name: subjects for name, subjects in splits.items() if name in cfg.evaluation.splits}
         time_to_best = _time_at_iteration(RunFolder(run_dir), state.best_iteration)
         common = {
             "run": spec.name, "freeze": "" if spec.freeze is None else spec.freeze,
             "subset": "" if spec.subset is None else f"S{spec.subset}",
-            "subset_size": training_size, "repeat": spec.repeat, "seed": spec.seed,
+            "subset_size": len(subjects["training"]), "repeat": spec.repeat, "seed": spec.seed,
             "iterations": result.iterations, "best_iteration": state.best_iteration or result.iterations,
             "time_to_best_s": time_to_best, "wall_time_s": round(result.wall_time, 2),
             "method": spec.method or "",
         }
-        for row in evaluate_run(run_cfg, run_dir, splits, folder / "predictions" / spec.name,
+        scored = {split: subjects[split] for split in SPLITS if split in cfg.evaluation.splits}
+        for row in evaluate_run(run_cfg, run_dir, scored, folder / "predictions" / spec.name,
                                 lambda text: echo("  " + text), show_progress):
             own_rows.append({**common, **row})
         _write_rows(out_path, own_rows)

@@ -614,16 +614,20 @@ def iterations_to_reach(series: Series, threshold: float) -> float:
     return float(hits[0]) if hits.size else math.nan
 
 
-def scratch_best_validation_dice(exp: Experiment) -> float:
-    """The best whole-volume validation Dice of the scratch runs, averaged over them (``nan`` without any)."""
+def scratch_best_validation_dice(exp: Experiment, subset: Optional[str] = None) -> float:
+    """The best whole-volume validation Dice of the scratch runs, averaged over them (``nan`` without any).
+
+    ``subset`` chooses the scratch runs of one training subset, as in :func:`dice_table`.
+    """
     curves = loss_curves(exp.folder)
-    best = [float(np.max(curves[r]["val_volume_dice"].value)) for r in _runs_by_model(exp.rows).get(SCRATCH, [])
+    runs = _runs_by_model(_rows_of_subset(exp.rows, subset)).get(SCRATCH, [])
+    best = [float(np.max(curves[r]["val_volume_dice"].value)) for r in runs
             if r in curves and "val_volume_dice" in curves[r]]
     return float(np.mean(best)) if best else math.nan
 
 
 def transfer_methods_table(exp: Experiment, *, cls: Optional[int] = None, fraction: float = 0.9,
-                           title: Optional[str] = None) -> Table:
+                           title: Optional[str] = None, subset: Optional[str] = None) -> Table:
     """The transfer-methods comparison: one row per method, statistics over its runs (seeds).
 
     Columns: test Dice (each run's mean over the test subjects, then mean ± sd
@@ -637,29 +641,46 @@ def transfer_methods_table(exp: Experiment, *, cls: Optional[int] = None, fracti
         cls: the foreground class when the results hold several.
         fraction: of the scratch model's best validation Dice (mean over scratch runs).
         title: the table title.
+        subset: one training subset (``S1`` ...) as in :func:`dice_table`, or
+            ``"all"``: a row per training set and method (smallest set first,
+            the whole training split last), with a ``training subjects`` column;
+            each training set is measured against its own scratch runs.
     """
     rows = _single_class(exp.rows, cls)
-    curves = loss_curves(exp.folder)
-    runs = _runs_by_model(rows)
-    best = scratch_best_validation_dice(exp)
-    threshold = fraction * best
-    lines, never = [], 0
-    for method in _method_order(runs):
-        test = [Summary.of(float(r["dice"]) for r in rows if r["run"] == run and r["split"] == "inference").mean
-                for run in runs[method]]
-        best_iteration = [next(r["best_iteration"] for r in rows if r["run"] == run) for run in runs[method]]
-        reach = [iterations_to_reach(curves[run]["val_volume_dice"], threshold) if run in curves else math.nan
-                 for run in runs[method]]
-        never += sum(math.isnan(v) for v in reach) if math.isfinite(threshold) else 0
-        lines.append([method, Summary.of(test), Summary.of(best_iteration, 0), Summary.of(reach, 0), len(runs[method])])
-    notes = []
-    if math.isfinite(threshold):
-        notes.append(f"threshold: {fraction:.0%} of scratch's best validation Dice ({best:.3f}) = {threshold:.3f}")
-        if never:
-            notes.append(f"{never} run(s) never reached it (left out of that column)")
+    if subset == "all":
+        groups = [(s, [r for r in rows if r["subset"] == s]) for s in exp.subsets]
+        groups += [("", [r for r in rows if not r["subset"]])]
+        groups = [(s, g) for s, g in groups if g]
     else:
-        notes.append("no scratch run: the iterations to 90 % of scratch's best validation Dice are undefined")
+        groups = [(subset, _rows_of_subset(rows, subset))]
+    curves = loss_curves(exp.folder)
+    lines, notes, never_total = [], [], 0
+    for name, group in groups:
+        runs = _runs_by_model(group)
+        best = scratch_best_validation_dice(Experiment(exp.folder, group))
+        threshold = fraction * best
+        for method in _method_order(runs):
+            test = [Summary.of(float(r["dice"]) for r in group if r["run"] == run and r["split"] == "inference").mean
+                    for run in runs[method]]
+            best_iteration = [next(r["best_iteration"] for r in group if r["run"] == run) for run in runs[method]]
+            reach = [iterations_to_reach(curves[run]["val_volume_dice"], threshold) if run in curves else math.nan
+                     for run in runs[method]]
+            never_total += sum(math.isnan(v) for v in reach) if math.isfinite(threshold) else 0
+            line = [method, Summary.of(test), Summary.of(best_iteration, 0), Summary.of(reach, 0), len(runs[method])]
+            if subset == "all":
+                line.insert(1, next(int(r["subset_size"]) for r in group if r["run"] == runs[method][0]))
+            lines.append(line)
+        where = f" ({name or 'whole training split'})" if subset == "all" else ""
+        if math.isfinite(threshold):
+            notes.append(f"threshold{where}: {fraction:.0%} of scratch's best validation Dice ({best:.3f}) = {threshold:.3f}")
+        else:
+            notes.append(f"no scratch run{where}: the iterations to {fraction:.0%} of scratch's best validation Dice "
+                         "are undefined")
+    if never_total:
+        notes.append(f"{never_total} run(s) never reached it (left out of that column)")
     header = ["method", "test Dice", "best iteration", f"iterations to {fraction:.0%} of scratch", "runs"]
+    if subset == "all":
+        header.insert(1, "training subjects")
     return Table(title or "transfer methods: test Dice and convergence (mean ± sd over seeds)", header, lines, notes)
 
 

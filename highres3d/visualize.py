@@ -261,7 +261,9 @@ def dot_plot(values, out_path, title: str = "", overwrite: bool = False, width: 
     from PIL import Image, ImageDraw
 
     names = list(values)
-    left, right, top = 110, 20, 24
+    # Pillow's built-in font is 6 pixels per character: the names decide the left margin.
+    left, right, top = max(110, 12 + 6 * max((len(str(n)) for n in names), default=0)), 20, 24
+    width = max(width, left + right + 200)
     height = top + row_height * len(names) + 30
     picture = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(picture)
@@ -279,7 +281,7 @@ def dot_plot(values, out_path, title: str = "", overwrite: bool = False, width: 
         draw.text((x - 8, axis_y + 6), f"{tick:.1f}", fill=(0, 0, 0))
     for row, name in enumerate(names):
         y = top + row_height * row + row_height // 2
-        draw.text((4, y - 6), str(name)[:16], fill=(0, 0, 0))
+        draw.text((4, y - 6), str(name), fill=(0, 0, 0))
         scores = [float(v) for v in values[name] if not np.isnan(float(v))]
         for v in scores:
             draw.ellipse([x_of(v) - 4, y - 4, x_of(v) + 4, y + 4], outline=(0, 90, 180), width=2)

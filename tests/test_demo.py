@@ -1,53 +1,69 @@
-"""``highres3d demo`` end to end, shrunk to seconds (tiny windows, a narrow net, 2 iterations)."""
+"""``highres3d demo`` end to end, shrunk to seconds with ``--quick`` (16³ windows, 4 iterations, 1 seed)."""
 import csv
+
+import pytest
 
 from highres3d.cli.main import main
 
-QUICK = [
-    "--set", "sampler.window_size=[16,16,16]",
-    "--set", "network.width_multiplier=0.25",
-    "--set", "training.validation_every=2",
-    "--set", "training.checkpoint_every=2",
-    "--set", "inference.window_size=[32,32,32]",
-]
+
+def _rows(out):
+    with open(out / "brats_experiment" / "results.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "-o", str(out), "--iterations", "2", "--train-source", "--ixi-subjects", "4", "--brats-subjects", "6",
-            "--no-progress"] + QUICK
+    args = ["demo", "-o", str(out), "--quick", "--train-source", "--ixi-subjects", "4", "--brats-subjects", "6",
+            "--iterations", "2", "--no-progress", "--set", "network.width_multiplier=0.25"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "scratch" in printed and "freeze2" in printed and "dice per subject" in printed
-    with open(out / "brats_experiment" / "results.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert {r["run"] for r in rows} == {"scratch", "freeze2"}
-    assert {r["split"] for r in rows} == {"training", "validation", "inference"}
+    assert "the iterations each run needed" in printed and "iterations to 90% of scratch" in printed
+    rows = _rows(out)
+    # the grid: the small training subset S1 and the whole training split × scratch, freeze2 (one seed with --quick)
+    assert {r["run"] for r in rows} == {"S1_scratch", "S1_freeze2", "scratch", "freeze2"}
+    sizes = {r["run"]: int(r["subset_size"]) for r in rows}
+    assert sizes["S1_scratch"] == sizes["S1_freeze2"] == 2 < sizes["scratch"] == sizes["freeze2"]
+    assert {r["split"] for r in rows} == {"inference"}  # only the test subjects are segmented and scored
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows if r["dice"] != "nan")
-    test_subjects = {r["subject"] for r in rows if r["split"] == "inference"}
-    for subject in test_subjects:
-        assert (out / "brats_experiment" / "predictions" / "freeze2" / "inference" / f"{subject}_seg.nii.gz").exists()
-        assert (out / "overlays" / f"{subject}.png").exists()  # truth, scratch, freeze2 on the same slices
+    for subject in {r["subject"] for r in rows}:
+        for run in ("S1_scratch", "S1_freeze2", "scratch", "freeze2"):
+            assert (out / "brats_experiment" / "predictions" / run / "inference" / f"{subject}_seg.nii.gz").exists()
+        assert (out / "overlays" / f"{subject}.png").exists()  # truth and the four models on the same slices
     assert (out / "overlays" / "test_dice.png").exists()
-    # the fine-tuned run started from the source model and froze conv_0 + res_1
+    table = (out / "results.md").read_text()
+    assert "| scratch | 2 |" in table and "| freeze2 |" in table
+    # the fine-tuned runs started from the source trained here
     assert (out / "runs" / "ixi_source" / "best.keras").exists()
-    config = (out / "brats_experiment" / "runs" / "freeze2" / "config.yaml").read_text()
+    config = (out / "brats_experiment" / "runs" / "S1_freeze2" / "config.yaml").read_text()
     assert "freeze: 2" in config and "ixi_source" in config
     # a second run reuses everything
     assert main(args) == 0
-    assert "already in the results, skipped" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("already in the results, skipped") == 4
 
 
-def test_demo_fine_tunes_from_the_shipped_preset(tmp_path, capsys):
+def test_demo_fine_tunes_from_the_shipped_preset_with_progress_lines(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HIGHRES3D_PROGRESS_INTERVAL", "0")  # a plain line at every update
     out = tmp_path / "demo"
-    args = ["demo", "-o", str(out), "--iterations", "2", "--brats-subjects", "6", "--no-progress",
-            "--set", "sampler.window_size=[16,16,16]", "--set", "training.validation_every=2",
-            "--set", "training.checkpoint_every=2"]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert "the preset ixi_hippocampus_demo" in printed
+    assert main(["demo", "-o", str(out), "--quick", "--methods", "freeze2", "--iterations", "2",
+                 "--brats-subjects", "6"]) == 0
+    captured = capsys.readouterr()
+    assert "the preset ixi_hippocampus_demo" in captured.out
     # Every weight came from the preset (same width), and no IXI-like data or source run was made.
-    assert "105 of 105 weights copied" in printed
+    assert "105 of 105 weights copied" in captured.out
     assert not (out / "data" / "ixi").exists() and not (out / "runs").exists()
+    assert {r["run"] for r in _rows(out)} == {"S1_freeze2", "freeze2"}
     config = (out / "brats_experiment" / "runs" / "freeze2" / "config.yaml").read_text()
     assert "source: preset:ixi_hippocampus_demo" in config
+    # Captured output is not a terminal: training reports plain progress lines, no bar.
+    assert "train: 2/2 (100%) loss" in captured.err and "\r" not in captured.err
+    assert "[2/2] freeze2: training (" in captured.out and "ETA" in captured.out
+
+
+def test_demo_checks_its_methods_before_it_writes_anything(tmp_path):
+    from highres3d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fine_tune"):
+        from highres3d.demo import run_demo
+
+        run_demo(tmp_path / "demo", methods=["scratch", "fine_tune"], quick=True)
+    assert not (tmp_path / "demo").exists()

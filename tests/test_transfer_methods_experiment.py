@@ -57,3 +57,62 @@ def test_cli_lists_the_grid(capsys):
     assert main(["experiment", "transfer-methods", "--config", "demo/transfer_methods.yaml", "--list",
                  "--methods", "scratch,dual_stage", "--repeats", "2"]) == 0
     assert capsys.readouterr().out.split() == ["scratch_r0", "scratch_r1", "dual_stage_r0", "dual_stage_r1"]
+
+
+def test_grid_over_training_subsets(base):
+    cfg = load_config("demo/brats_fast.yaml")
+    specs = experiments.transfer_methods_grid(cfg, ["scratch", "freeze2"], repeats=2, subsets=(1, None))
+    assert [s.name for s in specs] == ["S1_scratch_r0", "S1_scratch_r1", "S1_freeze2_r0", "S1_freeze2_r1",
+                                       "scratch_r0", "scratch_r1", "freeze2_r0", "freeze2_r1"]
+    assert [s.subset for s in specs] == [1] * 4 + [None] * 4
+    # seeds change the training only; the subset is a property of the run, not of the config
+    assert specs[1].config(cfg).training.seed == cfg.training.seed + 1
+    assert specs[2].config(cfg).transfer.freeze == 2 and specs[0].config(cfg).transfer.source is None
+    with pytest.raises(ConfigError, match="subset S2 is not defined"):
+        experiments.transfer_methods_grid(cfg, ["scratch"], subsets=(2,))
+    with pytest.raises(ConfigError, match="subset S1 is not defined"):
+        experiments.transfer_methods_grid(base, ["scratch"], subsets=(1,))
+
+
+def _fake_run(folder, run, subset, size, method, test_dice, val_curve, best):
+    """One run of a transfer-methods folder: its metrics.csv and its results rows (2 test subjects)."""
+    run_dir = folder / "runs" / run
+    run_dir.mkdir(parents=True)
+    lines = ["iteration,loss,val_volume_dice"] + [f"{10 * (i + 1)},0.5,{v}" for i, v in enumerate(val_curve)]
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return [{"run": run, "freeze": "", "subset": subset, "subset_size": size, "repeat": 0, "seed": 0,
+             "split": "inference", "subject": f"s{i}", "class": 1, "dice": d, "jaccard": "", "hd95_mm": "",
+             "hausdorff_mm": "", "iterations": 10 * len(val_curve), "best_iteration": best, "time_to_best_s": "",
+             "wall_time_s": "", "method": method} for i, d in enumerate(test_dice)]
+
+
+def test_table_per_training_set(tmp_path):
+    """subset='all': a row per training set and method, each measured against its own scratch runs."""
+    import csv
+
+    from highres3d import reporting
+
+    rows = (_fake_run(tmp_path, "S1_scratch_r0", "S1", 3, "scratch", [0.2, 0.4], [0.1, 0.2, 0.4], 30)
+            + _fake_run(tmp_path, "S1_scratch_r1", "S1", 3, "scratch", [0.4, 0.6], [0.2, 0.6, 0.5], 20)
+            + _fake_run(tmp_path, "S1_freeze2_r0", "S1", 3, "freeze2", [0.6, 0.6], [0.3, 0.5, 0.45], 20)
+            + _fake_run(tmp_path, "scratch_r0", "", 14, "scratch", [0.7, 0.7], [0.1, 0.8, 0.9], 30)
+            + _fake_run(tmp_path, "freeze2_r0", "", 14, "freeze2", [0.8, 0.6], [0.85, 0.7, 0.7], 10))
+    with open(tmp_path / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=experiments.RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = reporting.transfer_methods_table(reporting.load_experiment(tmp_path), subset="all")
+    assert [line[:2] for line in table.rows] == [["scratch", 3], ["freeze2", 3], ["scratch", 14], ["freeze2", 14]]
+    assert table.header[1] == "training subjects"
+    test = [line[2] for line in table.rows]
+    assert [round(t.mean, 3) for t in test] == [0.4, 0.6, 0.7, 0.7] and test[0].n == 2
+    # S1: scratch's best validation Dice is mean(0.4, 0.6) = 0.5, threshold 0.45: scratch_r0 never reaches it,
+    # scratch_r1 and freeze2 at 20; whole split: best 0.9, threshold 0.81: scratch at 30, freeze2 at 10.
+    reach = [line[4] for line in table.rows]
+    assert [round(r.mean) for r in reach] == [20, 20, 30, 10] and reach[0].n == 1
+    assert "1 run(s) never reached it (left out of that column)" in table.notes
+    assert any("(S1)" in n and "0.450" in n for n in table.notes)
+    assert any("(whole training split)" in n and "0.810" in n for n in table.notes)
+    # without subset: the rows of the whole training split only, as before
+    assert [line[0] for line in reporting.transfer_methods_table(reporting.load_experiment(tmp_path)).rows] == [
+        "scratch", "freeze2"]

@@ -1,25 +1,38 @@
-"""``highres3d demo``: synthesize data, pretrain, fine-tune vs. scratch, infer, evaluate, compare.
+"""``highres3d demo``: the transfer-learning study in miniature on synthetic data.
 
-Runs the thesis' transfer-learning study in miniature on this machine's CPU
-(about 9–10 minutes on 2 cores); a second run reuses what is already done.
+Synthesizes 20 BraTS-like subjects, fine-tunes the shipped hippocampus preset
+on the tumour core and trains from scratch, on a small training subset and on
+the whole training split, with 3 seeds each; prints mean ± sd test Dice and the
+iterations each run needed, and writes overlays and a dot plot.  About 10
+minutes on a 2-core CPU; a second run reuses what is already done.
 """
 from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="the whole study in miniature on synthetic data (about 9–10 min on a 2-core CPU)",
+    from highres3d.demo import METHODS, SEEDS
+
+    parser = subparsers.add_parser("demo", help="the study in miniature on synthetic data (about 10 min on a 2-core CPU)",
                                    description=__doc__)
     parser.add_argument("-o", "--output", default="demo_output", help="output folder (default: demo_output)")
-    parser.add_argument("--iterations", type=int, help="training iterations per model (default: the demo configs')")
+    parser.add_argument("--methods", type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+                        default=list(METHODS), metavar="M1,M2",
+                        help=f"transfer methods compared (default: {','.join(METHODS)}; "
+                             "see highres3d experiment transfer-methods --help)")
+    parser.add_argument("--seeds", type=int, help=f"training seeds per cell (default {SEEDS}; 1 with --quick)")
+    parser.add_argument("--iterations", type=int, help="training.max_iter of every training (default: the demo configs')")
+    parser.add_argument("--quick", action="store_true",
+                        help="a one-minute smoke run of the whole pipeline (tiny windows, 4 iterations, "
+                             "8 subjects, 1 seed); its figures mean nothing")
     parser.add_argument("--train-source", action="store_true",
                         help="train the source model here instead of using the shipped preset ixi_hippocampus_demo")
     parser.add_argument("--ixi-subjects", type=int, default=8,
                         help="synthetic IXI-like subjects for --train-source (default 8)")
-    parser.add_argument("--brats-subjects", type=int, default=20, help="synthetic BraTS-like subjects (default 20)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--brats-subjects", type=int, help="synthetic BraTS-like subjects (default 20; 8 with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthesis and the first training seed")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a value of both demo configs, e.g. --set sampler.window_size=[16,16,16]")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+                        help="override a value of both demo configs, e.g. --set dataset.split.subset_sizes=[5]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     parser.set_defaults(func=run)
 
 
@@ -27,6 +40,7 @@ def run(args) -> int:
     from highres3d.demo import run_demo
 
     run_demo(args.output, ixi_subjects=args.ixi_subjects, brats_subjects=args.brats_subjects,
-             iterations=args.iterations, seed=args.seed, overrides=args.overrides,
-             show_progress=False if args.no_progress else None, train_source=args.train_source)
+             iterations=args.iterations, seed=args.seed, seeds=args.seeds, methods=args.methods,
+             overrides=args.overrides, show_progress=False if args.no_progress else None,
+             train_source=args.train_source, quick=args.quick)
     return 0
