@@ -143,7 +143,7 @@ class MultiDomainTrainer(Trainer):
     def _datasets(self) -> list[Dataset]:
         from highres3d.data.check import require_valid_data
 
-        datasets = [Dataset.from_config(d) for d in domain_configs(self.cfg)]
+        datasets = [Dataset.from_config(c.dataset) for c in domain_configs(self.cfg)]
         self.cfg = resolve_spacings(self.cfg, datasets)
         if self.check_data:
             datasets = [require_valid_data(c, show_progress=self.show_progress) for c in domain_configs(self.cfg)]
