@@ -108,7 +108,7 @@ class MultiDomainHighResNet3D(keras.Model):
         if dataset not in self.heads:
             raise KeyError(f"no head for dataset {dataset!r}; heads: {', '.join(self.heads)}")
         if dataset not in self._head_models:
-            self._head_models[dataset] = keras.Model(self.inputs, self.get_layer(head_name(dataset)).output,
+            self._head_models[dataset] = keras.Model(self.input, self.get_layer(head_name(dataset)).output,
                                                      name=f"{self.name}_{dataset}")
         return self._head_models[dataset]
 
