@@ -219,3 +219,9 @@ def test_loss_trains_only_its_head_resume_and_transfer(two_domains, tmp_path):
     np.testing.assert_array_equal(weights["conv_2/conv/kernel"].numpy(), fresh)
     assert {p.split("/")[0] for p in report.missing} == {"conv_2"}
     assert {p.split("/")[0] for p in report.unused} == {"conv_2_hippocampus", "conv_2_ventricles_wm"}
+
+    # It is not a segmentation model: infer says what to do with it.
+    from highres3d.inference import load_run
+
+    with pytest.raises(ConfigError, match="multi-domain pretrained trunk"):
+        load_run(run_dir)
