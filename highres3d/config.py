@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -175,6 +176,17 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class DomainConfig(DatasetConfig):
+    """One source dataset of multi-domain pretraining (``datasets:``): a dataset with its own labels and head."""
+
+    num_classes: int = _field(2, "output classes of this dataset's head, background included", _positive)
+    labels: dict[int, int] = _field({}, "label mapping raw value -> class index of this dataset (as preprocessing.labels)")
+    other_labels: Optional[int] = _field(None, "class index for raw values missing from 'labels' (as preprocessing.other_labels)")
+    weight: float = _field(1.0, "sampling weight: the probability of a batch from this dataset is weight / sum of weights", _positive)
+    spacing: Optional[tuple[float, float, float]] = _field(None, "working voxel spacing in mm; null: the median spacing of this dataset's training subjects (Med3D)", _three_positive_numbers)
+
+
+@dataclass(frozen=True)
 class HistogramConfig:
     """Histogram standardisation (Nyúl et al. 2000) as NiftyNet's ``normalisation = True``."""
 
@@ -193,7 +205,8 @@ class PreprocessingConfig:
     image_interpolation: int = _field(3, "spline order when resampling images", _spline_order)
     label_interpolation: int = _field(0, "spline order when resampling labels (0 = nearest)", _spline_order)
     modality_interpolation: dict[str, int] = _field({}, "per-modality spline orders overriding image_interpolation", _spline_orders)
-    normalisation: Literal["zscore", "none"] = _field("zscore", "intensity normalisation per modality")
+    normalisation: Literal["zscore", "percentile_zscore", "none"] = _field("zscore", "intensity normalisation per modality: 'zscore' over the foreground; 'percentile_zscore' clips each modality to its clip_percentiles first (Med3D: 0.5 and 99.5), then z-scores")
+    clip_percentiles: tuple[float, float] = _field((0.5, 99.5), "normalisation 'percentile_zscore': the lowest and highest percentile (0-100) of each modality's foreground kept", lambda v: None if 0 <= v[0] < v[1] <= 100 else "expected two percentiles 0 <= low < high <= 100")
     foreground: Literal["all", "threshold_plus", "otsu", "mask"] = _field("all", "voxels whose mean and std define the z-score ('mask': the subject's 'mask' file from dataset.patterns or csv_files)")
     normalise_foreground_only: bool = _field(False, "set voxels outside the foreground mask to 0 after whitening")
     labels: dict[int, int] = _field({}, "label mapping raw value -> class index, e.g. {17: 1, 53: 1}; empty = labels are already class indices")
@@ -345,6 +358,7 @@ class Config:
     inference: InferenceConfig = _field(InferenceConfig(), "inference")
     transfer: TransferConfig = _field(TransferConfig(), "transfer learning")
     evaluation: EvaluationConfig = _field(EvaluationConfig(), "evaluation")
+    datasets: tuple[DomainConfig, ...] = _field((), "multi-domain pretraining (Chen et al. 2019, Med3D): source datasets sharing one trunk, each with its own head; replaces 'dataset' and network.num_classes")
     source_file: Optional[Path] = field(default=None, compare=False, metadata={"internal": True})
 
     @property
@@ -495,39 +509,28 @@ def _build(cls, raw: Mapping, prefix: str, base_dir: Optional[Path]):
 
 
 def _cross_checks(cfg: Config) -> None:
-    ds = cfg.dataset
-    if ds.layout == "patterns":
-        missing = [m for m in ds.modalities if m not in ds.patterns]
-        if ds.patterns and missing:
-            raise ConfigError(f"dataset.patterns: no pattern for modalit{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)}")
-        bad = [k for k, p in ds.patterns.items() if "{subject}" not in p]
-        if bad:
-            raise ConfigError(f"dataset.patterns.{bad[0]}: the pattern must contain '{{subject}}'")
-        extra = [k for k in ds.patterns if k not in ds.modalities and k not in ("label", "mask")]
-        if extra:
-            raise ConfigError(f"dataset.patterns.{extra[0]}: not a modality ({', '.join(ds.modalities)}), 'label' or 'mask'")
-    if ds.layout == "niftynet_csv":
-        missing = [m for m in ds.modalities if m not in ds.csv_files]
-        if missing:
-            raise ConfigError(f"dataset.csv_files: no CSV file for modality {missing[0]}")
-    if len(set(ds.modalities)) != len(ds.modalities):
-        raise ConfigError(f"dataset.modalities: duplicate names in {list(ds.modalities)}")
-    if not ds.modalities:
-        raise ConfigError("dataset.modalities: expected at least one modality")
+    _check_dataset(cfg.dataset, cfg.preprocessing, "dataset")
+    _check_datasets(cfg)
     pp = cfg.preprocessing
-    unknown = [m for m in pp.modality_interpolation if m not in ds.modalities]
-    if unknown:
-        raise ConfigError(f"preprocessing.modality_interpolation.{unknown[0]}: not one of the modalities {list(ds.modalities)}")
-    if ds.layout == "niftynet_search":
-        _niftynet_search_checks(ds)
-    if pp.foreground == "mask" and ds.layout != "nnunet" and "mask" not in {"patterns": ds.patterns, "niftynet_search": ds.search}.get(ds.layout, ds.csv_files):
-        where = {"patterns": "dataset.patterns", "niftynet_search": "dataset.search"}.get(ds.layout, "dataset.csv_files")
-        raise ConfigError(f"{where}.mask: required when preprocessing.foreground is 'mask'")
     classes = set(pp.labels.values()) | ({pp.other_labels} if pp.other_labels is not None else set())
     if classes and max(classes) >= cfg.network.num_classes:
         raise ConfigError(
             f"preprocessing.labels: maps to class {max(classes)} but network.num_classes is {cfg.network.num_classes}"
         )
+    _check_class_lists(cfg)
+    sizes = cfg.dataset.split.subset_sizes
+    if list(sizes) != sorted(set(sizes)):
+        raise ConfigError(f"dataset.split.subset_sizes: expected strictly increasing sizes, got {list(sizes)}")
+    if cfg.dataset.split.validation_fraction + cfg.dataset.split.inference_fraction >= 1:
+        raise ConfigError("dataset.split: validation_fraction + inference_fraction must be < 1")
+    _check_freeze(cfg.transfer.freeze)
+    _check_learning_rates(cfg.training.lr_multipliers, cfg.training.lr_decay, "training")
+    _check_mean_var(cfg.transfer)
+    _check_stages(cfg)
+
+
+def _check_class_lists(cfg: Config) -> None:
+    """Per-class lists and the pad label against network.num_classes."""
     if cfg.sampler.class_probabilities is not None and len(cfg.sampler.class_probabilities) != cfg.network.num_classes:
         raise ConfigError(
             f"sampler.class_probabilities: expected {cfg.network.num_classes} values (one per class), got {len(cfg.sampler.class_probabilities)}"
@@ -540,15 +543,101 @@ def _cross_checks(cfg: Config) -> None:
         )
     if cfg.training.class_weights is not None and len(cfg.training.class_weights) != cfg.network.num_classes:
         raise ConfigError(f"training.class_weights: expected {cfg.network.num_classes} values (one per class)")
-    sizes = cfg.dataset.split.subset_sizes
-    if list(sizes) != sorted(set(sizes)):
-        raise ConfigError(f"dataset.split.subset_sizes: expected strictly increasing sizes, got {list(sizes)}")
-    if cfg.dataset.split.validation_fraction + cfg.dataset.split.inference_fraction >= 1:
-        raise ConfigError("dataset.split: validation_fraction + inference_fraction must be < 1")
-    _check_freeze(cfg.transfer.freeze)
-    _check_learning_rates(cfg.training.lr_multipliers, cfg.training.lr_decay, "training")
-    _check_mean_var(cfg.transfer)
-    _check_stages(cfg)
+
+
+#: Keys a multi-domain config cannot use, with the reason (each dataset has its own classes; one plain stage).
+_NOT_MULTI_DOMAIN = {
+    "sampler.class_probabilities": ("one value per class, and the datasets' class counts differ; "
+                                    "leave it null (equal probabilities per dataset)"),
+    "training.class_weights": "one value per class, and the datasets' class counts differ",
+    "preprocessing.histogram": "histogram landmarks would have to be learned per dataset; use normalisation 'percentile_zscore'",
+    "training.stages": "multi-domain pretraining runs one stage",
+    "training.lr_multipliers": "the heads are not layer groups of HighResNet3D",
+    "training.lr_decay": "the heads are not layer groups of HighResNet3D",
+    "training.mixed_precision": "not supported by the multi-domain trainer",
+    "transfer.freeze": "every dataset's loss trains the whole trunk",
+    "transfer.mean_var": "initialise the trunk with transfer.source only",
+    "transfer.transfusion": "initialise the trunk with transfer.source only",
+    "transfer.inflate": "initialise the trunk with transfer.source only",
+}
+
+
+def _check_datasets(cfg: Config) -> None:
+    """The ``datasets:`` list of multi-domain pretraining: every problem named by its key."""
+    if not cfg.datasets:
+        return
+    if dataclasses.replace(cfg.dataset, root=None) != DatasetConfig():
+        raise ConfigError("dataset: not used when 'datasets' is given (multi-domain pretraining); "
+                          "move its keys into the entries of 'datasets'")
+    defaults = Config()
+    for key, reason in _NOT_MULTI_DOMAIN.items():
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) != getattr(getattr(defaults, section), name):
+            raise ConfigError(f"{key}: cannot be used with 'datasets' (multi-domain pretraining): {reason}")
+    if cfg.preprocessing.labels or cfg.preprocessing.other_labels is not None:
+        raise ConfigError("preprocessing.labels: with 'datasets' each entry has its own 'labels' and 'other_labels'")
+    if cfg.preprocessing.spacing is not None:
+        raise ConfigError("preprocessing.spacing: with 'datasets' each entry has its own 'spacing' "
+                          "(null: the dataset's median spacing)")
+    problems = []
+    names = [d.name for d in cfg.datasets]
+    channels = len(cfg.datasets[0].modalities)
+    for i, d in enumerate(cfg.datasets):
+        key = f"datasets[{i}]"
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", d.name):
+            problems.append(f"{key}.name: {d.name!r} names a head layer; use letters, digits and '_', "
+                            "starting with a letter")
+        elif names.count(d.name) > 1:
+            problems.append(f"{key}.name: {d.name!r} is used by more than one dataset; names must be unique")
+        if len(d.modalities) != channels:
+            problems.append(f"{key}.modalities: {len(d.modalities)} modalities {list(d.modalities)}, but "
+                            f"datasets[0] has {channels}; the shared trunk has one input layer, so every "
+                            "dataset needs the same number of channels")
+        classes = set(d.labels.values()) | ({d.other_labels} if d.other_labels is not None else set())
+        if classes and max(classes) >= d.num_classes:
+            problems.append(f"{key}.labels: maps to class {max(classes)} but {key}.num_classes is {d.num_classes}")
+        if cfg.sampler.label_pad_value >= d.num_classes:
+            problems.append(f"sampler.label_pad_value: expected a class index below {key}.num_classes={d.num_classes}")
+        if d.split.validation_fraction + d.split.inference_fraction >= 1:
+            problems.append(f"{key}.split: validation_fraction + inference_fraction must be < 1")
+        try:
+            _check_dataset(d, cfg.preprocessing, key)
+        except ConfigError as err:
+            problems.append(str(err))
+    if len(cfg.datasets) < 2:
+        problems.append("datasets: multi-domain pretraining needs at least two datasets (one dataset: use 'dataset')")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _check_dataset(ds: DatasetConfig, pp: PreprocessingConfig, prefix: str) -> None:
+    """The file-layout keys of one dataset (``dataset`` or an entry of ``datasets``)."""
+    if ds.layout == "patterns":
+        missing = [m for m in ds.modalities if m not in ds.patterns]
+        if ds.patterns and missing:
+            raise ConfigError(f"{prefix}.patterns: no pattern for modalit{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)}")
+        bad = [k for k, p in ds.patterns.items() if "{subject}" not in p]
+        if bad:
+            raise ConfigError(f"{prefix}.patterns.{bad[0]}: the pattern must contain '{{subject}}'")
+        extra = [k for k in ds.patterns if k not in ds.modalities and k not in ("label", "mask")]
+        if extra:
+            raise ConfigError(f"{prefix}.patterns.{extra[0]}: not a modality ({', '.join(ds.modalities)}), 'label' or 'mask'")
+    if ds.layout == "niftynet_csv":
+        missing = [m for m in ds.modalities if m not in ds.csv_files]
+        if missing:
+            raise ConfigError(f"{prefix}.csv_files: no CSV file for modality {missing[0]}")
+    if len(set(ds.modalities)) != len(ds.modalities):
+        raise ConfigError(f"{prefix}.modalities: duplicate names in {list(ds.modalities)}")
+    if not ds.modalities:
+        raise ConfigError(f"{prefix}.modalities: expected at least one modality")
+    unknown = [m for m in pp.modality_interpolation if m not in ds.modalities]
+    if unknown:
+        raise ConfigError(f"preprocessing.modality_interpolation.{unknown[0]}: not one of the modalities {list(ds.modalities)}")
+    if ds.layout == "niftynet_search":
+        _niftynet_search_checks(ds, prefix)
+    if pp.foreground == "mask" and ds.layout != "nnunet" and "mask" not in {"patterns": ds.patterns, "niftynet_search": ds.search}.get(ds.layout, ds.csv_files):
+        where = {"patterns": "patterns", "niftynet_search": "search"}.get(ds.layout, "csv_files")
+        raise ConfigError(f"{prefix}.{where}.mask: required when preprocessing.foreground is 'mask'")
 
 
 def _check_freeze(freeze, key: str = "transfer.freeze") -> None:
@@ -642,14 +731,14 @@ def _check_stages(cfg: Config) -> None:
         )
 
 
-def _niftynet_search_checks(ds: DatasetConfig) -> None:
-    problems = [f"dataset.search.{m}: no input section for modality {m} (layout 'niftynet_search')"
+def _niftynet_search_checks(ds: DatasetConfig, prefix: str = "dataset") -> None:
+    problems = [f"{prefix}.search.{m}: no input section for modality {m} (layout 'niftynet_search')"
                 for m in ds.modalities if m not in ds.search]
     for name, section in ds.search.items():
         if name not in ds.modalities and name not in ("label", "mask"):
-            problems.append(f"dataset.search.{name}: not a modality ({', '.join(ds.modalities)}), 'label' or 'mask'")
+            problems.append(f"{prefix}.search.{name}: not a modality ({', '.join(ds.modalities)}), 'label' or 'mask'")
         if not section.path_to_search:
-            problems.append(f"dataset.search.{name}.path_to_search: required (one or more folders)")
+            problems.append(f"{prefix}.search.{name}.path_to_search: required (one or more folders)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -688,11 +777,23 @@ def _absolutise(raw: Any, cls, base_dir: Path) -> Any:
             out[key] = value
         elif dataclasses.is_dataclass(hints[key]):
             out[key] = _absolutise(value, hints[key], base_dir)
+        elif _list_item_type(hints[key]) is not None and isinstance(value, list):
+            # A list of mappings (datasets, training.stages): each entry's paths resolve like a section's.
+            out[key] = [_absolutise(v, _list_item_type(hints[key]), base_dir) for v in value]
         elif f.metadata.get("path"):
             out[key] = _resolve_path_values(value, base_dir)
         else:
             out[key] = value
     return out
+
+
+def _list_item_type(tp) -> Any:
+    """The dataclass of a ``tuple[Dataclass, ...]`` field, else None."""
+    if typing.get_origin(tp) is tuple:
+        item = typing.get_args(tp)[0]
+        if dataclasses.is_dataclass(item):
+            return item
+    return None
 
 
 def _expand(value: str) -> str:
@@ -861,6 +962,11 @@ def describe_schema() -> str:
         if section.metadata.get("internal"):
             continue
         cls = hints[section.name]
+        item = _list_item_type(cls)
+        if item is not None:
+            lines.append(f"{section.name}: []  # {section.metadata['doc']}; each entry:")
+            lines.extend(f"#   {line}" for line in _describe_fields(item, ""))
+            continue
         lines.append(f"{section.name}:  # {cls.__doc__.strip().splitlines()[0]}")
         lines.extend(_describe_fields(cls, "  "))
     return "\n".join(lines)

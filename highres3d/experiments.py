@@ -48,10 +48,12 @@ DATASET_SIZE_LEVELS = (SCRATCH, 1, 2, 3)
 TRANSFER_METHODS: tuple[str, ...] = (
     SCRATCH, "finetune", "freeze1", "freeze2", "freeze3", "freeze4", "freeze5", "discriminative",
     "gradual_unfreezing", "mean_var", "transfusion", "inflated_center", "inflated_average", "inflated_scaled",
-    "dual_stage",
+    "multi_domain", "dual_stage",
 )
 #: Methods that need a 2D source model (``--source-2d``).
 INFLATED_METHODS: tuple[str, ...] = ("inflated_center", "inflated_average", "inflated_scaled")
+#: The method that fine-tunes a multi-domain pretrained trunk (``--source-multi-domain``; Chen et al. 2019, Med3D).
+MULTI_DOMAIN = "multi_domain"
 #: ULMFiT's discriminative decay factor, used by ``discriminative`` and ``gradual_unfreezing``.
 ULMFIT_DECAY = 2.6
 #: Transfusion's copied groups in the grid: conv_0, res_1, res_2 (Mean-Var for res_3, conv_1, conv_2).
@@ -69,10 +71,12 @@ class RunSpec:
     seed: int
     method: Optional[str] = None  # a TRANSFER_METHODS name; then ``freeze`` is only informative
     source_2d: Optional[Path] = None  # the 2D source of the inflated methods
+    source_multi_domain: Optional[Path] = None  # the multi-domain trunk of the multi_domain method
 
     def config(self, base: Config) -> Config:
         if self.method is not None:
-            cfg = method_config(base, self.method, source_2d=self.source_2d)
+            cfg = method_config(base, self.method, source_2d=self.source_2d,
+                                source_multi_domain=self.source_multi_domain)
             return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, seed=self.seed))
         transfer = base.transfer
         if self.freeze is None:
@@ -128,7 +132,8 @@ def dataset_size_grid(
     ]
 
 
-def method_config(cfg: Config, method: str, *, source_2d: Optional[str | Path] = None) -> Config:
+def method_config(cfg: Config, method: str, *, source_2d: Optional[str | Path] = None,
+                  source_multi_domain: Optional[str | Path] = None) -> Config:
     """The config of one transfer method, derived from a base config with a (3D) ``transfer.source``.
 
     Every method starts from the base with all transfer-method keys reset
@@ -140,6 +145,8 @@ def method_config(cfg: Config, method: str, *, source_2d: Optional[str | Path] =
     ``max_iter`` each with 5, 4, ... 1 groups frozen, then everything) with
     ``lr_decay`` 2.6; ``mean_var``: ``transfusion: 0``; ``transfusion``:
     ``transfusion: 3``; ``inflated_<mode>``: the 2D source, ``inflate: <mode>``;
+    ``multi_domain``: the multi-domain pretrained trunk as the source (its
+    ``conv_2`` fresh), nothing frozen, as ``finetune``;
     ``dual_stage``: three quarters of ``max_iter`` on class-balanced windows,
     then a quarter on uniform windows with all but ``conv_2`` frozen at a
     tenth of the rate.
@@ -148,6 +155,8 @@ def method_config(cfg: Config, method: str, *, source_2d: Optional[str | Path] =
         cfg: the base config (its ``transfer.source`` is the 3D source).
         method: one of :data:`TRANSFER_METHODS`.
         source_2d: the 2D source model (run folder or ``.keras``) of the inflated methods.
+        source_multi_domain: the multi-domain pretrained model (run folder of a
+            ``datasets:`` config, its ``.keras`` or ``preset:NAME``) of ``multi_domain``.
 
     Raises:
         ConfigError: for an unknown method, a missing source, or a ``max_iter``
@@ -169,6 +178,11 @@ def method_config(cfg: Config, method: str, *, source_2d: Optional[str | Path] =
         if source_2d is None:
             raise ConfigError(f"{method}: needs a 2D source model (--source-2d, e.g. a run of ixi_hippocampus_2d.yaml)")
         tr.update(source=str(source_2d), inflate=method.split("_", 1)[1])
+    elif method == MULTI_DOMAIN:
+        if source_multi_domain is None:
+            raise ConfigError(f"{method}: needs a multi-domain pretrained trunk (--source-multi-domain, e.g. a run "
+                              "of demo/multi_domain.yaml)")
+        tr["source"] = str(source_multi_domain)
     elif method.startswith("freeze"):
         tr["freeze"] = int(method[len("freeze"):])
     elif method == "discriminative":
@@ -197,6 +211,7 @@ def method_config(cfg: Config, method: str, *, source_2d: Optional[str | Path] =
 
 def transfer_methods_grid(cfg: Config, methods: Sequence[str] = TRANSFER_METHODS, repeats: int = 1,
                           source_2d: Optional[str | Path] = None,
+                          source_multi_domain: Optional[str | Path] = None,
                           subsets: Sequence[Optional[int]] = (None,)) -> list[RunSpec]:
     """The transfer-methods comparison: every training subset × method × ``repeats`` seeds on the same split.
 
@@ -206,24 +221,30 @@ def transfer_methods_grid(cfg: Config, methods: Sequence[str] = TRANSFER_METHODS
             the inflated ones only when ``source_2d`` is given).
         repeats: seeds per method (``training.seed + r``).
         source_2d: the 2D source model of the inflated methods.
+        source_multi_domain: the multi-domain trunk of ``multi_domain`` (the
+            default grid leaves the cell out without it).
         subsets: the training sets: ``None`` for the whole training split, ``k``
             for the nested subset S_k of ``dataset.split.subset_sizes``; runs of
             a subset are named ``S<k>_<method>``.
 
     Raises:
         ConfigError: for an unknown method, an inflated method asked for without
-            ``source_2d``, or a subset the config does not define.
+            ``source_2d`` (``multi_domain`` without ``source_multi_domain``), or a
+            subset the config does not define.
     """
     chosen = list(methods)
     if methods is TRANSFER_METHODS and source_2d is None:
         chosen = [m for m in chosen if m not in INFLATED_METHODS]
+    if methods is TRANSFER_METHODS and source_multi_domain is None:
+        chosen = [m for m in chosen if m != MULTI_DOMAIN]
     n_subsets = len(cfg.dataset.split.subset_sizes) or len(cfg.dataset.split.subset_files)
     for k in subsets:
         if k is not None and not 1 <= k <= n_subsets:
             raise ConfigError(f"dataset.split.subset_sizes: training subset S{k} is not defined "
                               f"(the config defines {n_subsets}); add its size, e.g. subset_sizes: [3]")
     for method in chosen:
-        method_config(cfg, method, source_2d=source_2d)  # every method is checked before anything runs
+        # every method is checked before anything runs
+        method_config(cfg, method, source_2d=source_2d, source_multi_domain=source_multi_domain)
     specs = []
     for k in subsets:
         for method in chosen:
@@ -231,7 +252,8 @@ def transfer_methods_grid(cfg: Config, methods: Sequence[str] = TRANSFER_METHODS
             for r in range(repeats):
                 name = (f"S{k}_" if k is not None else "") + (f"{method}_r{r}" if repeats > 1 else method)
                 specs.append(RunSpec(name, freeze, k, r, cfg.training.seed + r, method,
-                                     Path(source_2d) if source_2d is not None else None))
+                                     Path(source_2d) if source_2d is not None else None,
+                                     Path(source_multi_domain) if source_multi_domain is not None else None))
     return specs
 
 

@@ -400,6 +400,11 @@ def load_run(model_path: str | Path, config_path: Optional[str | Path] = None):
                 "config the model was trained with"
             )
     config = load_config(config_path)
+    if config.datasets:
+        raise ConfigError(
+            f"{model_file}: a multi-domain pretrained trunk (one head per source dataset), not a segmentation model; "
+            "use it as transfer.source of a target config (or --source-multi-domain) and segment with that run"
+        )
     model = load_model(model_file)
     try:
         in_channels = model.inputs[0].shape[-1]

@@ -13,7 +13,8 @@ def base():
 
 
 def test_each_method_sets_only_its_own_keys(base):
-    configs = {m: experiments.method_config(base, m, source_2d="source2d.keras") for m in experiments.TRANSFER_METHODS}
+    configs = {m: experiments.method_config(base, m, source_2d="source2d.keras", source_multi_domain="md.keras")
+               for m in experiments.TRANSFER_METHODS}
     assert configs["scratch"].transfer.source is None
     assert configs["finetune"].transfer.source == base.transfer.source
     # the base's transfer-method keys are reset for every method
@@ -27,6 +28,8 @@ def test_each_method_sets_only_its_own_keys(base):
     for mode in ("center", "average", "scaled"):
         cfg = configs[f"inflated_{mode}"]
         assert cfg.transfer.inflate == mode and cfg.transfer.source.name == "source2d.keras"
+    multi = configs["multi_domain"]
+    assert multi.transfer.source.name == "md.keras" and multi.transfer.freeze == 0 and not multi.training.stages
     dual = resolve_stages(configs["dual_stage"])
     assert [(s.sampler.type, s.freeze, s.iterations) for s in dual] == [
         ("class_weighted", 0, 150), ("uniform", "all_but_last", 50)]
@@ -38,12 +41,18 @@ def test_grid_names_seeds_and_checks(base):
     names = [s.name for s in specs]
     assert names[:2] == ["scratch_r0", "scratch_r1"] and "dual_stage_r1" in names
     assert not any(n.startswith("inflated") for n in names)  # no 2D source given
-    assert len(specs) == 2 * (len(experiments.TRANSFER_METHODS) - 3)
+    assert not any(n.startswith("multi_domain") for n in names)  # no multi-domain trunk given
+    assert len(specs) == 2 * (len(experiments.TRANSFER_METHODS) - 4)
     assert {s.seed for s in specs if s.method == "discriminative"} == {base.training.seed, base.training.seed + 1}
     assert specs[3].config(base).training.seed == base.training.seed + 1
     assert [s.name for s in experiments.select_runs(specs, shard="0/13")] == ["scratch_r0", "freeze5_r1"]
     with pytest.raises(ConfigError, match="--source-2d"):
         experiments.transfer_methods_grid(base, ["inflated_center"])
+    with pytest.raises(ConfigError, match="--source-multi-domain"):
+        experiments.transfer_methods_grid(base, ["multi_domain"])
+    with_trunk = experiments.transfer_methods_grid(base, source_multi_domain="preset:some_trunk")
+    cell = [s for s in with_trunk if s.method == "multi_domain"]
+    assert len(cell) == 1 and str(cell[0].config(base).transfer.source) == "preset:some_trunk"
     with pytest.raises(ConfigError, match="expected one of"):
         experiments.transfer_methods_grid(base, ["fine_tune"])
     with pytest.raises(ConfigError, match="too small for six stages"):

@@ -22,8 +22,14 @@ def register(subparsers) -> None:
 
 def run_check(args) -> int:
     cfg = load_config_from_args(args)
+    window = "x".join(map(str, cfg.sampler.window_size))
+    if cfg.datasets:
+        heads = ", ".join(f"{d.name} ({d.num_classes} classes)" for d in cfg.datasets)
+        print(f"{cfg.source_file}: OK (multi-domain, {len(cfg.datasets[0].modalities)} modalities, heads {heads}, "
+              f"window {window})")
+        return 0
     print(f"{cfg.source_file}: OK ({len(cfg.dataset.modalities)} modalities, {cfg.network.num_classes} classes, "
-          f"window {'x'.join(map(str, cfg.sampler.window_size))})")
+          f"window {window})")
     return 0
 
 

@@ -29,6 +29,18 @@ def run_check(args) -> int:
     from highres3d.data.check import check_dataset
 
     cfg = load_config_from_args(args)
+    if cfg.datasets:
+        from highres3d.data.dataset import Dataset
+        from highres3d.training.multidomain import domain_configs, resolve_spacings
+
+        # Each dataset at the working spacing training will use (its median spacing unless given).
+        resolved = resolve_spacings(cfg, [Dataset.from_config(c.dataset) for c in domain_configs(cfg)])
+        ok = True
+        for domain in domain_configs(resolved):
+            report = check_dataset(domain, require_labels=not args.no_labels)
+            print(f"== {domain.dataset.name} (spacing {list(domain.preprocessing.spacing)} mm)\n{report.summary()}")
+            ok = ok and report.ok
+        return 0 if ok else 1
     report = check_dataset(cfg, require_labels=not args.no_labels)
     print(report.summary())
     return 0 if report.ok else 1

@@ -12,7 +12,7 @@ def register(subparsers) -> None:
         ("freeze-levels", "scratch + freeze 1..5 on the whole training split (Table 6.2)"),
         ("dataset-size", "nested subsets S1..Sn x scratch and freeze 1, 2, 3 (Tables 6.3-6.6)"),
         ("transfer-methods", "scratch, fine-tuning, freeze 1..5, discriminative rates, gradual unfreezing, Mean-Var, "
-                             "Transfusion, 2D-inflated, dual-stage (docs/transfer.md)"),
+                             "Transfusion, 2D-inflated, multi-domain, dual-stage (docs/transfer.md)"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         add_config_arguments(p)
@@ -20,6 +20,9 @@ def register(subparsers) -> None:
         if name == "transfer-methods":
             p.add_argument("--methods", help="comma-separated methods, e.g. scratch,finetune,discriminative (default: all)")
             p.add_argument("--source-2d", help="2D source model (run folder or .keras) of the inflated_* methods")
+            p.add_argument("--source-multi-domain", metavar="PATH",
+                           help="multi-domain pretrained model (run folder of a datasets: config, .keras or "
+                                "preset:NAME) of the multi_domain method")
         else:
             p.add_argument("--levels", help="comma-separated levels, e.g. scratch,1,2 (default: the thesis' levels)")
         p.add_argument("--repeats", type=int, default=1, help="seeds per cell; tables report mean ± sd")
@@ -42,7 +45,8 @@ def run(args) -> int:
     levels = args.levels.split(",") if getattr(args, "levels", None) else None
     if args.grid == "transfer-methods":
         methods = args.methods.split(",") if args.methods else experiments.TRANSFER_METHODS
-        specs = experiments.transfer_methods_grid(cfg, methods, args.repeats, source_2d=args.source_2d)
+        specs = experiments.transfer_methods_grid(cfg, methods, args.repeats, source_2d=args.source_2d,
+                                                  source_multi_domain=args.source_multi_domain)
     elif args.grid == "freeze-levels":
         specs = experiments.freeze_level_grid(cfg, levels or experiments.FREEZE_LEVELS, args.repeats)
     else:

@@ -175,6 +175,38 @@ def orientation_transform(affine: np.ndarray, orientation: str) -> np.ndarray:
     return ornt_transform(io_orientation(affine), axcodes2ornt(tuple(orientation.upper())))
 
 
+def working_spacing(affine: np.ndarray, orientation: str = "RAS") -> tuple[float, float, float]:
+    """The voxel spacing (mm) of a file of ``affine`` along the working-space axes of ``orientation``."""
+    spacing = [0.0, 0.0, 0.0]
+    for axis, (target, _flip) in enumerate(orientation_transform(affine, orientation)):
+        spacing[int(target)] = spacing_of(affine)[axis]
+    return tuple(spacing)
+
+
+def median_spacing(paths: Sequence[str | Path], orientation: str = "RAS") -> tuple[float, float, float]:
+    """The per-axis median working-space spacing of files, read from their headers only.
+
+    Med3D resamples every dataset to its own median spacing; this is that spacing.
+
+    Args:
+        paths: NIfTI files (one per subject).
+        orientation: the working-space axis codes.
+
+    Raises:
+        DataError: when ``paths`` is empty or a header cannot be read.
+    """
+    if not paths:
+        raise DataError("median spacing: no files to read the spacing from")
+    spacings = []
+    for path in paths:
+        try:
+            affine = nib.load(str(path)).affine
+        except Exception as err:  # nibabel raises many types for a foreign or corrupt file
+            raise DataError(f"{path}: cannot read the NIfTI header ({err})") from None
+        spacings.append(working_spacing(affine, orientation))
+    return tuple(float(v) for v in np.median(np.asarray(spacings), axis=0))
+
+
 def working_shape(
     shape: Sequence[int], affine: np.ndarray, orientation: str = "RAS", spacing: Optional[Sequence[float]] = None
 ) -> tuple[int, int, int]:
@@ -187,10 +219,9 @@ def working_shape(
     """
     transform = orientation_transform(affine, orientation)
     reoriented = [0, 0, 0]
-    reoriented_spacing = [0.0, 0.0, 0.0]
     for axis, (target, _flip) in enumerate(transform):
         reoriented[int(target)] = int(shape[axis])
-        reoriented_spacing[int(target)] = spacing_of(affine)[axis]
+    reoriented_spacing = working_spacing(affine, orientation)
     if spacing is None:
         return tuple(reoriented)
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(reoriented, reoriented_spacing, spacing))

@@ -20,9 +20,13 @@ from highres3d.models.highresnet import (
     niftynet_variable_name,
     parameter_table,
 )
+from highres3d.models.multidomain import MultiDomainHighResNet3D, head_name
 
 __all__ = [
     "build_model",
+    "build_multi_domain_model",
+    "MultiDomainHighResNet3D",
+    "head_name",
     "BASE_FILTERS",
     "GROUPS",
     "ConvBNActivation",
@@ -60,4 +64,22 @@ def build_model(config: Config) -> HighResNet3D:
         l2_decay=net.l2_decay,
         dims=net.dims,
         slice_axis=net.slice_axis,
+    )
+
+
+def build_multi_domain_model(config: Config) -> MultiDomainHighResNet3D:
+    """The multi-domain network of a config with ``datasets``: one trunk, one head per dataset (logits).
+
+    Args:
+        config: a :class:`highres3d.config.Config` with ``datasets``; its
+            ``network`` section (but ``num_classes``) and each dataset's
+            ``num_classes`` and modalities are used.
+    """
+    net = config.network
+    return MultiDomainHighResNet3D(
+        in_channels=len(config.datasets[0].modalities),
+        heads={d.name: d.num_classes for d in config.datasets},
+        activation=net.activation,
+        width_multiplier=net.width_multiplier,
+        l2_decay=net.l2_decay,
     )

@@ -373,6 +373,26 @@ def scaled_filters(width_multiplier: float) -> tuple[int, int, int, int]:
     return tuple(max(1, int(round(f * width_multiplier))) for f in BASE_FILTERS)  # type: ignore[return-value]
 
 
+def trunk(x: Any, widths: Sequence[int], activation: str, **common: Any) -> Any:
+    """HighRes3DNet's layers ``conv_0`` ... ``conv_1`` applied to the tensor ``x``: everything but the classifier.
+
+    The one definition of the trunk, so that :class:`HighResNet3D` and the
+    multi-domain model (:mod:`highres3d.models.multidomain`) have the same
+    layer names and weight paths.
+
+    Args:
+        x: the input tensor (symbolic, in a functional model).
+        widths: channel widths (conv_0/res_1, res_2, res_3, conv_1).
+        activation: canonical activation name.
+        **common: ``l2_decay``, ``kernel_initializer`` and ``dims`` of every layer.
+    """
+    x = ConvBNActivation(widths[0], 3, activation, name="conv_0", **common)(x)
+    for group, width_index, dilation in _RES_STAGES:
+        for j in range(_BLOCKS_PER_STAGE):
+            x = HighResBlock(widths[width_index], dilation, activation, name=f"{group}_{j}", **common)(x)
+    return ConvBNActivation(widths[3], 1, activation, name="conv_1", **common)(x)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class HighResNet3D(keras.Model):
     """HighRes3DNet for 3D segmentation, channels-last ``(B, X, Y, Z, C)``.
@@ -450,13 +470,7 @@ class HighResNet3D(keras.Model):
 
         inputs = keras.Input(shape=(None, None, None, in_channels), name="images")
         x = inputs if dims == 3 else ToSlices(int(slice_axis), name="to_slices")(inputs)
-        x = ConvBNActivation(widths[0], 3, activation, name="conv_0", **common)(x)
-        for group, width_index, dilation in _RES_STAGES:
-            for j in range(_BLOCKS_PER_STAGE):
-                x = HighResBlock(
-                    widths[width_index], dilation, activation, name=f"{group}_{j}", **common
-                )(x)
-        x = ConvBNActivation(widths[3], 1, activation, name="conv_1", **common)(x)
+        x = trunk(x, widths, activation, **common)
         outputs = ConvBNActivation(num_classes, 1, None, name="conv_2", **common)(x)
         if dims == 2:
             outputs = FromSlices(int(slice_axis), name="from_slices")([outputs, inputs])

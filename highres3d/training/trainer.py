@@ -462,16 +462,20 @@ class Trainer:
         )
         return None if augmentation.is_identity else augmentation
 
-    def _training_batches(self, strategy, sampler, start_batch: int, seed: int):
-        """The window stream of ``seed``, positioned at batch ``start_batch`` (a resumed run continues it)."""
+    def _training_batches(self, strategy, sampler, start_batch: int, seed: int, volumes=None):
+        """The window stream of ``seed``, positioned at batch ``start_batch`` (a resumed run continues it).
+
+        ``volumes`` (default: the training volumes) lets the multi-domain trainer draw one stream per dataset.
+        """
         from highres3d.data.pipeline import make_training_dataset
 
         cfg = self.cfg
         augmentation = self._augmentation()
+        volumes = self.train_volumes if volumes is None else volumes
 
         def dataset_fn(input_context):
             dataset = make_training_dataset(
-                self.train_volumes,
+                volumes,
                 sampler,
                 batch_size=cfg.training.batch_size,
                 windows_per_volume=cfg.sampler.windows_per_volume,
@@ -581,6 +585,11 @@ def train(cfg: Config, run_dir: Optional[str | os.PathLike] = None, **options: A
             that checked already), every subject of the training and validation
             splits is checked first (:func:`highres3d.data.check.require_valid_data`):
             a problem stops training with the full list before the run folder
-            is created.
+            is created.  A config with ``datasets`` trains a multi-domain
+            trunk (:class:`~highres3d.training.multidomain.MultiDomainTrainer`).
     """
+    if cfg.datasets:
+        from highres3d.training.multidomain import MultiDomainTrainer
+
+        return MultiDomainTrainer(cfg, run_dir, **options).fit()
     return Trainer(cfg, run_dir, **options).fit()
