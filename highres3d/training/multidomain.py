@@ -295,23 +295,11 @@ class MultiDomainTrainer(Trainer):
                 if scheduled and validating:
                     row.update(self._validate_domain_volumes(domains))
                     self._update_best(model, state, row["val_volume_dice"])
-                log.log(state.iteration, row)
-                with writer.as_default(step=state.iteration):
-                    for key, value in row.items():
-                        tf.summary.scalar(key, value)
-                if scheduled or state.iteration == stop:
-                    checkpoint()
-                if t.patience and state.validations_since_best >= t.patience:
-                    state.stopped_early = True
-                    self.echo(f"early stop at iteration {state.iteration}: no better mean validation Dice "
-                              f"in {t.patience} whole-volume validations (best {state.best_score:.4f} "
-                              f"at {state.best_iteration})")
+                if self._record(state, row, log, writer, checkpoint, scheduled or state.iteration == stop,
+                                what="mean validation Dice"):
                     break
         except KeyboardInterrupt:
-            bar.close()
-            if state.iteration > start_iter and state.iteration not in self.run.checkpoint_iterations(state):
-                checkpoint()
-            self.echo(f"interrupted at iteration {state.iteration}; checkpoint saved, continue with --resume")
+            self._interrupted(state, bar, start_iter, checkpoint)
             raise
         finally:
             writer.flush()
@@ -319,13 +307,7 @@ class MultiDomainTrainer(Trainer):
             for domain in domains:
                 domain.iterator = None
         bar.close()
-        if state.iteration >= t.max_iter or state.stopped_early:
-            state.finished = True
-            self.run.save_model(model, self.run.final_model_path)
-            if not validating:
-                self.run.save_model(model, self.run.best_model_path)
-            self.run.save_state(state)
-        return self._result(state)
+        return self._finish(model, state, best_saved=validating)
 
     def _validate_windows(self, domains: Sequence[_Domain]) -> dict[str, float]:
         """Loss and window Dice of each dataset's fixed validation windows, through its own head."""

@@ -414,35 +414,53 @@ class Trainer:
                 if scheduled and self.val_volumes:
                     row["val_volume_dice"] = self._validate_volumes(model)
                     self._update_best(model, state, row["val_volume_dice"])
-                log.log(state.iteration, row)
-                with writer.as_default(step=state.iteration):
-                    for key, value in row.items():
-                        tf.summary.scalar(key, value)
-                # The run state never runs ahead of a checkpoint, so a resumed run
-                # continues exactly from what is on disk.
-                if scheduled or state.iteration == stop:
-                    checkpoint()
-                if t.patience and state.validations_since_best >= t.patience:
-                    state.stopped_early = True
-                    self.echo(f"early stop at iteration {state.iteration}: no better validation Dice "
-                              f"in {t.patience} whole-volume validations (best {state.best_score:.4f} "
-                              f"at {state.best_iteration})")
+                if self._record(state, row, log, writer, checkpoint, scheduled or state.iteration == stop):
                     break
         except KeyboardInterrupt:
-            bar.close()
-            if state.iteration > start_iter and state.iteration not in self.run.checkpoint_iterations(state):
-                checkpoint()
-            self.echo(f"interrupted at iteration {state.iteration}; checkpoint saved, continue with --resume")
+            self._interrupted(state, bar, start_iter, checkpoint)
             raise
         finally:
             writer.flush()
             # A live iterator over numpy_function stages can hang the interpreter at exit.
             del iterator, batches
         bar.close()
-        if state.iteration >= t.max_iter or state.stopped_early:
+        return self._finish(model, state, best_saved=bool(self.val_volumes))
+
+    def _record(self, state: RunState, row: dict, log, writer, checkpoint: Callable[[], None],
+                save: bool, what: str = "validation Dice") -> bool:
+        """Log one iteration's row, checkpoint when ``save``; True when ``patience`` says stop."""
+        import tensorflow as tf
+
+        log.log(state.iteration, row)
+        with writer.as_default(step=state.iteration):
+            for key, value in row.items():
+                tf.summary.scalar(key, value)
+        # The run state never runs ahead of a checkpoint, so a resumed run
+        # continues exactly from what is on disk.
+        if save:
+            checkpoint()
+        patience = self.cfg.training.patience
+        if patience and state.validations_since_best >= patience:
+            state.stopped_early = True
+            self.echo(f"early stop at iteration {state.iteration}: no better {what} "
+                      f"in {patience} whole-volume validations (best {state.best_score:.4f} "
+                      f"at {state.best_iteration})")
+            return True
+        return False
+
+    def _interrupted(self, state: RunState, bar, start_iter: int, checkpoint: Callable[[], None]) -> None:
+        """Ctrl-C: checkpoint what is not on disk yet, say how to continue (the caller re-raises)."""
+        bar.close()
+        if state.iteration > start_iter and state.iteration not in self.run.checkpoint_iterations(state):
+            checkpoint()
+        self.echo(f"interrupted at iteration {state.iteration}; checkpoint saved, continue with --resume")
+
+    def _finish(self, model, state: RunState, best_saved: bool) -> TrainResult:
+        """At the end of the run: the final model (and the best one, when no validation chose it)."""
+        if state.iteration >= self.cfg.training.max_iter or state.stopped_early:
             state.finished = True
             self.run.save_model(model, self.run.final_model_path)
-            if not self.val_volumes:
+            if not best_saved:
                 self.run.save_model(model, self.run.best_model_path)
             self.run.save_state(state)
         return self._result(state)
