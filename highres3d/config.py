@@ -894,6 +894,8 @@ def load_config(
     ``overrides`` are ``section.key=value`` strings applied last (YAML values).
     ``data_root`` replaces ``dataset.root`` (relative to the current folder);
     when it is not given, the environment variable ``HIGHRES3D_DATA_ROOT`` does.
+    With ``datasets:`` (multi-domain pretraining) it is a folder of datasets:
+    each entry's root becomes ``data_root/<its name>``.
     """
     file = find_config(path)
     raw = _load_raw(file, ())
@@ -906,7 +908,13 @@ def load_config(
         raw = _deep_merge(raw, _absolutise(nested, Config, Path.cwd()))
     root = data_root if data_root is not None else os.environ.get("HIGHRES3D_DATA_ROOT")
     if root:
-        raw.setdefault("dataset", {})["root"] = str(Path(root).expanduser().resolve())
+        root = Path(root).expanduser().resolve()
+        entries = raw.get("datasets")
+        if isinstance(entries, list) and entries:
+            raw["datasets"] = [{**e, "root": str(root / str(e.get("name", "")))} if isinstance(e, dict) else e
+                               for e in entries]
+        else:
+            raw.setdefault("dataset", {})["root"] = str(root)
     return config_from_dict(raw, base_dir=file.parent, source=file)
 
 

@@ -35,9 +35,10 @@ def test_every_shipped_preset_matches_its_hash_and_its_recorded_score(tmp_path):
         assert (preset.folder / "metrics.csv").is_file()
         assert "/" not in (preset.config_path.read_text().split("root:")[1].splitlines()[0])  # no machine paths
         # Re-scored on its check subject, synthesised afresh: same Dice within the stated tolerance.
-        check = info["scores"]["check"]
-        score = presets.check_subject_score(preset, tmp_path / preset.name)
-        assert abs(score - check["dice"]) <= check["tolerance"], (preset.name, score, check["dice"])
+        # A multi-domain trunk records one check per head.
+        for key, check in info["scores"].get("checks", {"check": info["scores"]["check"]}).items():
+            score = presets.check_subject_score(preset, tmp_path / preset.name / key, check)
+            assert abs(score - check["dice"]) <= check["tolerance"], (preset.name, key, score, check["dice"])
 
 
 def test_registered_preset_is_usable_everywhere(lab_presets, tmp_path, capsys):
@@ -77,3 +78,39 @@ def test_corrupt_or_unknown_presets_say_so(lab_presets):
     with pytest.raises(DataError, match="already exists"):
         presets.write_preset(folder.parent, "lab_tiny", folder / "model.keras", load_config("demo/ixi.yaml"), {})
     assert json.loads((folder / "preset.json").read_text())["name"] == "lab_tiny"
+
+
+def test_a_multi_domain_trunk_preset_is_made_scored_per_head_and_transfers(tmp_path):
+    """make_preset on a datasets: config: a dataset per entry, every head scored and checked, the trunk a source."""
+    tiny = ["sampler.window_size=[16,16,16]", "network.width_multiplier=0.125", "training.max_iter=4",
+            "training.validation_every=2", "training.checkpoint_every=2", "training.validation_windows=2",
+            "training.patience=0", "augmentation.device=cpu"]
+    made = presets.make_preset("md_tiny", "presets/multi_domain_demo.yaml", tmp_path / "out", task="test trunk",
+                               subjects=5, seed=3, overrides=tiny, workdir=tmp_path / "work", echo=lambda _: None,
+                               show_progress=False)
+    info = made.info
+    assert info["heads"] == ["hippocampus", "ventricles_wm"]
+    assert info["num_classes"] == {"hippocampus": 2, "ventricles_wm": 3}
+    # One synthetic set per dataset, seeds seed + i, found through data_root/<name>.
+    for i, head in enumerate(info["heads"]):
+        manifest = json.loads((tmp_path / "work" / "data" / head / "synth_manifest.json").read_text())
+        assert manifest["seed"] == 3 + i
+        assert info["scores"]["datasets"][head]["n"] == 1
+        assert 0.0 <= info["scores"]["checks"][head]["dice"] <= 1.0
+    assert info["scores"]["test"]["dataset"] == "hippocampus"
+    assert info["made"]["iterations"] == 4 and "--set training.max_iter=4" in info["made"]["command"]
+    assert "/" not in "".join(line for line in made.config_path.read_text().splitlines() if "root:" in line)
+    # Each head's check subject re-scores to its recorded Dice (same machine: exactly, up to round-off).
+    for head, check in info["scores"]["checks"].items():
+        score = presets.check_subject_score(made, tmp_path / "rescore" / head, check)
+        assert abs(score - check["dice"]) <= 1e-6
+    # Listed with both heads; usable as a transfer source: the trunk is copied, conv_2 stays fresh.
+    row = made.summary_row()
+    assert "hippocampus 2 / ventricles_wm 3" in row and "ventricles_wm" in row[5]
+    from highres3d.transfer import load_weights
+
+    target = HighResNet3D(2, 2, width_multiplier=0.125)
+    report = load_weights(target, made.model_path, echo=None)
+    from highres3d.models import named_weights
+
+    assert set(report.copied) == {n for n in named_weights(target) if not n.startswith("conv_2/")}

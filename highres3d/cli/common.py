@@ -14,7 +14,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, positional: bool = Fal
         parser.add_argument("-c", "--config", required=True, help=help_text)
     parser.add_argument(
         "--data-root",
-        help="dataset folder, replacing dataset.root (default: $HIGHRES3D_DATA_ROOT, else the config's)",
+        help="dataset folder, replacing dataset.root; with datasets: a folder holding one folder per dataset name "
+             "(default: $HIGHRES3D_DATA_ROOT, else the config's)",
     )
     parser.add_argument(
         "--set",

@@ -95,16 +95,28 @@ class Preset:
 
     def summary_row(self) -> list:
         """The row ``highres3d models list`` prints."""
-        scores = self.info.get("scores", {}).get("test", {})
-        dice = scores.get("dice_mean")
         made = self.info.get("made", {})
+        classes = self.info.get("num_classes", "")
+        by_head = self.info.get("scores", {}).get("datasets")
+        if isinstance(classes, dict):  # a multi-domain trunk: one head per source dataset
+            classes = " / ".join(f"{head} {n}" for head, n in classes.items())
+        if by_head:
+            score = "; ".join(f"{head} {_dice_text(s)}" for head, s in by_head.items())
+        else:
+            score = _dice_text(self.info.get("scores", {}).get("test", {}))
         return [
-            self.name, self.info.get("task", ""), "+".join(self.info.get("inputs", [])), self.info.get("num_classes", ""),
-            self.info.get("parameters", ""),
-            "–" if dice is None else f"{dice:.3f}" + (f" ± {scores['dice_sd']:.3f}" if scores.get("dice_sd") is not None else "")
-            + f" (n={scores.get('n')})",
+            self.name, self.info.get("task", ""), "+".join(self.info.get("inputs", [])), classes,
+            self.info.get("parameters", ""), score,
             f"{made.get('iterations', '?')} it, {made.get('wall_time_s', 0) / 60:.0f} min",
         ]
+
+
+def _dice_text(scores: dict) -> str:
+    dice = scores.get("dice_mean")
+    if dice is None:
+        return "–"
+    sd = f" ± {scores['dice_sd']:.3f}" if scores.get("dice_sd") is not None else ""
+    return f"{dice:.3f}{sd} (n={scores.get('n')})"
 
 
 def sha256(path: Path) -> str:
@@ -208,7 +220,121 @@ def _portable_config(cfg) -> str:
                                   split=dataclasses.replace(cfg.dataset.split, file=None, subset_files=()))
     training = dataclasses.replace(cfg.training, output_dir=Path("runs"))
     transfer = dataclasses.replace(cfg.transfer, source=None)
-    return dump_config(dataclasses.replace(cfg, dataset=dataset, training=training, transfer=transfer))
+    datasets = tuple(dataclasses.replace(d, root=None, csv_files={},
+                                         split=dataclasses.replace(d.split, file=None, subset_files=()))
+                     for d in cfg.datasets)
+    return dump_config(dataclasses.replace(cfg, dataset=dataset, datasets=datasets, training=training,
+                                           transfer=transfer))
+
+
+def _command(name, config, task, generator, subjects, seed, overrides) -> str:
+    return (f"highres3d models make-preset {name} --config {config} --task {task!r} "
+            f"--generator {generator} --subjects {subjects} --seed {seed}"
+            + "".join(f" --set {o}" for o in overrides or []))
+
+
+def _make_multi_domain_preset(name, config, target: Path, work: Path, *, task, generator, subjects, seed, overrides,
+                              command, echo, show_progress, started) -> Preset:
+    """:func:`make_preset` for a ``datasets:`` config: a multi-domain trunk with one head per dataset.
+
+    Dataset ``i`` (config order) gets ``subjects`` synthetic subjects of seed
+    ``seed + i`` in ``data/<its name>``; each head is scored on its dataset's
+    held-out subjects and on one check subject of its own.  ``scores.test`` is
+    the first dataset's (what ``models list`` shows); ``scores.datasets`` has
+    every head's, ``scores.checks`` every head's check subject.
+    """
+    import numpy as np
+
+    from highres3d.config import load_config
+    from highres3d.data.dataset import Dataset
+    from highres3d.data.synth import synthesize_brats, synthesize_ixi
+    from highres3d.models import named_weights
+    from highres3d.training import train
+    from highres3d.training.multidomain import domain_configs
+    from highres3d.transfer import load_model
+
+    make = {"ixi": synthesize_ixi, "brats": synthesize_brats}[generator]
+    data = work / "data"
+    probe = load_config(config, overrides=[f"training.seed={seed}", *(overrides or [])])
+    for i, entry in enumerate(probe.datasets):
+        folder = data / entry.name
+        if not (folder / "synth_manifest.json").exists():
+            echo(f"synthesising {subjects} {generator}-like subjects (seed {seed + i}) for dataset {entry.name} -> {folder}")
+            make(folder, subjects, size="small", seed=seed + i)
+    cfg = load_config(config, overrides=[f"training.seed={seed}", *(overrides or [])], data_root=data)
+    run_dir = work / "run"
+    result = train(cfg, run_dir, resume=(run_dir / "state.json").exists(), show_progress=show_progress, echo=echo)
+    # The run folder's config has every dataset's working spacing resolved: score with it.
+    run_cfg = load_config(run_dir / "config.yaml")
+    model = load_model(run_dir)
+    per_dataset, checks = {}, {}
+    for i, domain_cfg in enumerate(domain_configs(run_cfg)):
+        head_name_ = run_cfg.datasets[i].name
+        head = model.head(head_name_)
+        test = Dataset.from_config(domain_cfg.dataset).split("inference")
+        echo(f"scoring head {head_name_} on {len(test)} held-out subjects")
+        scores = _score_subjects(head, domain_cfg, test, work / "test" / head_name_)
+        per_dataset[head_name_] = {
+            "dice_mean": float(np.nanmean(scores)),
+            "dice_sd": float(np.nanstd(scores, ddof=1)) if len(scores) > 1 else None,
+            "n": len(scores),
+            "best_validation_dice": _best_column(run_dir, result.best_iteration, f"val_volume_dice_{head_name_}"),
+        }
+        check_seed = seed + 1000 + i
+        subject = _synthetic_subject(domain_cfg, generator, check_seed, work / "check_data" / head_name_)
+        checks[head_name_] = {"generator": generator, "seed": check_seed, "subject": subject.id, "dataset": head_name_,
+                              "dice": _score_subjects(head, domain_cfg, [subject], work / "check" / head_name_)[0],
+                              "tolerance": CHECK_TOLERANCE}
+    first = run_cfg.datasets[0].name
+    wall = time.perf_counter() - started
+    info = {
+        "task": task,
+        "inputs": list(run_cfg.datasets[0].modalities),
+        "num_classes": {d.name: d.num_classes for d in run_cfg.datasets},
+        "labels": {d.name: {str(k): v for k, v in d.labels.items()} for d in run_cfg.datasets},
+        "network": {"width_multiplier": run_cfg.network.width_multiplier, "activation": run_cfg.network.activation,
+                    "dims": run_cfg.network.dims},
+        "heads": [d.name for d in run_cfg.datasets],
+        "parameters": int(sum(int(np.prod(v.shape)) for v in model.trainable_weights)),
+        "weights": len(named_weights(model)),
+        "made": {
+            "command": command or _command(name, config, task, generator, subjects, seed, overrides),
+            "seed": seed,
+            "subjects": subjects,
+            "training_subjects": {d.name: len(Dataset.from_config(c.dataset).split("training"))
+                                  for d, c in zip(run_cfg.datasets, domain_configs(run_cfg))},
+            "iterations": result.iterations,
+            "best_iteration": result.best_iteration,
+            "stopped_early": result.stopped_early,
+            "wall_time_s": round(wall, 1),
+        },
+        "scores": {
+            "test": {**per_dataset[first], "dataset": first, "best_validation_dice": result.best_score},
+            "datasets": per_dataset,
+            "check": checks[first],
+            "checks": checks,
+        },
+    }
+    # The mean over heads is the best-model criterion; keep each head's own best-checkpoint figure in "datasets".
+    info["scores"]["test"]["best_validation_dice_mean_of_heads"] = info["scores"]["test"].pop("best_validation_dice")
+    info["scores"]["test"]["best_validation_dice"] = per_dataset[first]["best_validation_dice"]
+    preset = write_preset(target.parent, name, run_dir / "best.keras", run_cfg, info, curves=run_dir / "metrics.csv")
+    echo(f"preset {name}: test Dice " + ", ".join(f"{k} {v['dice_mean']:.3f} (n={v['n']})" for k, v in per_dataset.items())
+         + f"; {result.iterations} iterations, {wall / 60:.1f} min -> {target}")
+    return preset
+
+
+def _best_column(run_dir: Path, iteration: Optional[int], column: str) -> Optional[float]:
+    """A run's ``metrics.csv`` value of ``column`` at ``iteration`` (None when absent)."""
+    import csv
+
+    if iteration is None:
+        return None
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("iteration") == str(iteration) and row.get(column):
+                return float(row[column])
+    return None
 
 
 def _score_subjects(model, cfg, subjects, folder: Path) -> list[float]:
@@ -237,15 +363,27 @@ def _synthetic_subject(cfg, generator: str, seed: int, folder: Path):
     return discover_subjects(folder, cfg.dataset.patterns, list(cfg.dataset.modalities))[0]
 
 
-def check_subject_score(preset: Preset, workdir: Path) -> float:
-    """Re-score a preset on the check subject recorded in its ``preset.json`` (synthesised afresh)."""
+def check_subject_score(preset: Preset, workdir: Path, check: Optional[dict] = None) -> float:
+    """Re-score a preset on a check subject recorded in its ``preset.json`` (synthesised afresh).
+
+    Args:
+        preset: the preset.
+        workdir: where the subject and its segmentation are written.
+        check: one of its recorded checks (default ``scores.check``; a
+            multi-domain trunk records one per head in ``scores.checks``).
+    """
     from highres3d.config import load_config
     from highres3d.transfer import load_model
 
-    check = preset.info["scores"]["check"]
+    check = check or preset.info["scores"]["check"]
     cfg = load_config(preset.config_path)
-    subject = _synthetic_subject(cfg, check["generator"], check["seed"], Path(workdir) / "data")
     model = load_model(preset.verify())
+    if cfg.datasets:  # a multi-domain trunk: the check subject belongs to one head's dataset
+        from highres3d.training.multidomain import domain_configs
+
+        cfg = domain_configs(cfg)[[d.name for d in cfg.datasets].index(check["dataset"])]
+        model = model.head(check["dataset"])
+    subject = _synthetic_subject(cfg, check["generator"], check["seed"], Path(workdir) / "data")
     return _score_subjects(model, cfg, [subject], Path(workdir) / "check")[0]
 
 
@@ -298,10 +436,15 @@ def make_preset(
     work = Path(tempfile.mkdtemp(prefix=f"preset-{name}-")) if own_workdir else Path(workdir)
     try:
         data = work / "data"
+        settings = [f"training.seed={seed}", *(overrides or [])]
+        if load_config(config, overrides=settings).datasets:
+            return _make_multi_domain_preset(name, config, target, work, task=task, generator=generator,
+                                             subjects=subjects, seed=seed, overrides=overrides, command=command,
+                                             echo=echo, show_progress=show_progress, started=started)
         if not (data / "synth_manifest.json").exists():
             echo(f"synthesising {subjects} {generator}-like subjects -> {data}")
             make(data, subjects, size="small", seed=seed)
-        cfg = load_config(config, overrides=[f"training.seed={seed}", *(overrides or [])], data_root=data)
+        cfg = load_config(config, overrides=settings, data_root=data)
         run_dir = work / "run"
         result = train(cfg, run_dir, resume=(run_dir / "state.json").exists(), show_progress=show_progress, echo=echo)
         model = load_model(run_dir)
@@ -329,9 +472,7 @@ def make_preset(
             "parameters": parameters,
             "weights": len(named_weights(model)),
             "made": {
-                "command": command or (f"highres3d models make-preset {name} --config {config} --task {task!r} "
-                                       f"--generator {generator} --subjects {subjects} --seed {seed}"
-                                       + "".join(f" --set {o}" for o in overrides or [])),
+                "command": command or _command(name, config, task, generator, subjects, seed, overrides),
                 "seed": seed,
                 "subjects": subjects,
                 "training_subjects": len(dataset.split("training")),
