@@ -79,10 +79,10 @@ def run_model(args: argparse.Namespace) -> int:
     bn_policy = args.bn_policy
     if args.config:
         from highres3d.config import load_config
-        from highres3d.models import build_model
+        from highres3d.models import build_model, build_multi_domain_model
 
         cfg = load_config(args.config, overrides=args.overrides)
-        model = build_model(cfg)
+        model = build_multi_domain_model(cfg) if cfg.datasets else build_model(cfg)
         if args.freeze is None:
             freeze_spec = cfg.transfer.freeze
             if isinstance(freeze_spec, tuple):
@@ -100,10 +100,15 @@ def run_model(args: argparse.Namespace) -> int:
     report = freeze(model, freeze_spec, bn_policy=bn_policy)
     print(
         f"{model.name} from {described}: in_channels={getattr(model, 'in_channels', '?')}, "
-        f"num_classes={getattr(model, 'num_classes', '?')}, activation={getattr(model, 'activation', '?')}, "
+        f"num_classes={getattr(model, 'num_classes', None) or getattr(model, 'heads', '?')}, activation={getattr(model, 'activation', '?')}, "
         f"widths={getattr(model, 'widths', None)}"
     )
     print(f"freeze={freeze_spec!r}, bn_policy={bn_policy}: {report.summary()}")
     print()
     print(parameters_table(model))
+    if hasattr(model, "head_names"):  # a multi-domain trunk: its heads are not layer groups of the table
+        from highres3d.models.multidomain import head_name
+
+        heads = [f"{name} {model.get_layer(head_name(name)).count_params():,}" for name in model.head_names]
+        print(f"heads (one conv_2 per dataset, parameters, not in the table): {', '.join(heads)}")
     return 0

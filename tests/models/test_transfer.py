@@ -252,6 +252,14 @@ def test_cli_inspect_config_prints_thesis_numbers(capsys):
     assert total[1:5] == ["766,820", "42,560", "1,444", "812,312"]
 
 
+def test_cli_inspect_config_of_a_multi_domain_trunk_shows_its_heads(capsys):
+    assert run_cli(["inspect", "model", "--config", "demo/multi_domain.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "MultiDomainHighRes3DNet" in out and "'ventricles_wm': 3" in out
+    # conv_2 of the table is empty: each dataset has its own 1x1x1 head (40 features x classes, plus its BN).
+    assert "heads (one conv_2 per dataset, parameters, not in the table): hippocampus 88, ventricles_wm 132" in out
+
+
 def test_cli_inspect_errors(tmp_path):
     with pytest.raises(DataError, match="run folder without a model"):
         run_cli(["inspect", "model", "--model", str(tmp_path)])
