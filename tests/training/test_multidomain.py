@@ -225,3 +225,13 @@ def test_loss_trains_only_its_head_resume_and_transfer(two_domains, tmp_path):
 
     with pytest.raises(ConfigError, match="multi-domain pretrained trunk"):
         load_run(run_dir)
+
+
+def test_a_data_root_is_a_folder_of_datasets_by_name(tmp_path):
+    from highres3d.config import dump_config
+
+    path = tmp_path / "md.yaml"
+    path.write_text(dump_config(config_from_dict({"datasets": [_entry("a", root="x"), _entry("b", root="y")]})))
+    cfg = load_config(path, data_root=tmp_path / "data")
+    assert [d.root for d in cfg.datasets] == [(tmp_path / "data" / "a").resolve(), (tmp_path / "data" / "b").resolve()]
+    assert cfg.dataset.root is None
