@@ -227,35 +227,53 @@ def _portable_config(cfg) -> str:
                                            transfer=transfer))
 
 
+def _synthesizer(generator: str) -> Callable:
+    """The synthetic-data function of ``generator`` (``"ixi"`` or ``"brats"``)."""
+    from highres3d.data.synth import synthesize_brats, synthesize_ixi
+
+    make = {"ixi": synthesize_ixi, "brats": synthesize_brats}.get(generator)
+    if make is None:
+        raise ConfigError(f"generator {generator!r}: expected 'ixi' or 'brats'")
+    return make
+
+
+def _dice_summary(scores: list[float]) -> dict:
+    """Mean, sd and count of per-subject Dice scores, as ``preset.json`` records them."""
+    import numpy as np
+
+    return {"dice_mean": float(np.nanmean(scores)),
+            "dice_sd": float(np.nanstd(scores, ddof=1)) if len(scores) > 1 else None, "n": len(scores)}
+
+
 def _command(name, config, task, generator, subjects, seed, overrides) -> str:
     return (f"highres3d models make-preset {name} --config {config} --task {task!r} "
             f"--generator {generator} --subjects {subjects} --seed {seed}"
             + "".join(f" --set {o}" for o in overrides or []))
 
 
-def _make_multi_domain_preset(name, config, target: Path, work: Path, *, task, generator, subjects, seed, overrides,
-                              command, echo, show_progress, started) -> Preset:
+def _make_multi_domain_preset(name, config, probe, target: Path, work: Path, *, task, generator, subjects, seed,
+                              overrides, command, echo, show_progress, started) -> Preset:
     """:func:`make_preset` for a ``datasets:`` config: a multi-domain trunk with one head per dataset.
 
     Dataset ``i`` (config order) gets ``subjects`` synthetic subjects of seed
     ``seed + i`` in ``data/<its name>``; each head is scored on its dataset's
     held-out subjects and on one check subject of its own.  ``scores.test`` is
     the first dataset's (what ``models list`` shows); ``scores.datasets`` has
-    every head's, ``scores.checks`` every head's check subject.
+    every head's, ``scores.checks`` every head's check subject.  ``probe`` is
+    the config loaded without a data root (it names the datasets).
     """
     import numpy as np
 
     from highres3d.config import load_config
     from highres3d.data.dataset import Dataset
-    from highres3d.data.synth import synthesize_brats, synthesize_ixi
     from highres3d.models import named_weights
     from highres3d.training import train
     from highres3d.training.multidomain import domain_configs
+    from highres3d.training.run import MetricsLog
     from highres3d.transfer import load_model
 
-    make = {"ixi": synthesize_ixi, "brats": synthesize_brats}[generator]
+    make = _synthesizer(generator)
     data = work / "data"
-    probe = load_config(config, overrides=[f"training.seed={seed}", *(overrides or [])])
     for i, entry in enumerate(probe.datasets):
         folder = data / entry.name
         if not (folder / "synth_manifest.json").exists():
@@ -267,19 +285,19 @@ def _make_multi_domain_preset(name, config, target: Path, work: Path, *, task, g
     # The run folder's config has every dataset's working spacing resolved: score with it.
     run_cfg = load_config(run_dir / "config.yaml")
     model = load_model(run_dir)
-    per_dataset, checks = {}, {}
+    curves = MetricsLog(run_dir / "metrics.csv")
+    per_dataset, checks, training_subjects = {}, {}, {}
     for i, domain_cfg in enumerate(domain_configs(run_cfg)):
         head_name_ = run_cfg.datasets[i].name
         head = model.head(head_name_)
-        test = Dataset.from_config(domain_cfg.dataset).split("inference")
+        dataset = Dataset.from_config(domain_cfg.dataset)
+        training_subjects[head_name_] = len(dataset.split("training"))
+        test = dataset.split("inference")
         echo(f"scoring head {head_name_} on {len(test)} held-out subjects")
         scores = _score_subjects(head, domain_cfg, test, work / "test" / head_name_)
-        per_dataset[head_name_] = {
-            "dice_mean": float(np.nanmean(scores)),
-            "dice_sd": float(np.nanstd(scores, ddof=1)) if len(scores) > 1 else None,
-            "n": len(scores),
-            "best_validation_dice": _best_column(run_dir, result.best_iteration, f"val_volume_dice_{head_name_}"),
-        }
+        # Each head's own validation Dice at the best checkpoint (chosen by the mean over heads).
+        best = dict(curves.column(f"val_volume_dice_{head_name_}")).get(result.best_iteration)
+        per_dataset[head_name_] = {**_dice_summary(scores), "best_validation_dice": best}
         check_seed = seed + 1000 + i
         subject = _synthetic_subject(domain_cfg, generator, check_seed, work / "check_data" / head_name_)
         checks[head_name_] = {"generator": generator, "seed": check_seed, "subject": subject.id, "dataset": head_name_,
@@ -301,40 +319,23 @@ def _make_multi_domain_preset(name, config, target: Path, work: Path, *, task, g
             "command": command or _command(name, config, task, generator, subjects, seed, overrides),
             "seed": seed,
             "subjects": subjects,
-            "training_subjects": {d.name: len(Dataset.from_config(c.dataset).split("training"))
-                                  for d, c in zip(run_cfg.datasets, domain_configs(run_cfg))},
+            "training_subjects": training_subjects,
             "iterations": result.iterations,
             "best_iteration": result.best_iteration,
             "stopped_early": result.stopped_early,
             "wall_time_s": round(wall, 1),
         },
         "scores": {
-            "test": {**per_dataset[first], "dataset": first, "best_validation_dice": result.best_score},
+            "test": {**per_dataset[first], "dataset": first, "best_validation_dice_mean_of_heads": result.best_score},
             "datasets": per_dataset,
             "check": checks[first],
             "checks": checks,
         },
     }
-    # The mean over heads is the best-model criterion; keep each head's own best-checkpoint figure in "datasets".
-    info["scores"]["test"]["best_validation_dice_mean_of_heads"] = info["scores"]["test"].pop("best_validation_dice")
-    info["scores"]["test"]["best_validation_dice"] = per_dataset[first]["best_validation_dice"]
     preset = write_preset(target.parent, name, run_dir / "best.keras", run_cfg, info, curves=run_dir / "metrics.csv")
     echo(f"preset {name}: test Dice " + ", ".join(f"{k} {v['dice_mean']:.3f} (n={v['n']})" for k, v in per_dataset.items())
          + f"; {result.iterations} iterations, {wall / 60:.1f} min -> {target}")
     return preset
-
-
-def _best_column(run_dir: Path, iteration: Optional[int], column: str) -> Optional[float]:
-    """A run's ``metrics.csv`` value of ``column`` at ``iteration`` (None when absent)."""
-    import csv
-
-    if iteration is None:
-        return None
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row.get("iteration") == str(iteration) and row.get(column):
-                return float(row[column])
-    return None
 
 
 def _score_subjects(model, cfg, subjects, folder: Path) -> list[float]:
@@ -355,11 +356,9 @@ def _score_subjects(model, cfg, subjects, folder: Path) -> list[float]:
 def _synthetic_subject(cfg, generator: str, seed: int, folder: Path):
     """Synthesise subject 0 of ``seed`` into ``folder`` and find it with the config's patterns."""
     from highres3d.data.dataset import discover_subjects
-    from highres3d.data.synth import synthesize_brats, synthesize_ixi
 
-    make = {"ixi": synthesize_ixi, "brats": synthesize_brats}[generator]
     if not (folder / "synth_manifest.json").exists():
-        make(folder, 1, size="small", seed=seed)
+        _synthesizer(generator)(folder, 1, size="small", seed=seed)
     return discover_subjects(folder, cfg.dataset.patterns, list(cfg.dataset.modalities))[0]
 
 
@@ -420,7 +419,6 @@ def make_preset(
     """
     from highres3d.config import load_config
     from highres3d.data.dataset import Dataset
-    from highres3d.data.synth import synthesize_brats, synthesize_ixi
     from highres3d.models import named_weights
     from highres3d.training import train
     from highres3d.transfer import load_model
@@ -428,17 +426,16 @@ def make_preset(
     target = Path(output) / name
     if target.exists():
         raise DataError(f"{target}: already exists; remove it or choose another name")
-    make = {"ixi": synthesize_ixi, "brats": synthesize_brats}.get(generator)
-    if make is None:
-        raise ConfigError(f"generator {generator!r}: expected 'ixi' or 'brats'")
+    make = _synthesizer(generator)
     started = time.perf_counter()
     own_workdir = workdir is None
     work = Path(tempfile.mkdtemp(prefix=f"preset-{name}-")) if own_workdir else Path(workdir)
     try:
         data = work / "data"
         settings = [f"training.seed={seed}", *(overrides or [])]
-        if load_config(config, overrides=settings).datasets:
-            return _make_multi_domain_preset(name, config, target, work, task=task, generator=generator,
+        probe = load_config(config, overrides=settings)
+        if probe.datasets:
+            return _make_multi_domain_preset(name, config, probe, target, work, task=task, generator=generator,
                                              subjects=subjects, seed=seed, overrides=overrides, command=command,
                                              echo=echo, show_progress=show_progress, started=started)
         if not (data / "synth_manifest.json").exists():
@@ -482,8 +479,7 @@ def make_preset(
                 "wall_time_s": round(wall, 1),
             },
             "scores": {
-                "test": {"dice_mean": float(np.nanmean(scores)), "dice_sd": float(np.nanstd(scores, ddof=1)) if len(scores) > 1 else None,
-                         "n": len(scores), "best_validation_dice": result.best_score},
+                "test": {**_dice_summary(scores), "best_validation_dice": result.best_score},
                 "check": {"generator": generator, "seed": check_seed, "subject": check_subject.id,
                           "dice": check_dice, "tolerance": CHECK_TOLERANCE},
             },
