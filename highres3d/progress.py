@@ -182,24 +182,24 @@ class Progress:
                 if self.terminal and not self._closed:
                     self._draw()
 
-    def note(self, text: str, stream: Optional[TextIO] = None) -> None:
-        """Print a message without breaking the bar.
+    def note(self, text: str) -> None:
+        """Print a message without breaking the bar."""
+        with self.cleared():
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
-        Args:
-            text: the message, one line.
-            stream: where it goes (default: the display's stream; e.g.
-                ``sys.stdout`` for a command's results while the bar is on
-                standard error).
-        """
+    @contextmanager
+    def cleared(self) -> Iterator[None]:
+        """Lets the ``with`` block print its own lines (to any stream): the bar is erased, then redrawn below them."""
         with self._lock:
             if self.terminal and not self._closed:
                 self.stream.write("\r\033[K")
                 self.stream.flush()
-            target = stream or self.stream
-            target.write(text + "\n")
-            target.flush()
-            if self.terminal and not self._closed:
-                self._draw()
+            try:
+                yield
+            finally:
+                if self.terminal and not self._closed:
+                    self._draw()
 
     def close(self) -> None:
         """End the display: a final line (plain output) or a newline after the bar; stops the heartbeat."""

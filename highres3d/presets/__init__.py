@@ -211,18 +211,19 @@ def _portable_config(cfg) -> str:
     return dump_config(dataclasses.replace(cfg, dataset=dataset, training=training, transfer=transfer))
 
 
-def _score_subjects(model, cfg, subjects, folder: Path) -> list[float]:
+def _score_subjects(model, cfg, subjects, folder: Path, show_progress: Optional[bool] = False) -> list[float]:
     from highres3d.evaluation import mean_foreground, score_files
     from highres3d.inference import predict_subjects
+    from highres3d.progress import track
 
-    done = predict_subjects(model, cfg, subjects, folder, echo=None, show_progress=False)
+    done = predict_subjects(model, cfg, subjects, folder, echo=None, show_progress=show_progress)
     if done.failed:
         raise DataError(f"segmenting held-out subjects failed: {done.failed}")
     truth_map = cfg.evaluation.truth_labels or cfg.preprocessing.labels
     return [
         mean_foreground(score_files(done.segmentation(s.id), s.label, classes=range(1, cfg.network.num_classes),
                                     truth_map=truth_map, truth_other=cfg.preprocessing.other_labels, distances=False))
-        for s in subjects
+        for s in track(subjects, "score", unit="subjects", enabled=show_progress)
     ]
 
 
@@ -282,7 +283,7 @@ def make_preset(
     """
     from highres3d.config import load_config
     from highres3d.data.dataset import Dataset
-    from highres3d.data.synth import synthesize_brats, synthesize_ixi
+    from highres3d.data.synth import synthesize
     from highres3d.models import named_weights
     from highres3d.training import train
     from highres3d.transfer import load_model
@@ -290,8 +291,7 @@ def make_preset(
     target = Path(output) / name
     if target.exists():
         raise DataError(f"{target}: already exists; remove it or choose another name")
-    make = {"ixi": synthesize_ixi, "brats": synthesize_brats}.get(generator)
-    if make is None:
+    if generator not in ("ixi", "brats"):
         raise ConfigError(f"generator {generator!r}: expected 'ixi' or 'brats'")
     started = time.perf_counter()
     own_workdir = workdir is None
@@ -300,7 +300,7 @@ def make_preset(
         data = work / "data"
         if not (data / "synth_manifest.json").exists():
             echo(f"synthesising {subjects} {generator}-like subjects -> {data}")
-            make(data, subjects, size="small", seed=seed)
+            synthesize(generator, data, subjects, seed=seed, show_progress=show_progress)
         cfg = load_config(config, overrides=[f"training.seed={seed}", *(overrides or [])], data_root=data)
         run_dir = work / "run"
         result = train(cfg, run_dir, resume=(run_dir / "state.json").exists(), show_progress=show_progress, echo=echo)
@@ -308,7 +308,7 @@ def make_preset(
         dataset = Dataset.from_config(cfg.dataset)
         test = dataset.split("inference")
         echo(f"scoring {len(test)} held-out subjects")
-        scores = _score_subjects(model, cfg, test, work / "test")
+        scores = _score_subjects(model, cfg, test, work / "test", show_progress)
         # The check subject: one more synthetic subject, never seen in training, that a test re-creates.
         check_seed = seed + 1000
         check_subject = _synthetic_subject(cfg, generator, check_seed, work / "check_data")

@@ -218,7 +218,7 @@ class Trainer:
         val_subjects = dataset.split("validation")
         if not train_subjects:
             raise DataError(f"{cfg.dataset.root}: no training subjects (splits: {dataset.counts()})")
-        histogram.ensure_run_landmarks(self._landmark_source, cfg, train_subjects, self.echo)
+        histogram.ensure_run_landmarks(self._landmark_source, cfg, train_subjects, self.echo, self.show_progress)
         if not self.run.path.joinpath("split.csv").exists():
             chosen = {s.id: "training" for s in train_subjects}
             chosen.update({sid: split for sid, split in dataset.splits.items() if split != "training"})
