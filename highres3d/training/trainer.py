@@ -420,10 +420,10 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(state.iteration, model, _local(strategy, images), _local(strategy, labels))
                 if validate:
-                    with bar.phase(f"validating {len(validation[0])} windows"):
+                    with bar.phase(f"validating {_count(len(validation[0]), 'window')}"):
                         row.update(self._validate(model, validation_loss, validation))
                 if scheduled and self.val_volumes:
-                    with bar.phase(f"validating {_subjects(len(self.val_volumes))}"):
+                    with bar.phase(f"validating {_count(len(self.val_volumes), 'subject')}"):
                         row["val_volume_dice"] = self._validate_volumes(model)
                         self._update_best(model, state, row["val_volume_dice"])
                 if self._record(state, row, log, writer, checkpoint, scheduled or state.iteration == stop):
@@ -595,8 +595,9 @@ def _local(strategy, value) -> np.ndarray:
     return np.concatenate([np.asarray(v) for v in strategy.experimental_local_results(value)])
 
 
-def _subjects(n: int) -> str:
-    return f"{n} subject{'s' if n != 1 else ''}"
+def _count(n: int, noun: str) -> str:
+    """``3, "subject"`` -> ``"3 subjects"``; ``1, "subject"`` -> ``"1 subject"``."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 def _prefixed(echo: Callable[[str], None], prefix: str, message: str) -> None:
