@@ -113,7 +113,7 @@ def run_demo(
         ConfigError: for an unknown method or a bad override.
     """
     from highres3d import experiments, reporting
-    from highres3d.data.synth import synthesize_brats, synthesize_ixi
+    from highres3d.data.synth import synthesize
     from highres3d.training import train
     from highres3d.training.run import RunFolder
 
@@ -135,13 +135,13 @@ def run_demo(
     specs = experiments.transfer_methods_grid(target_cfg, list(methods), repeats=seeds, subsets=(1, None))
 
     echo(f"== 1/4 synthetic data -> {output / 'data'}")
-    sets = [("brats", synthesize_brats, brats_subjects)] + ([("ixi", synthesize_ixi, ixi_subjects)] if train_source else [])
-    for kind, make, n in sets:
+    sets = [("brats", brats_subjects)] + ([("ixi", ixi_subjects)] if train_source else [])
+    for kind, n in sets:
         folder = output / "data" / kind
         if (folder / "synth_manifest.json").exists():
             echo(f"   {kind}: already there")
         else:
-            make(folder, n, size="small", seed=seed)
+            synthesize(kind, folder, n, size="small", seed=seed, show_progress=show_progress)
             echo(f"   {kind}: {n} subjects")
 
     if train_source:
@@ -169,7 +169,7 @@ def run_demo(
                        f"{target_cfg.training.checkpoint_every} iterations; training stops after "
                        f"{target_cfg.training.patience or 'no'} validations without a better one "
                        f"(at most {target_cfg.training.max_iter} iterations)")
-    overlays = _overlays(target_cfg, specs, exp, folder, output / "overlays")
+    overlays = _overlays(target_cfg, specs, exp, folder, output / "overlays", show_progress)
     _write_table(table, output / "results.md")
     seconds = time.perf_counter() - start
     echo("")
@@ -183,9 +183,10 @@ def _label(size: int, method: str) -> str:
     return f"{method}, {size} training subjects"
 
 
-def _overlays(cfg: Config, specs, exp, folder: Path, out: Path) -> list[Path]:
+def _overlays(cfg: Config, specs, exp, folder: Path, out: Path, show_progress: Optional[bool] = None) -> list[Path]:
     """One PNG per test subject (truth, then each cell's first seed) and the dot plot of test Dice."""
     from highres3d.data.dataset import Dataset
+    from highres3d.progress import track
     from highres3d.reporting import Summary
     from highres3d.visualize import compare_segmentations, dot_plot
 
@@ -195,7 +196,7 @@ def _overlays(cfg: Config, specs, exp, folder: Path, out: Path) -> list[Path]:
     first_seed.sort(key=lambda spec: spec.subset is not None)
     written = []
     dataset = Dataset.from_config(cfg.dataset)
-    for subject in dataset.split("inference"):
+    for subject in track(dataset.split("inference"), "overlays", unit="subjects", enabled=show_progress):
         if subject.label is None:
             continue
         panels = [("truth", subject.label)] + [

@@ -320,6 +320,7 @@ def evaluate_run(
     """
     from highres3d.evaluation import score_files
     from highres3d.inference import predict_subjects
+    from highres3d.progress import track
     from highres3d.transfer import load_model
 
     model = load_model(run_dir)
@@ -333,7 +334,8 @@ def evaluate_run(
         if done.failed:
             raise DataError(f"{run_dir}: segmenting the {split} subjects failed:\n"
                             + "\n".join(f"  {sid}: {msg}" for sid, msg in done.failed))
-        for subject in subjects:
+        # Surface distances on original grids take seconds a subject: reported like the segmentation.
+        for subject in track(subjects, f"score {split}", unit="subjects", enabled=show_progress):
             scores = score_files(done.segmentation(subject.id), subject.label, classes=classes, truth_map=truth_map,
                                  truth_other=cfg.preprocessing.other_labels,
                                  affine_tolerance=cfg.preprocessing.affine_tolerance)

@@ -545,11 +545,15 @@ def predict_subjects(
                 continue
             try:
                 t0 = time.perf_counter()
-                prediction = predict_subject(model, subject, config, probabilities=probabilities, **options)
+                with progress.phase(f"segmenting {subject.id}"):
+                    prediction = predict_subject(model, subject, config, probabilities=probabilities, **options)
                 t1 = time.perf_counter()
-                save_like(prediction.labels, prediction.info, seg_path, dtype=prediction.labels.dtype, overwrite=True)
-                if prediction.probabilities is not None:
-                    save_like(prediction.probabilities, prediction.info, prob_path, dtype="float32", overwrite=True)
+                with progress.phase(f"writing {subject.id}"):
+                    save_like(prediction.labels, prediction.info, seg_path, dtype=prediction.labels.dtype,
+                              overwrite=True)
+                    if prediction.probabilities is not None:
+                        save_like(prediction.probabilities, prediction.info, prob_path, dtype="float32",
+                                  overwrite=True)
                 t = prediction.seconds
                 result.written.append(subject.id)
                 say(f"{subject.id}: {time.perf_counter() - t0:.1f} s (load {t['load']:.1f}, predict {t['predict']:.1f}, "

@@ -3,19 +3,26 @@
 On a terminal, :class:`Progress` redraws a one-line bar in place.  When
 nobody watches a terminal (a scheduler's log file, ``nohup``, a pipe), a bar
 would either be invisible or fill the log with carriage returns, so it prints
-a plain line instead, at a steady interval (``HIGHRES3D_PROGRESS_INTERVAL``
-seconds, default 20), plus one when the work ends::
+a plain line instead, at least every ``HIGHRES3D_PROGRESS_INTERVAL`` seconds
+(default 20) whatever the command is doing, plus one when the work ends::
 
-    train: 120/400 (30%) loss 0.4312 | 5.2 windows/s | 1m20s elapsed, ETA 3m07s
+    train: 300/4000 (8%) loss 0.4312 · validating 6 subjects | 1.9 windows/s | 5m10s elapsed, ETA 58m
 
-``enabled=False`` silences it (``--no-progress``).
+A background thread prints the line when no step came for an interval (a
+validation, a checkpoint, the first step's compilation), and
+:meth:`Progress.phase` names the blocking work in it.  ``enabled=False``
+silences it (``--no-progress``).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Optional, TextIO, TypeVar
 
 T = TypeVar("T")
@@ -24,6 +31,9 @@ T = TypeVar("T")
 DEFAULT_INTERVAL = 20.0
 _BAR_WIDTH = 24
 _REDRAW_SECONDS = 0.1
+#: Every live heartbeat, stopped at exit: a daemon thread writing while the interpreter
+#: shuts down can abort it ("could not acquire lock for <stderr>").
+_LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 def format_duration(seconds: float) -> str:
@@ -47,6 +57,10 @@ def _interval() -> float:
 class Progress:
     """A progress display for ``total`` steps of work.
 
+    On plain output (not a terminal) a line is printed at least every
+    ``interval`` seconds until :meth:`close`, also while the caller blocks
+    between updates; use it as a context manager so that it is closed.
+
     Args:
         total: number of steps, or ``None`` when unknown (no percentage or ETA).
         desc: what is being done, printed first (``"train"``, ``"infer"``).
@@ -57,7 +71,8 @@ class Progress:
         enabled: ``None`` = a bar on a terminal and plain lines otherwise;
             ``True`` the same; ``False`` = silent.
         interval: seconds between plain lines (default
-            ``$HIGHRES3D_PROGRESS_INTERVAL`` or 20).
+            ``$HIGHRES3D_PROGRESS_INTERVAL`` or 20); ``0`` prints a line at
+            every update and starts no heartbeat.
         start: steps already done (a resumed run), excluded from the rate.
     """
 
@@ -84,10 +99,21 @@ class Progress:
         self.count = start
         self.start_count = start
         self.status = ""
+        self.current_phase = ""
         self.started = time.perf_counter()
         self._last_line = self.started
         self._last_draw = 0.0
         self._closed = False
+        # One lock for every write (update, note, phase, close and the heartbeat), so lines never interleave.
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        if self.enabled and not self.terminal and self.interval > 0:
+            # The thread holds only a weak reference, so a Progress nobody closed still goes away.
+            self._thread = threading.Thread(target=_heartbeat, args=(weakref.ref(self), self._stop),
+                                            name=f"highres3d-progress-{desc}", daemon=True)
+            _LIVE.add(self)
+            self._thread.start()
 
     # ---- figures
     @property
@@ -112,8 +138,9 @@ class Progress:
         parts = [f"{self.desc}: {self.count}" + (f"/{self.total}" if self.total else "")]
         if self.total:
             parts[0] += f" ({100 * self.count / self.total:.0f}%)"
-        if self.status:
-            parts[0] += f" {self.status}"
+        shown = " · ".join(text for text in (self.status, self.current_phase) if text)
+        if shown:
+            parts[0] += f" {shown}"
         parts.append(f"{self.rate:.3g} {self.unit}/s")
         eta = self.eta
         parts.append(f"{format_duration(self.elapsed)} elapsed" + (f", ETA {format_duration(eta)}" if eta is not None else ""))
@@ -122,39 +149,78 @@ class Progress:
     # ---- updates
     def update(self, steps: int = 1, status: Optional[str] = None) -> None:
         """Record ``steps`` more steps; ``status`` (e.g. ``"loss 0.43"``) is shown until replaced."""
-        self.count += steps
-        if status is not None:
-            self.status = status
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self.terminal:
-            if now - self._last_draw >= _REDRAW_SECONDS or (self.total and self.count >= self.total):
+        with self._lock:
+            self.count += steps
+            if status is not None:
+                self.status = status
+            if not self.enabled or self._closed:
+                return
+            now = time.perf_counter()
+            if self.terminal:
+                if now - self._last_draw >= _REDRAW_SECONDS or (self.total and self.count >= self.total):
+                    self._draw()
+                    self._last_draw = now
+            elif now - self._last_line >= self.interval:
+                self._print_line()
+
+    @contextmanager
+    def phase(self, text: str) -> Iterator[Progress]:
+        """Name the work done inside the ``with`` block (``"validating 6 subjects"``).
+
+        Every line printed meanwhile (the heartbeat's too) shows it after the
+        status; the previous phase comes back when the block ends, so phases nest.
+        """
+        with self._lock:
+            previous, self.current_phase = self.current_phase, text
+            if self.terminal and not self._closed:
                 self._draw()
-                self._last_draw = now
-        elif now - self._last_line >= self.interval:
-            self._print_line()
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self.current_phase = previous
+                if self.terminal and not self._closed:
+                    self._draw()
 
     def note(self, text: str) -> None:
         """Print a message without breaking the bar."""
-        if self.terminal:
-            self.stream.write("\r\033[K")
-        print(text, file=self.stream, flush=True)
-        if self.terminal:
-            self._draw()
+        with self.cleared():
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    @contextmanager
+    def cleared(self) -> Iterator[None]:
+        """Lets the ``with`` block print its own lines (to any stream): the bar is erased, then redrawn below them."""
+        with self._lock:
+            if self.terminal and not self._closed:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+            try:
+                yield
+            finally:
+                if self.terminal and not self._closed:
+                    self._draw()
 
     def close(self) -> None:
-        """End the display: a final line (plain output) or a newline after the bar."""
-        if self._closed or not self.enabled:
+        """End the display: a final line (plain output) or a newline after the bar; stops the heartbeat."""
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
+            self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            # The heartbeat sees _closed under the lock and returns: no line after close.
+            self._thread.join()
+        _LIVE.discard(self)
+        if not self.enabled:
             return
-        self._closed = True
-        if self.terminal:
-            self._draw()
-            self.stream.write("\n")
-            self.stream.flush()
-        else:
-            self._print_line()
+        with self._lock:
+            if self.terminal:
+                self._draw()
+                self.stream.write("\n")
+                self.stream.flush()
+            else:
+                self._print_line()
 
     def __enter__(self) -> Progress:
         return self
@@ -162,8 +228,27 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        # A display nobody closed must not keep a heartbeat alive.
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+    def _beat(self) -> Optional[float]:
+        """The heartbeat's turn: print a line if none came for an interval; seconds until the next turn."""
+        with self._lock:
+            if self._closed:
+                return None
+            wait = self._last_line + self.interval - time.perf_counter()
+            if wait <= 0:
+                self._print_line()
+                wait = self.interval
+            return wait
+
     def _print_line(self) -> None:
-        print(self.line(), file=self.stream, flush=True)
+        # One write per line: a line is never split by another thread's output.
+        self.stream.write(self.line() + "\n")
+        self.stream.flush()
         self._last_line = time.perf_counter()
 
     def _draw(self) -> None:
@@ -174,6 +259,30 @@ class Progress:
             bar = ""
         self.stream.write(f"\r\033[K{bar}{self.line()}")
         self.stream.flush()
+
+
+def _heartbeat(ref: weakref.ref, stop: threading.Event) -> None:
+    """Print ``ref()``'s line whenever an interval passed without one, until ``stop`` is set."""
+    wait = 0.0
+    while not stop.wait(wait):
+        progress = ref()
+        if progress is None:
+            return
+        try:
+            wait = progress._beat()
+        except (OSError, ValueError):
+            return  # the stream was closed under us (a test's captured stream, a closed pipe)
+        del progress
+        if wait is None:
+            return
+
+
+@atexit.register
+def _stop_heartbeats() -> None:
+    for progress in list(_LIVE):
+        progress._stop.set()
+        if progress._thread is not None:
+            progress._thread.join(timeout=1.0)
 
 
 def track(

@@ -65,7 +65,7 @@ def run_landmarks(args) -> int:
     subjects = dataset.split("training")
     if not subjects:
         raise DataError(f"no training subjects to learn landmarks from (splits: {dataset.counts()})")
-    learned = histogram.learn_from_subjects(subjects, cfg.preprocessing, list(cfg.dataset.modalities), print)
+    learned = histogram.learn_from_subjects(subjects, cfg.preprocessing, list(cfg.dataset.modalities))
     # Keep what else the file holds (NiftyNet's label mapping, other modalities), as NiftyNet did.
     entries = histogram.read_ref_file(target) if target.is_file() else {}
     entries.update({m: tuple(v) for m, v in learned.items()})

@@ -43,6 +43,7 @@ def register(subparsers) -> None:
         )
         p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical data")
         p.add_argument("--overwrite", action="store_true", help="replace existing files of the same names")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
         p.set_defaults(func=run, synth_kind=kind)
 
 
@@ -61,20 +62,15 @@ def _positive_int(text: str) -> int:
 def run(args) -> int:
     from pathlib import Path
 
-    from highres3d.data.synth import MANIFEST, synthesize_brats, synthesize_ixi
+    from highres3d.data.synth import MANIFEST, synthesize
     from highres3d.errors import DataError
     from highres3d.utils import OutputExistsError
 
-    synthesize = synthesize_ixi if args.synth_kind == "ixi" else synthesize_brats
-    width = len(str(args.subjects))
-
-    def report(i, n, subject, seconds):
-        print(f"[{i + 1:>{width}}/{n}] {subject}  ({seconds:.1f} s)", flush=True)
-
     start = time.perf_counter()
     try:
-        ids = synthesize(args.out, args.subjects, size=args.size, seed=args.seed, overwrite=args.overwrite,
-                         progress=report)
+        ids = synthesize(args.synth_kind, args.out, args.subjects, size=args.size, seed=args.seed,
+                         overwrite=args.overwrite, show_progress=False if args.no_progress else None,
+                         echo=lambda text: print(text, flush=True))
     except OutputExistsError as err:
         raise DataError(f"{err}") from err
     out = Path(args.out)

@@ -32,7 +32,6 @@ at that copy, so ``infer`` and ``evaluate`` apply the same landmarks.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,8 +42,6 @@ import numpy as np
 
 from highres3d.errors import ConfigError, DataError
 from highres3d.utils import atomic_path
-
-log = logging.getLogger(__name__)
 
 #: Inner landmark fractions; the first and last come from the cutoff.
 INNER_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
@@ -259,7 +256,7 @@ def learn_from_subjects(
     subjects: Sequence,
     cfg,
     modalities: Sequence[str],
-    echo: Callable[[str], None] = log.info,
+    show_progress: Optional[bool] = None,
 ) -> dict[str, np.ndarray]:
     """Learn the landmarks of ``modalities`` from subjects' images in working space.
 
@@ -267,12 +264,13 @@ def learn_from_subjects(
         subjects: :class:`~highres3d.data.dataset.Subject` objects (the training split).
         cfg: the preprocessing section (orientation, spacing, cutoff, mask).
         modalities: which modalities to learn.
-        echo: progress messages.
+        show_progress: progress display over the subjects read (see :class:`highres3d.progress.Progress`).
     """
     from highres3d.io.nifti import load_image
+    from highres3d.progress import track
 
     per_modality: dict[str, list[tuple[str, np.ndarray]]] = {m: [] for m in modalities}
-    for i, subject in enumerate(subjects):
+    for subject in track(subjects, "landmarks", unit="subjects", enabled=show_progress):
         for m in modalities:
             order = cfg.modality_interpolation.get(m, cfg.image_interpolation)
             data, _ = load_image(subject.images[m], cfg.orientation, cfg.spacing, order=order)
@@ -280,8 +278,6 @@ def learn_from_subjects(
                 continue  # NiftyNet skips missing (all-zero) modalities
             mask = _mask(data, cfg)
             per_modality[m].append((str(subject.images[m]), data[mask] if mask is not None else data))
-        if (i + 1) % 10 == 0:
-            echo(f"landmarks: {i + 1}/{len(subjects)} subjects read")
     return {m: learn_landmarks(per_modality[m], cfg.histogram.cutoff) for m in modalities}
 
 
@@ -301,11 +297,13 @@ def ensure_run_landmarks(
     run_cfg,
     subjects: Sequence,
     echo: Callable[[str], None] = print,
+    show_progress: Optional[bool] = None,
 ) -> Optional[Path]:
     """Make sure the run folder's landmark file exists and covers every modality.
 
     Existing entries of ``source_ref_file`` (the config's own file, if any) are
-    kept; modalities it lacks are learned from ``subjects``. Nothing is
+    kept; modalities it lacks are learned from ``subjects`` (with a progress
+    display unless ``show_progress`` is False). Nothing is
     rewritten when the run's file is already complete (a resumed run).
 
     Returns:
@@ -327,7 +325,7 @@ def ensure_run_landmarks(
         return target
     if todo:
         echo(f"histogram landmarks: learning {', '.join(todo)} from {len(subjects)} training subjects")
-        learned = learn_from_subjects(subjects, run_cfg.preprocessing, todo, echo)
+        learned = learn_from_subjects(subjects, run_cfg.preprocessing, todo, show_progress)
         entries.update({m: tuple(v) for m, v in learned.items()})
     write_ref_file(target, entries, overwrite=True)
     return target

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -227,14 +228,13 @@ def _portable_config(cfg) -> str:
                                            transfer=transfer))
 
 
-def _synthesizer(generator: str) -> Callable:
-    """The synthetic-data function of ``generator`` (``"ixi"`` or ``"brats"``)."""
-    from highres3d.data.synth import synthesize_brats, synthesize_ixi
+def _synthesizer(generator: str, show_progress: Optional[bool] = False) -> Callable:
+    """The synthetic-data writer of ``generator`` (``"ixi"`` or ``"brats"``): ``make(folder, n, size=, seed=)``."""
+    from highres3d.data.synth import synthesize
 
-    make = {"ixi": synthesize_ixi, "brats": synthesize_brats}.get(generator)
-    if make is None:
+    if generator not in ("ixi", "brats"):
         raise ConfigError(f"generator {generator!r}: expected 'ixi' or 'brats'")
-    return make
+    return functools.partial(synthesize, generator, show_progress=show_progress)
 
 
 def _dice_summary(scores: list[float]) -> dict:
@@ -272,7 +272,7 @@ def _make_multi_domain_preset(name, config, probe, target: Path, work: Path, *, 
     from highres3d.training.run import MetricsLog
     from highres3d.transfer import load_model
 
-    make = _synthesizer(generator)
+    make = _synthesizer(generator, show_progress)
     data = work / "data"
     for i, entry in enumerate(probe.datasets):
         folder = data / entry.name
@@ -294,7 +294,7 @@ def _make_multi_domain_preset(name, config, probe, target: Path, work: Path, *, 
         training_subjects[head_name_] = len(dataset.split("training"))
         test = dataset.split("inference")
         echo(f"scoring head {head_name_} on {len(test)} held-out subjects")
-        scores = _score_subjects(head, domain_cfg, test, work / "test" / head_name_)
+        scores = _score_subjects(head, domain_cfg, test, work / "test" / head_name_, show_progress)
         # Each head's own validation Dice at the best checkpoint (chosen by the mean over heads).
         best = dict(curves.column(f"val_volume_dice_{head_name_}")).get(result.best_iteration)
         per_dataset[head_name_] = {**_dice_summary(scores), "best_validation_dice": best}
@@ -338,18 +338,19 @@ def _make_multi_domain_preset(name, config, probe, target: Path, work: Path, *, 
     return preset
 
 
-def _score_subjects(model, cfg, subjects, folder: Path) -> list[float]:
+def _score_subjects(model, cfg, subjects, folder: Path, show_progress: Optional[bool] = False) -> list[float]:
     from highres3d.evaluation import mean_foreground, score_files
     from highres3d.inference import predict_subjects
+    from highres3d.progress import track
 
-    done = predict_subjects(model, cfg, subjects, folder, echo=None, show_progress=False)
+    done = predict_subjects(model, cfg, subjects, folder, echo=None, show_progress=show_progress)
     if done.failed:
         raise DataError(f"segmenting held-out subjects failed: {done.failed}")
     truth_map = cfg.evaluation.truth_labels or cfg.preprocessing.labels
     return [
         mean_foreground(score_files(done.segmentation(s.id), s.label, classes=range(1, cfg.network.num_classes),
                                     truth_map=truth_map, truth_other=cfg.preprocessing.other_labels, distances=False))
-        for s in subjects
+        for s in track(subjects, "score", unit="subjects", enabled=show_progress)
     ]
 
 
@@ -426,7 +427,7 @@ def make_preset(
     target = Path(output) / name
     if target.exists():
         raise DataError(f"{target}: already exists; remove it or choose another name")
-    make = _synthesizer(generator)
+    make = _synthesizer(generator, show_progress)
     started = time.perf_counter()
     own_workdir = workdir is None
     work = Path(tempfile.mkdtemp(prefix=f"preset-{name}-")) if own_workdir else Path(workdir)
@@ -448,7 +449,7 @@ def make_preset(
         dataset = Dataset.from_config(cfg.dataset)
         test = dataset.split("inference")
         echo(f"scoring {len(test)} held-out subjects")
-        scores = _score_subjects(model, cfg, test, work / "test")
+        scores = _score_subjects(model, cfg, test, work / "test", show_progress)
         # The check subject: one more synthetic subject, never seen in training, that a test re-creates.
         check_seed = seed + 1000
         check_subject = _synthetic_subject(cfg, generator, check_seed, work / "check_data")

@@ -26,6 +26,7 @@ copied by weight path and the target's ``conv_2`` keeps its fresh values.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -40,8 +41,10 @@ from highres3d.errors import DataError, Highres3dError
 from highres3d.training.run import MetricsLog, RunState
 from highres3d.training.stages import scheduled_lr
 from highres3d.training.trainer import (
+    FIRST_STEP_PHASE,
     Trainer,
     TrainResult,
+    _count,
     _loop_variables,
     _strategy,
     build_loss,
@@ -255,7 +258,8 @@ class MultiDomainTrainer(Trainer):
                 images, labels = zip(*windows.as_numpy_iterator())
                 domain.validation = (np.concatenate(images)[:t.validation_windows],
                                      np.concatenate(labels)[:t.validation_windows])
-        validating = any(d.val_volumes for d in domains)
+        val_domains = [d for d in domains if d.val_volumes]
+        validating = bool(val_domains)
         log = MetricsLog(self.run.metrics_path)
         log.truncate_after(state.iteration)
         writer = tf.summary.create_file_writer(str(self.run.tensorboard_dir))
@@ -270,15 +274,21 @@ class MultiDomainTrainer(Trainer):
 
         def checkpoint():
             log.flush()
-            self.run.save_checkpoint(model, loop_variables, state, t.max_checkpoints)
+            with bar.phase("saving a checkpoint"):
+                self.run.save_checkpoint(model, loop_variables, state, t.max_checkpoints)
 
+        started = set()
         try:
             while state.iteration < stop:
                 domain = domains[int(schedule[state.iteration])]
                 lr = scheduled_lr(t.lr_schedule, t.lr, state.iteration, t.max_iter)
                 optimizer.set_learning_rates(lr)
-                images, labels = next(domain.iterator)
-                loss = float(domain.train_step(images, labels))
+                # Each head's first step fills its window pipeline and traces its step.
+                with (contextlib.nullcontext() if domain.name in started
+                      else bar.phase(f"{domain.name}: {FIRST_STEP_PHASE}")):
+                    images, labels = next(domain.iterator)
+                    loss = float(domain.train_step(images, labels))
+                started.add(domain.name)
                 if not math.isfinite(loss):
                     raise Highres3dError(
                         f"iteration {state.iteration + 1} ({domain.name}): the loss is {loss}; lower training.lr "
@@ -290,24 +300,27 @@ class MultiDomainTrainer(Trainer):
                        "wall_time": state.wall_time}
                 bar.update(status=f"{domain.name} loss {loss:.4f}")
                 if validating and state.iteration % t.validation_every == 0:
-                    row.update(self._validate_windows(domains))
+                    with bar.phase(f"validating the windows of {_count(len(val_domains), 'dataset')}"):
+                        row.update(self._validate_windows(domains))
                 scheduled = state.iteration % t.checkpoint_every == 0 or state.iteration == t.max_iter
                 if scheduled and validating:
-                    row.update(self._validate_domain_volumes(domains))
-                    self._update_best(model, state, row["val_volume_dice"])
+                    with bar.phase(f"validating {_count(sum(len(d.val_volumes) for d in val_domains), 'subject')} "
+                                   f"of {_count(len(val_domains), 'dataset')}"):
+                        row.update(self._validate_domain_volumes(domains))
+                        self._update_best(model, state, row["val_volume_dice"])
                 if self._record(state, row, log, writer, checkpoint, scheduled or state.iteration == stop,
                                 what="mean validation Dice"):
                     break
+            return self._finish(model, state, best_saved=validating, bar=bar)
         except KeyboardInterrupt:
             self._interrupted(state, bar, start_iter, checkpoint)
             raise
         finally:
+            bar.close()
             writer.flush()
             # A live iterator over numpy_function stages can hang the interpreter at exit.
             for domain in domains:
                 domain.iterator = None
-        bar.close()
-        return self._finish(model, state, best_saved=validating)
 
     def _validate_windows(self, domains: Sequence[_Domain]) -> dict[str, float]:
         """Loss and window Dice of each dataset's fixed validation windows, through its own head."""

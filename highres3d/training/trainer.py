@@ -15,6 +15,7 @@ before each step (:mod:`highres3d.training.stages`,
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -34,6 +35,9 @@ from highres3d.errors import DataError, Highres3dError
 from highres3d.training import cluster
 from highres3d.training.run import MetricsLog, RunFolder, RunState, WorkerRunFolder
 from highres3d.training.stages import STAGE_SEED_STRIDE, resolve_stages, scheduled_lr, stage_at, write_stage_plan
+
+#: What the progress line says while the first step of a run (or of a stage) fills the pipeline and compiles.
+FIRST_STEP_PHASE = "first batch, compiling the training step"
 
 
 @dataclass
@@ -214,7 +218,7 @@ class Trainer:
         val_subjects = dataset.split("validation")
         if not train_subjects:
             raise DataError(f"{cfg.dataset.root}: no training subjects (splits: {dataset.counts()})")
-        histogram.ensure_run_landmarks(self._landmark_source, cfg, train_subjects, self.echo)
+        histogram.ensure_run_landmarks(self._landmark_source, cfg, train_subjects, self.echo, self.show_progress)
         if not self.run.path.joinpath("split.csv").exists():
             chosen = {s.id: "training" for s in train_subjects}
             chosen.update({sid: split for sid, split in dataset.splits.items() if split != "training"})
@@ -372,12 +376,17 @@ class Trainer:
 
         def checkpoint():
             log.flush()
-            self.run.save_checkpoint(model, loop_variables, state, t.max_checkpoints)
+            with bar.phase("saving a checkpoint"):
+                self.run.save_checkpoint(model, loop_variables, state, t.max_checkpoints)
 
         try:
             while state.iteration < stop:
+                # A stage's first step builds its window pipeline and traces its step: often the longest wait.
+                first_step = contextlib.ExitStack()
                 if stage is None or state.iteration + 1 > stage.last:
                     stage = stage_at(stages, state.iteration)
+                    first_step.enter_context(bar.phase(
+                        (f"stage {stage.index + 1}: " if len(stages) > 1 else "") + FIRST_STEP_PHASE))
                     del iterator, batches
                     trainable = self._enter_stage(model, stage)
                     train_step = make_train_step(trainable, build_loss(cfg, stage.loss))
@@ -392,8 +401,9 @@ class Trainer:
                               f"{sum(int(np.prod(v.shape)) for v in trainable):,} parameters trainable")
                 lr = scheduled_lr(t.lr_schedule, stage.lr, state.iteration + 1 - stage.first, stage.iterations)
                 optimizer.set_learning_rates(lr, stage.multipliers)
-                images, labels = next(iterator)
-                loss = float(train_step(images, labels))
+                with first_step:
+                    images, labels = next(iterator)
+                    loss = float(train_step(images, labels))
                 if not math.isfinite(loss):
                     raise Highres3dError(
                         f"iteration {state.iteration + 1}: the loss is {loss}; lower training.lr or check the data "
@@ -410,21 +420,23 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(state.iteration, model, _local(strategy, images), _local(strategy, labels))
                 if validate:
-                    row.update(self._validate(model, validation_loss, validation))
+                    with bar.phase(f"validating {_count(len(validation[0]), 'window')}"):
+                        row.update(self._validate(model, validation_loss, validation))
                 if scheduled and self.val_volumes:
-                    row["val_volume_dice"] = self._validate_volumes(model)
-                    self._update_best(model, state, row["val_volume_dice"])
+                    with bar.phase(f"validating {_count(len(self.val_volumes), 'subject')}"):
+                        row["val_volume_dice"] = self._validate_volumes(model)
+                        self._update_best(model, state, row["val_volume_dice"])
                 if self._record(state, row, log, writer, checkpoint, scheduled or state.iteration == stop):
                     break
+            return self._finish(model, state, best_saved=bool(self.val_volumes), bar=bar)
         except KeyboardInterrupt:
             self._interrupted(state, bar, start_iter, checkpoint)
             raise
         finally:
+            bar.close()
             writer.flush()
             # A live iterator over numpy_function stages can hang the interpreter at exit.
             del iterator, batches
-        bar.close()
-        return self._finish(model, state, best_saved=bool(self.val_volumes))
 
     def _record(self, state: RunState, row: dict, log, writer, checkpoint: Callable[[], None],
                 save: bool, what: str = "validation Dice") -> bool:
@@ -455,14 +467,18 @@ class Trainer:
             checkpoint()
         self.echo(f"interrupted at iteration {state.iteration}; checkpoint saved, continue with --resume")
 
-    def _finish(self, model, state: RunState, best_saved: bool) -> TrainResult:
-        """At the end of the run: the final model (and the best one, when no validation chose it)."""
+    def _finish(self, model, state: RunState, best_saved: bool, bar) -> TrainResult:
+        """At the end of the run: the final model (and the best one, when no validation chose it).
+
+        ``bar`` is the run's :class:`~highres3d.progress.Progress`, still open, so that the save is announced.
+        """
         if state.iteration >= self.cfg.training.max_iter or state.stopped_early:
             state.finished = True
-            self.run.save_model(model, self.run.final_model_path)
-            if not best_saved:
-                self.run.save_model(model, self.run.best_model_path)
-            self.run.save_state(state)
+            with bar.phase("saving the final model"):
+                self.run.save_model(model, self.run.final_model_path)
+                if not best_saved:
+                    self.run.save_model(model, self.run.best_model_path)
+                self.run.save_state(state)
         return self._result(state)
 
     def _result(self, state: RunState) -> TrainResult:
@@ -577,6 +593,11 @@ def _strategy(name: str):
 def _local(strategy, value) -> np.ndarray:
     """This worker's share of a distributed batch, as one NumPy array."""
     return np.concatenate([np.asarray(v) for v in strategy.experimental_local_results(value)])
+
+
+def _count(n: int, noun: str) -> str:
+    """``3, "subject"`` -> ``"3 subjects"``; ``1, "subject"`` -> ``"1 subject"``."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 def _prefixed(echo: Callable[[str], None], prefix: str, message: str) -> None:

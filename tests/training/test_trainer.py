@@ -3,6 +3,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -175,3 +176,26 @@ def test_plain_progress_lines_when_output_is_not_a_terminal(data, tmp_path, caps
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
     assert len(lines) >= 6 and "\r" not in "".join(lines)
     assert lines[-1].startswith("train: 6/6 (100%) loss") and "windows/s" in lines[-1] and "ETA" in lines[-1]
+
+
+def test_progress_lines_continue_while_validation_blocks(data, tmp_path, capsys, monkeypatch):
+    from highres3d.training.trainer import Trainer
+
+    monkeypatch.setenv("HIGHRES3D_PROGRESS_INTERVAL", "0.25")
+    validate = Trainer._validate_volumes
+    calls = []
+
+    def slow_validation(self, model):
+        # A whole-volume validation that takes a while, as on real volumes: no update comes meanwhile.
+        calls.append(self)
+        time.sleep(0.8)
+        return validate(self, model)
+
+    monkeypatch.setattr(Trainer, "_validate_volumes", slow_validation)
+    train(tiny_config(data, "training.max_iter=2"), tmp_path / "run", echo=lambda *_: None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    during = [line for line in lines if "· validating 1 subject |" in line]
+    assert len(calls) == 1 and len(during) >= 2, lines
+    assert during[0].startswith("train: 2/2 (100%) loss ") and "windows/s" in during[0]
+    # The phase ends with the validation; the final line has none.
+    assert lines[-1].startswith("train: 2/2 (100%) loss") and "validating" not in lines[-1]

@@ -7,8 +7,47 @@
 See docs/synthetic_data.md for what the phantoms contain and how to switch
 configs to the real datasets.
 """
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
 from highres3d.data.synth.brats import synthesize_brats
 from highres3d.data.synth.common import GENERATOR_VERSION, MANIFEST
 from highres3d.data.synth.ixi import synthesize_ixi
 
-__all__ = ["synthesize_ixi", "synthesize_brats", "GENERATOR_VERSION", "MANIFEST"]
+__all__ = ["synthesize", "synthesize_ixi", "synthesize_brats", "GENERATOR_VERSION", "MANIFEST"]
+
+
+def synthesize(kind: str, out_dir, n_subjects: int, *, size: str = "small", seed: int = 0, overwrite: bool = False,
+               show_progress: Optional[bool] = None, echo: Optional[Callable[[str], None]] = None) -> list[str]:
+    """Write ``n_subjects`` subjects of ``kind`` with a progress display: what ``highres3d synth`` does.
+
+    Args:
+        kind: ``"ixi"`` or ``"brats"`` (:func:`synthesize_ixi`, :func:`synthesize_brats`).
+        out_dir: the output folder.
+        n_subjects: how many subjects.
+        size: ``"small"`` or ``"full"``.
+        seed: the seed; the same seed gives identical data.
+        overwrite: replace existing files of the same names.
+        show_progress: progress display (see :class:`highres3d.progress.Progress`).
+        echo: when given, gets one line per subject written (``[2/6] IXI002-Guys-0828  (1.4 s)``).
+
+    Returns:
+        The subject ids.
+    """
+    from highres3d.progress import Progress
+
+    make = {"ixi": synthesize_ixi, "brats": synthesize_brats}.get(kind)
+    if make is None:
+        raise ValueError(f"kind must be 'ixi' or 'brats', got {kind!r}")
+    width = len(str(n_subjects))
+    with Progress(n_subjects, f"synth {kind}", unit="subjects", enabled=show_progress) as progress:
+
+        def report(i: int, n: int, subject: str, seconds: float) -> None:
+            if echo is not None:
+                with progress.cleared():
+                    echo(f"[{i + 1:>{width}}/{n}] {subject}  ({seconds:.1f} s)")
+            progress.update()
+
+        return make(out_dir, n_subjects, size=size, seed=seed, overwrite=overwrite, progress=report)
