@@ -4,8 +4,9 @@
 (multiprocessing's ``spawn`` start method: a process that has TensorFlow loaded
 must never be forked) and waits for them.  Each worker
 
-- limits TensorFlow to its share of the CPUs (:func:`limit_cpu_threads`)
-  before TensorFlow starts, so N workers do not fight over the cores;
+- limits TensorFlow to its share of the CPUs (:func:`limit_cpu_threads`,
+  when ``threads`` is given) before TensorFlow starts, so N workers do not
+  fight over the cores;
 - prints through :class:`LinePrefixStream`: every line it writes to standard
   output or standard error reaches the parent whole, prefixed with
   ``[worker i/N] ``, on the parent's standard output (through its ``echo``) or
@@ -123,8 +124,10 @@ def run_in_workers(
             value is ignored, what it writes goes to the parent prefixed
             ``[worker i/N] ``.
         kwargs: one dict of (picklable) keyword arguments per worker.
-        threads: TensorFlow threads per worker (intra-op and inter-op); default
-            the available CPUs divided by the number of workers, at least 1.
+        threads: TensorFlow threads per worker (intra-op and inter-op), set
+            before ``target`` runs; ``None`` leaves TensorFlow alone (it is not
+            even imported).  A worker that trains should get
+            ``max(1, available_cpus() // N)``.
         echo: receives the workers' standard-output lines (their standard error
             goes to this process's standard error).
         hint: appended to the error raised when workers fail (how to resume).
@@ -138,7 +141,6 @@ def run_in_workers(
     count = len(kwargs)
     if count < 1:
         return
-    threads = threads or max(1, available_cpus() // count)
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     processes = [context.Process(target=_worker_main, args=(target, i, count, threads, messages, kwargs[i]),
@@ -213,7 +215,8 @@ def _interrupt_once(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _worker_main(target: Callable[..., Any], index: int, count: int, threads: int, messages, kwargs: dict) -> None:
+def _worker_main(target: Callable[..., Any], index: int, count: int, threads: Optional[int], messages,
+                 kwargs: dict) -> None:
     """The body of worker ``index``: prefixed output, thread limit, ``target``, an exit code for the parent."""
     signal.signal(signal.SIGINT, _interrupt_once)
     prefix = f"[worker {index}/{count}] "
@@ -222,8 +225,9 @@ def _worker_main(target: Callable[..., Any], index: int, count: int, threads: in
     sys.stdout, sys.stderr = out, err
     code = 0
     try:
-        limit_cpu_threads(threads)
-        print(f"{threads} CPU thread{'s' if threads > 1 else ''} (TensorFlow intra-op and inter-op)")
+        if threads is not None:
+            limit_cpu_threads(threads)
+            print(f"{threads} CPU thread{'s' if threads > 1 else ''} (TensorFlow intra-op and inter-op)")
         target(**kwargs)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
