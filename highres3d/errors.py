@@ -11,3 +11,15 @@ class ConfigError(Highres3dError, ValueError):
 
 class DataError(Highres3dError, ValueError):
     """An input file or dataset is unusable; the message names the file."""
+
+
+class WorkerError(Highres3dError):
+    """One or more worker processes failed; the message names each, its exit code and its error.
+
+    Attributes:
+        failed: ``(worker index, exit code)`` of every failed worker.
+    """
+
+    def __init__(self, message: str, failed: list[tuple[int, int]] | None = None) -> None:
+        super().__init__(message)
+        self.failed = list(failed or [])

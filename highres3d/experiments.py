@@ -17,7 +17,8 @@ A grid that is interrupted resumes where it stopped: finished runs are skipped
 from its newest checkpoint.  Each run's segmentations stay in ``predictions/<run>/<split>/``.  ``--list``, ``--only RUN`` and ``--shard i/n``
 spread a grid over a cluster's job array; every shard writes its own
 ``results.<i>of<n>.csv`` (shards numbered from 0) so that shards never write the same file, and
-:func:`read_results` reads them all.
+:func:`read_results` reads them all.  ``workers=N`` (``--workers N``) runs N such shards as
+worker processes of one call on one machine (:mod:`highres3d.workers`).
 """
 from __future__ import annotations
 
@@ -352,6 +353,8 @@ def run_experiment(
     folder: str | Path,
     *,
     shard: Optional[str] = None,
+    workers: int = 1,
+    check_data: bool = True,
     echo: Callable[[str], None] = print,
     show_progress: Optional[bool] = None,
 ) -> list[dict]:
@@ -363,33 +366,64 @@ def run_experiment(
     segmentations stay in ``<folder>/predictions/<run>/<split>/``; the splits
     segmented and scored are ``evaluation.splits`` (all three by default).
 
+    With ``workers`` N > 1 the runs still to do are dealt round robin to N
+    worker processes (:func:`highres3d.workers.run_in_workers`), each with
+    its share of the CPUs, worker ``i`` running its runs as shard ``i/N``
+    (results in ``results.<i>of<N>.csv``); their messages come back prefixed
+    ``[worker i/N]``.  On one machine two workers give about 1.3× the training
+    throughput of one process using both cores, and the single-threaded parts
+    of a run (tracing, preprocessing, scoring, saving) overlap.  A failing
+    worker does not stop the others; rerunning the same call resumes.
+
     Args:
         cfg: the base config of the grid.
         specs: the runs (a grid function's result, perhaps :func:`select_runs`' choice).
         folder: the experiment folder (``results.csv``, ``runs/``, ``predictions/``).
         shard: this job's ``I/N`` shard: its results go to ``results.<I>of<N>.csv``.
+        workers: worker processes on this machine (1: train in this process).
+        check_data: check every subject first (``False``: the caller did).
         echo: where the one-line messages go; each run's line gives the time
             elapsed and an estimate of the time left for the grid.
         show_progress: progress display of training and segmentation (``None``:
             a bar on a terminal, plain lines elsewhere; ``False``: none).
+
+    Raises:
+        ConfigError: for ``workers`` below 1, ``workers`` > 1 together with
+            ``shard``, or freeze levels without ``transfer.source``.
+        DataError: for problems in the data (all listed).
+        WorkerError: when workers failed (after the others finished).
     """
     import time
 
     from highres3d.data.check import require_valid_data
+    from highres3d.data.dataset import Dataset
     from highres3d.progress import format_duration
-    from highres3d.training import train
-    from highres3d.training.run import RunFolder
+    from highres3d.workers import check_workers
 
+    check_workers(workers)
+    if workers > 1 and shard:
+        raise ConfigError(f"--workers {workers} with --shard {shard}: use one or the other (--shard splits a grid "
+                          "over separate jobs, --workers over processes of this one)")
     if any(s.freeze is not None and s.method is None for s in specs) and cfg.transfer.source is None:
         raise ConfigError(
             "transfer.source: the freeze levels need a pretrained source model; train it first "
             "(e.g. highres3d train --config ixi_hippocampus.yaml) and set transfer.source to its run folder"
         )
-    dataset = require_valid_data(cfg, splits=SPLITS, show_progress=show_progress)
+    if check_data:
+        dataset = require_valid_data(cfg, splits=SPLITS, show_progress=show_progress)
+    else:
+        dataset = Dataset.from_config(cfg.dataset, require_labels=True)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    out_path = results_path(folder, shard)
     done = {row["run"] for row in read_results(folder)}
+    if workers > 1:
+        _run_in_workers(cfg, specs, folder, done, workers, echo, show_progress)
+        return read_results(folder)
+
+    from highres3d.training import train
+    from highres3d.training.run import RunFolder
+
+    out_path = results_path(folder, shard)
     own_rows = []
     if out_path.exists():
         with open(out_path, newline="") as handle:
@@ -430,6 +464,36 @@ def run_experiment(
             own_rows.append({**common, **row})
         _write_rows(out_path, own_rows)
     return read_results(folder)
+
+
+def _run_in_workers(cfg: Config, specs: Sequence[RunSpec], folder: Path, done: set, workers: int,
+                    echo: Callable[[str], None], show_progress: Optional[bool]) -> None:
+    """Deal the runs not yet done to worker processes, each running :func:`run_experiment` on its shard."""
+    from highres3d.workers import available_cpus, run_in_workers
+
+    for i, spec in enumerate(specs, 1):
+        if spec.name in done:
+            echo(f"[{i}/{len(specs)}] {spec.name}: already in the results, skipped")
+    todo = [spec for spec in specs if spec.name not in done]
+    if not todo:
+        return
+    # Fewer runs than workers: no idle process, and each one gets more threads.
+    count = min(workers, len(todo))
+    threads = max(1, available_cpus() // count)
+    shards = [f"{i}/{count}" for i in range(count)]
+    jobs = [{"cfg": cfg, "specs": select_runs(todo, shard=shard), "folder": str(folder), "shard": shard,
+             "show_progress": show_progress} for shard in shards]
+    echo(f"{len(todo)} runs in {count} worker processes, {threads} CPU thread{'s' if threads > 1 else ''} each: "
+         + "; ".join(f"worker {shard}: {', '.join(s.name for s in job['specs'])}" for shard, job in zip(shards, jobs)))
+    run_in_workers(_experiment_worker, jobs, threads=threads, echo=echo,
+                   hint="Run the same command again to resume: finished runs are reused, interrupted ones continue "
+                        "from their last checkpoint")
+
+
+def _experiment_worker(cfg: Config, specs: list[RunSpec], folder: str, shard: str,
+                       show_progress: Optional[bool]) -> None:
+    """One worker process's share of a grid (the data were checked by the parent)."""
+    run_experiment(cfg, specs, folder, shard=shard, check_data=False, show_progress=show_progress)
 
 
 def _time_at_iteration(run, iteration: Optional[int]) -> float:

@@ -29,6 +29,9 @@ def register(subparsers) -> None:
         p.add_argument("--list", action="store_true", help="list the runs of the grid and exit")
         p.add_argument("--only", action="append", metavar="RUN", help="run only this run (repeatable)")
         p.add_argument("--shard", metavar="I/N", help="run every N-th run starting at the I-th, I from 0 (job arrays)")
+        p.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="train N runs at a time in worker processes on this machine, each with its share of "
+                            "the CPUs; their output is prefixed [worker i/N] (default 1; not with --shard)")
         p.add_argument("--max-iter", type=int, help="override training.max_iter")
         p.add_argument("--no-progress", action="store_true", help="no progress display")
         p.set_defaults(func=run, grid=name)
@@ -57,11 +60,14 @@ def run(args) -> int:
             print(spec.name)
         return 0
     folder = Path(args.output) if args.output else Path(cfg.training.output_dir) / f"{args.grid}_{cfg.dataset.name}"
-    rows = experiments.run_experiment(cfg, specs, folder, shard=args.shard,
+    rows = experiments.run_experiment(cfg, specs, folder, shard=args.shard, workers=args.workers,
                                       show_progress=False if args.no_progress else None)
     for table in reporting.experiment_tables(rows):
         print(table)
     if args.grid == "transfer-methods":
         print(reporting.transfer_methods_table(reporting.load_experiment(folder)))
-    print(f"results: {experiments.results_path(folder, args.shard)}")
+    if args.workers > 1:
+        print(f"results: {folder}/results.<i>of<N>.csv, one file per worker")
+    else:
+        print(f"results: {experiments.results_path(folder, args.shard)}")
     return 0
