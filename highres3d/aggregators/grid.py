@@ -36,6 +36,18 @@ largest float buffer is ``window_x * Y * Z * C`` float32 (BraTS 240×240×155,
 100 classes at 384³ with 128³ windows: 7.5 GB instead of 22.6 GB); ``crop``
 needs no float buffer at all.  Only ``probabilities``/``logits`` output holds a
 full (X, Y, Z, C) float32 array, because that is what is returned.
+
+Speed: blending is bound by memory traffic, not arithmetic.  Each window's
+output is read once, a few y-z planes at a time, and its weighted contribution
+is added to the ring while those planes are in cache.  Gaussian weights are
+separable too: for two-class labels a block is multiplied by one y-z plane of
+weights and a scalar per x plane (no 3-D weight array is read per window);
+with more channels a read-only (x, y, z, C) weight array is built once per
+window size and kept.  Threads take one contiguous run of blocks each (a task
+per block cost more in hand-overs than it saved on a busy machine).  What is
+left per window is reading its output (2 × 96³ float32 = 7 MB) and one
+read-modify-write of the ring over the window (3.5 MB): see
+docs/performance.md for what that costs against MONAI.
 """
 from __future__ import annotations
 
