@@ -43,8 +43,8 @@ is added to the ring while those planes are in cache.  Gaussian weights are
 separable too: for two-class labels a block is multiplied by one y-z plane of
 weights and a scalar per x plane (no 3-D weight array is read per window);
 with more channels a read-only (x, y, z, C) weight array is built once per
-window size and kept.  Threads take one contiguous run of blocks each (a task
-per block cost more in hand-overs than it saved on a busy machine).  What is
+window size and kept.  Threads take one contiguous run of blocks each rather
+than a task per block (fewer hand-overs between threads).  What is
 left per window is reading its output (2 × 96³ float32 = 7 MB) and one
 read-modify-write of the ring over the window (3.5 MB): see
 docs/performance.md for what that costs against MONAI.
@@ -335,8 +335,8 @@ class GridAggregator:
         if self._pool is None:
             add_run(blocks)
         else:
-            # One contiguous run of blocks per thread: a task per block costs a thread
-            # hand-over each, which on a busy machine outweighed the blending itself.
+            # One contiguous run of blocks per thread: a task per block cost a thread
+            # hand-over each (24 per 96³ window), one run per thread costs one per thread.
             list(self._pool.map(add_run, _split_runs(blocks, self._threads)))
 
     def _scratch(self, shape: tuple) -> np.ndarray:
