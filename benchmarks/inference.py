@@ -227,7 +227,7 @@ def run_peers(args) -> dict:
                 print(f"  MONAI overlap {overlap} {mode}: {total * 1e3:.0f} ms", file=sys.stderr, flush=True)
             voxels = int(round(overlap * ROI))
             voxels += voxels % 2  # TorchIO needs an even overlap
-            for mode in ("crop", "average", "hann"):
+            for mode in () if args.no_torchio else ("crop", "average", "hann"):
                 def call():
                     clock = ModelClock(trivial)
                     subject = tio.Subject(image=tio.ScalarImage(tensor=x[0]))
@@ -282,6 +282,8 @@ def main() -> int:
     _peers.add_arguments(parser)
     parser.add_argument("--peers-json", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smoke run: one round, one repetition")
+    parser.add_argument("--no-torchio", action="store_true",
+                        help="time MONAI only among the peers (the stitching target compares with MONAI)")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.rounds = 1, 1
@@ -297,7 +299,8 @@ def main() -> int:
         # Peers and ours alternate, so a busy spell on a shared machine hits both.
         if peers_python:
             cmd = [peers_python, __file__, "--peers-json", "--reps", str(args.reps), "--threads", str(args.threads),
-                   "--batch-size", str(args.batch_size)] + (["--real-net"] if args.real_net and round_ == 0 else [])
+                   "--batch-size", str(args.batch_size)] + (["--real-net"] if args.real_net and round_ == 0 else []) \
+                + (["--no-torchio"] if args.no_torchio else [])
             env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
             print(f"round {round_ + 1}/{args.rounds}, peers: {' '.join(cmd)}", file=sys.stderr, flush=True)
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)

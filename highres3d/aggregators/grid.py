@@ -36,6 +36,18 @@ largest float buffer is ``window_x * Y * Z * C`` float32 (BraTS 240×240×155,
 100 classes at 384³ with 128³ windows: 7.5 GB instead of 22.6 GB); ``crop``
 needs no float buffer at all.  Only ``probabilities``/``logits`` output holds a
 full (X, Y, Z, C) float32 array, because that is what is returned.
+
+Speed: blending is bound by memory traffic, not arithmetic.  Each window's
+output is read once, a few y-z planes at a time, and its weighted contribution
+is added to the ring while those planes are in cache.  Gaussian weights are
+separable too: for two-class labels a block is multiplied by one y-z plane of
+weights and a scalar per x plane (no 3-D weight array is read per window);
+with more channels a read-only (x, y, z, C) weight array is built once per
+window size and kept.  Threads take one contiguous run of blocks each rather
+than a task per block (fewer hand-overs between threads).  What is
+left per window is reading its output (2 × 96³ float32 = 7 MB) and one
+read-modify-write of the ring over the window (3.5 MB): see
+docs/performance.md for what that costs against MONAI.
 """
 from __future__ import annotations
 
@@ -116,10 +128,34 @@ def _shared_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="highres3d-blend")
 
 
-def _thread_pool(threads: Optional[int]) -> Optional[ThreadPoolExecutor]:
+def _resolve_threads(threads: Optional[int]) -> int:
     if threads is None:
         threads = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 4)
-    return _shared_pool(int(threads)) if threads > 1 else None
+    return max(1, int(threads))
+
+
+def _thread_pool(threads: Optional[int]) -> Optional[ThreadPoolExecutor]:
+    threads = _resolve_threads(threads)
+    return _shared_pool(threads) if threads > 1 else None
+
+
+@functools.lru_cache(maxsize=4)
+def _gaussian_weights(window: tuple[int, int, int], sigma_scale: float, channels: int) -> np.ndarray:
+    """The (x, y, z, C) Gaussian weights of a window, read-only and kept for the next volume."""
+    px, py, pz = (gaussian_profile(w, sigma_scale) for w in window)
+    weights = px[:, None, None] * py[None, :, None] * pz[None, None, :]
+    # Repeated over channels so the multiply runs over contiguous memory
+    # (broadcasting a trailing axis of 1 makes NumPy loop over C at a time).
+    weights = np.ascontiguousarray(np.broadcast_to(weights[..., None], weights.shape + (channels,)))
+    weights.flags.writeable = False
+    return weights
+
+
+def _split_runs(items: list, parts: int) -> list[list]:
+    """``items`` cut into at most ``parts`` contiguous runs of near-equal length."""
+    parts = max(1, min(parts, len(items)))
+    bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _label_dtype(num_classes: int) -> np.dtype:
@@ -183,18 +219,20 @@ class GridAggregator:
             channels = () if self._difference else (self.num_classes,)
             weights = None
             if blend == "gaussian":
-                weights = self._profiles[0][:, None, None] * self._profiles[1][None, :, None] * self._profiles[2][None, None, :]
-                if channels:
-                    # Repeated over channels so the multiply runs over contiguous memory
-                    # (broadcasting a trailing axis of 1 makes NumPy loop over C at a time).
-                    weights = np.ascontiguousarray(np.broadcast_to(weights[..., None], weights.shape + channels))
+                if self._difference:
+                    # One channel: weighted plane by plane from the 1-D profiles (a y-z plane of
+                    # weights and a scalar per x plane, both in cache), no 3-D weight array.
+                    weights = (self._profiles[0], self._profiles[1][:, None] * self._profiles[2][None, :])
+                else:
+                    weights = _gaussian_weights(tuple(sampler.window), float(sigma_scale), self.num_classes)
             self._weights = weights
             _, py, pz = sampler.padded_shape
             # A ring of window_x planes: padded plane p lives at p % window_x, so
             # moving on along x never copies the planes that are kept.
             self._slab = np.zeros((sampler.window[0], py, pz) + channels, dtype=np.float32)
             self._slab_start = 0
-            self._pool = _thread_pool(threads)
+            self._threads = _resolve_threads(threads)
+            self._pool = _thread_pool(self._threads)
             self._local = threading.local()
             self._group = 0
             self._group_counts = np.zeros(self.sampler.grid_shape[0], dtype=np.int64)
@@ -274,7 +312,9 @@ class GridAggregator:
             if difference:
                 np.subtract(window[lo:hi, ..., 1], window[lo:hi, ..., 0], out=part)
                 if weights is not None:
-                    part *= weights[lo:hi]
+                    px, pyz = weights
+                    part *= pyz
+                    part *= px[lo:hi, None, None]
             else:
                 np.multiply(window[lo:hi], weights[lo:hi], out=part)
             target += part
@@ -288,11 +328,16 @@ class GridAggregator:
             hi = min(lo + _BLOCK_PLANES, wx, lo + wrap)
             blocks.append((lo, hi))
             lo = hi
-        if self._pool is None:
-            for lo, hi in blocks:
+        def add_run(run) -> None:
+            for lo, hi in run:
                 add_planes(lo, hi)
+
+        if self._pool is None:
+            add_run(blocks)
         else:
-            list(self._pool.map(lambda b: add_planes(*b), blocks))
+            # One contiguous run of blocks per thread: a task per block cost a thread
+            # hand-over each (24 per 96³ window), one run per thread costs one per thread.
+            list(self._pool.map(add_run, _split_runs(blocks, self._threads)))
 
     def _scratch(self, shape: tuple) -> np.ndarray:
         local = self._local
@@ -339,11 +384,14 @@ class GridAggregator:
                     dst[...] = self._finish(part, norm)
             self._slab[r:r + q - p] = 0
 
-        if self._pool is None or len(chunks) < 2:
-            for chunk in chunks:
+        def finish_run(run) -> None:
+            for chunk in run:
                 finish(chunk)
+
+        if self._pool is None or len(chunks) < 2:
+            finish_run(chunks)
         else:
-            list(self._pool.map(finish, chunks))
+            list(self._pool.map(finish_run, _split_runs(chunks, self._threads)))
         self._slab_start = until
 
     def _finish(self, logits: np.ndarray, norm) -> np.ndarray:

@@ -213,3 +213,38 @@ def test_blending_matches_a_float64_reference(blend, classes):
     np.testing.assert_array_equal(labels[clear], reference.argmax(-1)[clear])
     # two classes accumulate one channel (the logit difference) in a slab of window_x planes
     assert agg._slab.shape == ((9, 17, 12) if classes == 2 else (9, 17, 12, classes))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape,window,overlap", [((19, 13, 11), (8, 8, 8), 0.25), ((25, 9, 14), (10, 9, 6), 0.5)])
+def test_two_class_gaussian_labels_weight_the_difference_like_the_reference(threads, shape, window, overlap):
+    """Two-class labels blend one channel weighted from the 1-D profiles; the 3-D reference decides the sign."""
+    image = np.random.default_rng(5).normal(size=shape + (2,)).astype(np.float32)
+    s = GridSampler(shape, window, overlap=overlap)
+    assert any(len(st) > 1 and st[-1] - st[-2] < s.window[a] - s.overlap[a] for a, st in enumerate(s.starts))
+    ramp = np.linspace(-2.0, 2.0, window[0])[None, :, None, None, None]
+
+    def model(windows):  # overlapping windows disagree, so the weights decide the label
+        return (windows + ramp * np.array([0.0, 1.0])).astype(np.float32)
+
+    reference = reference_blend(image, s, "gaussian", model)
+    padded = s.pad(image)
+    agg = GridAggregator(s, 2, blend="gaussian", output="labels", threads=threads)
+    wx, wy, wz = s.window
+    for x, y, z in s.locations:
+        agg.add_batch(model(padded[None, x:x + wx, y:y + wy, z:z + wz]), [[x, y, z]])
+    labels = agg.result()
+    difference = reference[..., 1] - reference[..., 0]
+    clear = np.abs(difference) > 1e-4
+    assert clear.mean() > 0.99 and 0.1 < labels.mean() < 0.9
+    np.testing.assert_array_equal(labels[clear], (difference > 0)[clear])
+
+
+def test_cached_gaussian_weights_are_read_only():
+    from highres3d.aggregators.grid import _gaussian_weights
+
+    weights = _gaussian_weights((6, 5, 4), 0.125, 3)
+    assert weights.shape == (6, 5, 4, 3) and not weights.flags.writeable
+    assert _gaussian_weights((6, 5, 4), 0.125, 3) is weights
+    p = [gaussian_profile(w) for w in (6, 5, 4)]
+    np.testing.assert_allclose(weights[..., 1], p[0][:, None, None] * p[1][None, :, None] * p[2][None, None, :], rtol=1e-6)
