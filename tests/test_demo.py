@@ -67,6 +67,12 @@ def test_demo_compares_three_methods_from_the_shipped_presets_in_two_workers(tmp
     assert sorted(p.name for p in experiment.glob("results*.csv")) == ["results.0of2.csv", "results.1of2.csv"]
     assert "source: preset:ixi_hippocampus_demo" in (experiment / "runs" / "freeze2" / "config.yaml").read_text()
     inflated = (experiment / "runs" / "S1_inflated_center" / "config.yaml").read_text()
+    # Every training computes in the precision this CPU computes fastest.
+    from highres3d.demo import training_precision
+
+    expected = "bfloat16" if training_precision() == "bfloat16" else "false"
+    assert f"mixed_precision: {expected}" in inflated
+    assert f"training precision: {training_precision()}" in captured.out
     assert "source: preset:ixi_hippocampus_2d_demo" in inflated and "inflate: center" in inflated
     # The workers' output is not a terminal: plain progress lines, each whole and prefixed, no bar.
     assert any(line.startswith("[worker 1/2] train: 2/2 (100%) loss") for line in captured.err.splitlines())
@@ -95,3 +101,12 @@ def test_demo_checks_its_methods_before_it_writes_anything(tmp_path):
 
         run_demo(tmp_path / "demo", methods=["scratch", "fine_tune"], quick=True)
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_demo_trains_in_bfloat16_only_where_the_cpu_computes_it_natively(tmp_path, monkeypatch, native):
+    import highres3d.inference
+    from highres3d.demo import training_precision
+
+    monkeypatch.setattr(highres3d.inference, "_cpu_has_bfloat16", lambda: native)
+    assert training_precision() == ("bfloat16" if native else "float32")
