@@ -146,3 +146,16 @@ def test_input_context_sets_shard_and_per_replica_batch():
     batches = take(ds, 4)
     assert all(x.shape[0] == 2 for x, _ in batches)
     assert {source(x[b]) for x, _ in batches for b in range(2)} == {1, 3}
+
+
+def test_pipelines_run_without_the_autotuning_thread():
+    # Deleting an iterator waits for tf.data's autotuning thread to wake: 30-40 s after a demo training.
+    vols = volumes()
+    training = make_training_dataset(vols, ClassWeightedSampler(SIZE), batch_size=2, echo=None)
+    validation = make_validation_dataset(vols, UniformSampler(SIZE), batch_size=2, windows_per_volume=1, seed=1)
+    for ds in (training, validation):
+        assert ds.options().autotune.enabled is False and ds.options().deterministic is True
+        iterator = iter(ds)
+        x, _ = next(iterator)
+        assert np.isfinite(x.numpy()).all()
+        del iterator
