@@ -237,7 +237,7 @@ class _BufferPool:
             return pair[0], pair[1]
 
 
-def _options() -> "tf.data.Options":
+def _options() -> tf.data.Options:
     """Deterministic pipelines without tf.data's autotuning thread.
 
     Deleting an iterator waits for that thread to leave its sleep, which took
