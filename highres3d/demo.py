@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 from highres3d.config import Config, load_config
+from highres3d.progress import count_noun
 
 #: The preset the demo fine-tunes from unless it is asked to train its own source.
 SOURCE_PRESET = "ixi_hippocampus_demo"
@@ -199,7 +200,7 @@ def run_demo(
 
     small = target_cfg.dataset.split.subset_sizes[0]
     echo(f"== 3/4 target: tumour core on BraTS-like T1+T2; {', '.join(methods)} on {small} training subjects "
-         f"and on all of them, {seeds} seed{'s' if seeds > 1 else ''} each ({len(specs)} trainings, "
+         f"and on all of them, {count_noun(seeds, 'seed')} each ({len(specs)} trainings, "
          f"{workers} at a time)")
     folder = output / "brats_experiment"
     rows = experiments.run_experiment(target_cfg, specs, folder, workers=workers, echo=lambda text: echo("   " + text),

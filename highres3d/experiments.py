@@ -33,6 +33,7 @@ from typing import Optional
 from highres3d.config import Config
 from highres3d.data.dataset import SPLITS
 from highres3d.errors import ConfigError, DataError
+from highres3d.progress import count_noun
 from highres3d.utils import atomic_path, parse_shard
 
 RESULT_COLUMNS = [
@@ -483,7 +484,7 @@ def _run_in_workers(cfg: Config, specs: Sequence[RunSpec], folder: Path, done: s
     shards = [f"{i}/{count}" for i in range(count)]
     jobs = [{"cfg": cfg, "specs": select_runs(todo, shard=shard), "folder": str(folder), "shard": shard,
              "show_progress": show_progress} for shard in shards]
-    echo(f"{len(todo)} runs in {count} worker processes, {threads} CPU thread{'s' if threads > 1 else ''} each: "
+    echo(f"{len(todo)} runs in {count} worker processes, {count_noun(threads, 'CPU thread')} each: "
          + "; ".join(f"worker {shard}: {', '.join(s.name for s in job['specs'])}" for shard, job in zip(shards, jobs)))
     run_in_workers(_experiment_worker, jobs, threads=threads, echo=echo,
                    hint="Run the same command again to resume: finished runs are reused, interrupted ones continue "

@@ -36,6 +36,11 @@ _REDRAW_SECONDS = 0.1
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
+def count_noun(n: int, noun: str) -> str:
+    """``3, "subject"`` -> ``"3 subjects"``; ``1, "subject"`` -> ``"1 subject"``."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def format_duration(seconds: float) -> str:
     """``75`` -> ``"1m15s"``, ``3725`` -> ``"1h02m"``."""
     seconds = max(0, int(round(seconds)))

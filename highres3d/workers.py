@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from highres3d.errors import ConfigError, Highres3dError, WorkerError
+from highres3d.progress import count_noun
 
 #: Seconds between checks that the workers are still alive while their output is quiet.
 _POLL_SECONDS = 0.2
@@ -204,7 +205,7 @@ def run_in_workers(
         others = count - len(failed)
         summary = "; ".join(parts)
         if others:
-            summary += f". The other {others} worker{'s' if others > 1 else ''} finished their work"
+            summary += f". The other {count_noun(others, 'worker')} finished their work"
         raise WorkerError(summary + (f". {hint}" if hint else ""), failed=failed)
 
 
@@ -227,7 +228,7 @@ def _worker_main(target: Callable[..., Any], index: int, count: int, threads: Op
     try:
         if threads is not None:
             limit_cpu_threads(threads)
-            print(f"{threads} CPU thread{'s' if threads > 1 else ''} (TensorFlow intra-op and inter-op)")
+            print(f"{count_noun(threads, 'CPU thread')} (TensorFlow intra-op and inter-op)")
         target(**kwargs)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -52,7 +52,6 @@ docs/performance.md for what that costs against MONAI.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -60,6 +59,7 @@ from typing import Optional
 import numpy as np
 
 from highres3d.samplers.grid import GridSampler
+from highres3d.workers import available_cpus
 
 __all__ = ["GridAggregator", "BLEND_MODES", "OUTPUTS", "argmax_channels", "gaussian_profile", "softmax"]
 
@@ -130,7 +130,7 @@ def _shared_pool(workers: int) -> ThreadPoolExecutor:
 
 def _resolve_threads(threads: Optional[int]) -> int:
     if threads is None:
-        threads = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 4)
+        threads = min(available_cpus(), 4)
     return max(1, int(threads))
 
 

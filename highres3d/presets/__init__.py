@@ -230,11 +230,10 @@ def _portable_config(cfg) -> str:
 
 def _synthesizer(generator: str, show_progress: Optional[bool] = False) -> Callable:
     """The synthetic-data writer of ``generator`` (``"ixi"`` or ``"brats"``): ``make(folder, n, size=, seed=)``."""
-    from highres3d.data.synth import synthesize
+    from highres3d.data import synth
 
-    if generator not in ("ixi", "brats"):
-        raise ConfigError(f"generator {generator!r}: expected 'ixi' or 'brats'")
-    return functools.partial(synthesize, generator, show_progress=show_progress)
+    synth.generator(generator)  # an unknown generator stops here, before any work
+    return functools.partial(synth.synthesize, generator, show_progress=show_progress)
 
 
 def _dice_summary(scores: list[float]) -> dict:

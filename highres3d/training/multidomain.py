@@ -38,13 +38,13 @@ import numpy as np
 from highres3d.config import Config, DatasetConfig
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.errors import DataError, Highres3dError
+from highres3d.progress import count_noun
 from highres3d.training.run import MetricsLog, RunState
 from highres3d.training.stages import scheduled_lr
 from highres3d.training.trainer import (
     FIRST_STEP_PHASE,
     Trainer,
     TrainResult,
-    _count,
     _loop_variables,
     _strategy,
     build_loss,
@@ -300,12 +300,12 @@ class MultiDomainTrainer(Trainer):
                        "wall_time": state.wall_time}
                 bar.update(status=f"{domain.name} loss {loss:.4f}")
                 if validating and state.iteration % t.validation_every == 0:
-                    with bar.phase(f"validating the windows of {_count(len(val_domains), 'dataset')}"):
+                    with bar.phase(f"validating the windows of {count_noun(len(val_domains), 'dataset')}"):
                         row.update(self._validate_windows(domains))
                 scheduled = state.iteration % t.checkpoint_every == 0 or state.iteration == t.max_iter
                 if scheduled and validating:
-                    with bar.phase(f"validating {_count(sum(len(d.val_volumes) for d in val_domains), 'subject')} "
-                                   f"of {_count(len(val_domains), 'dataset')}"):
+                    with bar.phase(f"validating {count_noun(sum(len(d.val_volumes) for d in val_domains), 'subject')} "
+                                   f"of {count_noun(len(val_domains), 'dataset')}"):
                         row.update(self._validate_domain_volumes(domains))
                         self._update_best(model, state, row["val_volume_dice"])
                 if self._record(state, row, log, writer, checkpoint, scheduled or state.iteration == stop,

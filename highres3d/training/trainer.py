@@ -32,6 +32,7 @@ from highres3d.data import histogram
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.data.preprocess import Volume, load_volume
 from highres3d.errors import DataError, Highres3dError
+from highres3d.progress import count_noun
 from highres3d.training import cluster
 from highres3d.training.run import MetricsLog, RunFolder, RunState, WorkerRunFolder
 from highres3d.training.stages import STAGE_SEED_STRIDE, resolve_stages, scheduled_lr, stage_at, write_stage_plan
@@ -364,7 +365,7 @@ class Trainer:
         stop = t.max_iter if self.stop_after is None else min(t.max_iter, self.stop_after)
         stage, iterator, batches, train_step = None, None, None, None
         self.echo(f"training {model.count_params():,} parameters for iterations {start_iter + 1}..{stop} "
-                  f"in {len(stages)} stage{'s' if len(stages) > 1 else ''} -> {self.run.path}")
+                  f"in {count_noun(len(stages), 'stage')} -> {self.run.path}")
         clock = time.perf_counter()
         wall_before = state.wall_time
         bar = Progress(stop, "train", unit="windows", rate_scale=t.batch_size, start=start_iter,
@@ -420,10 +421,10 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(state.iteration, model, _local(strategy, images), _local(strategy, labels))
                 if validate:
-                    with bar.phase(f"validating {_count(len(validation[0]), 'window')}"):
+                    with bar.phase(f"validating {count_noun(len(validation[0]), 'window')}"):
                         row.update(self._validate(model, validation_loss, validation))
                 if scheduled and self.val_volumes:
-                    with bar.phase(f"validating {_count(len(self.val_volumes), 'subject')}"):
+                    with bar.phase(f"validating {count_noun(len(self.val_volumes), 'subject')}"):
                         row["val_volume_dice"] = self._validate_volumes(model)
                         self._update_best(model, state, row["val_volume_dice"])
                 if self._record(state, row, log, writer, checkpoint, scheduled or state.iteration == stop):
@@ -593,11 +594,6 @@ def _strategy(name: str):
 def _local(strategy, value) -> np.ndarray:
     """This worker's share of a distributed batch, as one NumPy array."""
     return np.concatenate([np.asarray(v) for v in strategy.experimental_local_results(value)])
-
-
-def _count(n: int, noun: str) -> str:
-    """``3, "subject"`` -> ``"3 subjects"``; ``1, "subject"`` -> ``"1 subject"``."""
-    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 def _prefixed(echo: Callable[[str], None], prefix: str, message: str) -> None:

@@ -220,3 +220,12 @@ def test_cli_writes_subjects_and_prints_how_to_use_them(tmp_path, capsys):
     assert main(["synth", "brats", str(tmp_path / "b"), "--subjects", "1", "--seed", "3"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["synth", "brats", str(tmp_path / "b"), "--subjects", "1", "--seed", "3", "--overwrite"]) == 0
+
+
+def test_an_unknown_generator_is_a_config_error_naming_the_choices(tmp_path):
+    from highres3d.data.synth import synthesize
+    from highres3d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="generator 'ct': expected 'ixi' or 'brats'"):
+        synthesize("ct", tmp_path / "out", 1)
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,21 @@ from highres3d.data.synth.brats import synthesize_brats
 from highres3d.data.synth.common import GENERATOR_VERSION, MANIFEST
 from highres3d.data.synth.ixi import synthesize_ixi
 
-__all__ = ["synthesize", "synthesize_ixi", "synthesize_brats", "GENERATOR_VERSION", "MANIFEST"]
+__all__ = ["synthesize", "generator", "synthesize_ixi", "synthesize_brats", "GENERATOR_VERSION", "MANIFEST"]
+
+
+def generator(kind: str) -> Callable:
+    """The writer of ``kind``, ``"ixi"`` (:func:`synthesize_ixi`) or ``"brats"`` (:func:`synthesize_brats`).
+
+    Raises:
+        ConfigError: for any other kind.
+    """
+    from highres3d.errors import ConfigError
+
+    make = {"ixi": synthesize_ixi, "brats": synthesize_brats}.get(kind)
+    if make is None:
+        raise ConfigError(f"generator {kind!r}: expected 'ixi' or 'brats'")
+    return make
 
 
 def synthesize(kind: str, out_dir, n_subjects: int, *, size: str = "small", seed: int = 0, overwrite: bool = False,
@@ -35,12 +49,13 @@ def synthesize(kind: str, out_dir, n_subjects: int, *, size: str = "small", seed
 
     Returns:
         The subject ids.
+
+    Raises:
+        ConfigError: for an unknown ``kind``.
     """
     from highres3d.progress import Progress
 
-    make = {"ixi": synthesize_ixi, "brats": synthesize_brats}.get(kind)
-    if make is None:
-        raise ValueError(f"kind must be 'ixi' or 'brats', got {kind!r}")
+    make = generator(kind)
     width = len(str(n_subjects))
     with Progress(n_subjects, f"synth {kind}", unit="subjects", enabled=show_progress) as progress:
 
