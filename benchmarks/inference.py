@@ -6,8 +6,12 @@ mode.  Each method's model calls are timed separately, so the table shows the
 whole call and the stitching part (whole call minus model time): extracting
 windows, blending, normalising and producing the output.  highres3d stitches in
 a thread while the model computes the next window, so its model time is taken
-from a separate model-only pass over the same windows (the peers stitch
-between model calls, so their model calls are timed inside the run).  highres3d is asked
+from a model-only pass over the same windows run right before each call (the
+peers stitch between model calls, so their model calls are timed inside the
+run).  Whole calls are the best of every repetition; stitching is the median of
+the per-repetition differences (this machine's noise is larger than some of
+the differences, and a median of paired samples survives it where a difference
+of two minima does not).  highres3d is asked
 for labels (argmax, uint8), its default product; MONAI and TorchIO return the
 blended logits, and their argmax is not included in their times.
 
@@ -23,7 +27,7 @@ CPU.
 
 Run from the repository root, never beside another benchmark:
 
-    .venv/bin/python benchmarks/inference.py [--reps 3] [--real-net]
+    .venv/bin/python benchmarks/inference.py [--reps 5] [--real-net]
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ SHAPE = (240, 240, 155)
 CHANNELS = 2
 ROI = 96
 OVERLAPS = (0.0, 0.25, 0.5)
+BLENDS = ("crop", "average", "gaussian")
 
 
 def make_volume() -> np.ndarray:
@@ -52,39 +57,45 @@ def make_volume() -> np.ndarray:
 def timed(fn, reps: int):
     """Run fn once to warm up, then ``reps`` times; fn returns its model seconds.
 
-    Returns the best (smallest) whole-call and stitching times: on a shared
-    machine other jobs only ever add time, so the minimum is the steadiest
-    estimate of a method's own cost, and both sides are measured the same way.
+    Returns the lists of whole-call and stitching (whole call minus model) times.
     """
     fn()
-    totals, models = [], []
+    totals, stitches = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
         model_s = fn()
         totals.append(time.perf_counter() - t0)
-        models.append(model_s)
-    return min(totals), min(t - m for t, m in zip(totals, models))
+        stitches.append(totals[-1] - model_s)
+    return totals, stitches
 
 
-def best_of(rounds: list[list[dict]]) -> list[dict]:
-    """Per row (method, overlap, mode), the smallest total and stitching time over the rounds."""
-    best: dict = {}
+def summarise(rounds: list[list[dict]]) -> list[dict]:
+    """Per row (method, overlap, mode), every round's samples pooled.
+
+    ``total`` is the smallest whole call (other jobs on a shared machine only
+    ever add time); ``stitch`` is the median of the per-repetition stitching
+    times, each taken from one call and the model time measured right beside it,
+    so a busy spell shifts both halves of a difference and the median drops the
+    spells that hit only one.
+    """
+    pooled: dict = {}
     for rows in rounds:
         for r in rows:
             key = (r["method"], r["overlap"], r["mode"])
-            if key not in best:
-                best[key] = dict(r)
-            else:
-                best[key]["total"] = min(best[key]["total"], r["total"])
-                best[key]["stitch"] = min(best[key]["stitch"], r["stitch"])
-                if "model" in r:
-                    best[key]["model"] = min(best[key]["model"], r["model"])
-    for r in best.values():
-        if "model" in r:
-            # Measured apart from the whole call: best whole call minus best model-only pass,
-            # so one noisy model-only pass cannot make the stitching look free.
-            r["stitch"] = r["total"] - r["model"]
-    return list(best.values())
+            if key not in pooled:
+                pooled[key] = dict(r, totals=[], stitches=[])
+            pooled[key].pop("alone", None)
+            pooled[key]["totals"] += r["totals"]
+            pooled[key]["stitches"] += r["stitches"]
+            if "alone" in r:
+                pooled[key].setdefault("alone_samples", []).extend(r["alone"])
+    for r in pooled.values():
+        r["total"] = min(r["totals"])
+        r["stitch"] = float(np.median(r["stitches"]))
+        r["samples"] = len(r["stitches"])
+        if "alone_samples" in r:
+            r["alone"] = float(np.median(r.pop("alone_samples")))
+    return list(pooled.values())
 
 
 class ModelClock:
@@ -110,24 +121,44 @@ def n_windows(overlap: float) -> int:
 # --------------------------------------------------------------------------- highres3d
 
 
-def model_seconds(predict, volume, overlap: float, args) -> float:
-    """Best time of the model alone over every window of the grid, fed as predict_volume feeds it."""
+def model_pass(predict, volume, overlap: float, batch_size: int) -> float:
+    """Seconds of the model alone over every window of the grid, fed as predict_volume feeds it."""
     from highres3d.samplers.grid import GridSampler
 
     sampler = GridSampler(SHAPE, ROI, overlap=overlap)
     locations = sampler.locations
+    t0 = time.perf_counter()
+    for first in range(0, len(locations), batch_size):
+        locs = locations[first:first + batch_size]
+        if len(locs) == 1:
+            x, y, z = locs[0]
+            predict(volume[None, x:x + ROI, y:y + ROI, z:z + ROI])
+        else:
+            predict(np.stack([volume[x:x + ROI, y:y + ROI, z:z + ROI] for x, y, z in locs]))
+    return time.perf_counter() - t0
 
-    def run():
-        for first in range(0, len(locations), args.batch_size):
-            locs = locations[first:first + args.batch_size]
-            if len(locs) == 1:
-                x, y, z = locs[0]
-                predict(volume[None, x:x + ROI, y:y + ROI, z:z + ROI])
-            else:
-                predict(np.stack([volume[x:x + ROI, y:y + ROI, z:z + ROI] for x, y, z in locs]))
-        return 0.0
 
-    return timed(run, args.reps)[0]
+def blending_alone(predict, volume, overlap: float, blend: str, reps: int) -> list[float]:
+    """Seconds of the aggregator alone (no model running beside it) on the grid's real model outputs.
+
+    predict_volume hides stitching behind the model's next call; this is the
+    work it hides, in one thread of control as the peers do it, for a
+    conservative comparison.
+    """
+    from highres3d.aggregators.grid import GridAggregator
+    from highres3d.samplers.grid import GridSampler
+
+    sampler = GridSampler(SHAPE, ROI, overlap=overlap)
+    outputs = [predict(volume[None, x:x + ROI, y:y + ROI, z:z + ROI]) for x, y, z in sampler.locations]
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        aggregator = GridAggregator(sampler, CHANNELS, blend=blend)
+        for out, location in zip(outputs, sampler.locations):
+            aggregator.add_batch(out, location[None])
+        aggregator.result()
+        times.append(time.perf_counter() - t0)
+    return times[1:]
 
 
 def run_ours(args) -> list[dict]:
@@ -145,26 +176,44 @@ def run_ours(args) -> list[dict]:
     rows = []
     for overlap in OVERLAPS:
         # predict_volume stitches in a thread while the model runs, so the model's own
-        # wall time inside the call no longer separates the two: the model's time is
-        # measured alone, over the same windows, and stitching = whole call - that.
-        model_only = model_seconds(predict, volume, overlap, args)
-        for blend in ("crop", "average", "gaussian"):
-            def call():
-                predict_volume(predict, volume, ROI, overlap=overlap, blend=blend, batch_size=args.batch_size)
-                return 0.0
-            total, _ = timed(call, args.reps)
-            stitch = total - model_only
+        # wall time inside the call no longer separates the two: each call is paired
+        # with a model-only pass over the same windows right before it, and
+        # stitching = whole call - that pass.
+        def call(blend):
+            t0 = time.perf_counter()
+            predict_volume(predict, volume, ROI, overlap=overlap, blend=blend, batch_size=args.batch_size)
+            return time.perf_counter() - t0
+
+        model_pass(predict, volume, overlap, args.batch_size)
+        samples = {blend: ([], []) for blend in BLENDS}
+        for blend in BLENDS:
+            call(blend)  # warm-up: the aggregator's first buffers and threads
+        for _ in range(args.reps):
+            for blend in BLENDS:
+                model_s = model_pass(predict, volume, overlap, args.batch_size)
+                total = call(blend)
+                samples[blend][0].append(total)
+                samples[blend][1].append(total - model_s)
+        for blend in BLENDS:
+            totals, stitches = samples[blend]
+            alone = blending_alone(predict, volume, overlap, blend, args.reps)
             rows.append(dict(method="highres3d", overlap=overlap, mode=blend, windows=n_windows(overlap),
-                             total=total, stitch=stitch, model=model_only))
-            print(f"  highres3d overlap {overlap} {blend}: {total * 1e3:.0f} ms, stitching {stitch * 1e3:.0f} ms",
+                             totals=totals, stitches=stitches, alone=alone))
+            print(f"  highres3d overlap {overlap} {blend}: {min(totals) * 1e3:.0f} ms, "
+                  f"stitching {np.median(stitches) * 1e3:.0f} ms, alone {np.median(alone) * 1e3:.0f} ms",
                   file=sys.stderr, flush=True)
 
-    def whole():
-        predict_volume(predict, volume, None)
-        return 0.0
-    total, _ = timed(whole, args.reps)
-    stitch = total - timed(lambda: predict(volume[None]) is None and 0.0, args.reps)[0]
-    rows.append(dict(method="highres3d", overlap="-", mode="whole volume", windows=1, total=total, stitch=stitch))
+    def seconds(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    model_only = lambda: predict(volume[None])  # noqa: E731
+    whole = lambda: predict_volume(predict, volume, None)  # noqa: E731
+    seconds(model_only), seconds(whole)
+    pairs = [(seconds(model_only), seconds(whole)) for _ in range(args.reps)]
+    rows.append(dict(method="highres3d", overlap="-", mode="whole volume", windows=1, totals=[w for _, w in pairs],
+                     stitches=[w - m for m, w in pairs]))
     return rows
 
 
@@ -222,9 +271,9 @@ def run_peers(args) -> dict:
                     clock = ModelClock(trivial)
                     sliding_window_inference(x, (ROI,) * 3, args.batch_size, clock, overlap=overlap, mode=mode)
                     return clock.seconds
-                total, stitch = timed(call, args.reps)
-                rows.append(dict(method="MONAI swi", overlap=overlap, mode=mode, total=total, stitch=stitch))
-                print(f"  MONAI overlap {overlap} {mode}: {total * 1e3:.0f} ms", file=sys.stderr, flush=True)
+                totals, stitches = timed(call, args.reps)
+                rows.append(dict(method="MONAI swi", overlap=overlap, mode=mode, totals=totals, stitches=stitches))
+                print(f"  MONAI overlap {overlap} {mode}: {min(totals) * 1e3:.0f} ms", file=sys.stderr, flush=True)
             voxels = int(round(overlap * ROI))
             voxels += voxels % 2  # TorchIO needs an even overlap
             for mode in () if args.no_torchio else ("crop", "average", "hann"):
@@ -238,10 +287,10 @@ def run_peers(args) -> dict:
                         aggregator.add_batch(clock(batch["image"][tio.DATA]), batch[tio.LOCATION])
                     aggregator.get_output_tensor()
                     return clock.seconds
-                total, stitch = timed(call, args.reps)
+                totals, stitches = timed(call, args.reps)
                 rows.append(dict(method=f"TorchIO (overlap {voxels} vox)", overlap=overlap, mode=mode,
-                                 total=total, stitch=stitch))
-                print(f"  TorchIO overlap {voxels} {mode}: {total * 1e3:.0f} ms", file=sys.stderr, flush=True)
+                                 totals=totals, stitches=stitches))
+                print(f"  TorchIO overlap {voxels} {mode}: {min(totals) * 1e3:.0f} ms", file=sys.stderr, flush=True)
     real = []
     if args.real_net:
         from monai.networks.nets import HighResNet
@@ -272,8 +321,8 @@ def print_table(rows, headers):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up, per round (best shown)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds alternating the peers and highres3d (best shown)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up, per round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds alternating the peers and highres3d (samples pooled)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON (benchmarks/run_all.py reads it)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1, help="windows per model call, for every method")
@@ -311,16 +360,16 @@ def main() -> int:
                 peer_rounds.append(result["rows"])
         print(f"round {round_ + 1}/{args.rounds}, highres3d", file=sys.stderr, flush=True)
         our_rounds.append(run_ours(args))
-    ours = best_of(our_rounds)
+    ours = summarise(our_rounds)
     if peers:
-        peers["rows"] = best_of(peer_rounds)
+        peers["rows"] = summarise(peer_rounds)
     if args.json:
         Path(args.json).write_text(json.dumps({"ours": ours, "peers": peers}, indent=1))
     import tensorflow as tf
 
     print(f"\nvolume {CHANNELS}x{'x'.join(map(str, SHAPE))}, windows {ROI}^3, trivial Conv 1x1x1 {CHANNELS}->{CHANNELS}, "
-          f"batch {args.batch_size}, {args.threads} threads, best of {args.rounds} rounds x {args.reps} reps "
-          "after a warm-up, peers and ours alternating; "
+          f"batch {args.batch_size}, {args.threads} threads, {args.rounds} rounds x {args.reps} reps after a warm-up "
+          "(whole call: best; stitching: median), peers and ours alternating; "
           f"tensorflow {tf.__version__}" + (f"; {peers['versions']}" if peers else ""))
     monai = {(r["overlap"], r["mode"]): r for r in (peers or {}).get("rows", []) if r["method"] == "MONAI swi"}
     table = []
@@ -331,13 +380,18 @@ def main() -> int:
         elif r["mode"] == "gaussian":
             ref = monai.get((r["overlap"], "gaussian"))
         ratio = f"{r['stitch'] / ref['stitch']:.2f}" if ref and ref["stitch"] > 0 else "-"
+        alone = f"{r['alone'] * 1e3:.0f}" if "alone" in r else "-"
+        alone_ratio = f"{r['alone'] / ref['stitch']:.2f}" if "alone" in r and ref and ref["stitch"] > 0 else "-"
         table.append([r["method"], r["overlap"], r["mode"], r["windows"], f"{r['total'] * 1e3:.0f}",
-                      f"{r['stitch'] * 1e3:.0f}", ratio])
+                      f"{r['stitch'] * 1e3:.0f}", ratio, alone, alone_ratio])
     for r in (peers or {}).get("rows", []):
         table.append([r["method"], r["overlap"], r["mode"], n_windows(r["overlap"]) if r["method"] == "MONAI swi" else "-",
-                      f"{r['total'] * 1e3:.0f}", f"{r['stitch'] * 1e3:.0f}", ""])
-    print_table(table, ["method", "overlap", "mode", "windows", "total ms", "stitching ms", "stitching / MONAI"])
-    print("stitching = whole call minus model time; highres3d crop/average compare with MONAI 'constant'.")
+                      f"{r['total'] * 1e3:.0f}", f"{r['stitch'] * 1e3:.0f}", "", "", ""])
+    print_table(table, ["method", "overlap", "mode", "windows", "total ms", "stitching ms", "stitching / MONAI",
+                        "blending alone ms", "alone / MONAI"])
+    print("stitching = whole call minus model time (median of paired samples); blending alone = highres3d's aggregator "
+          "on the same model outputs with no model beside it (median); highres3d crop/average compare with "
+          "MONAI 'constant'.")
 
     if args.real_net:
         real = run_ours_real(args) + (peers or {}).get("real", [])

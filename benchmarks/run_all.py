@@ -9,6 +9,11 @@ without it the peers' columns stay empty.
 
     .venv/bin/python benchmarks/run_all.py            # the full run (tens of minutes)
     .venv/bin/python benchmarks/run_all.py --quick    # smoke run, figures meaningless
+
+The page is rewritten down to the line ``NOTES_MARKER``; what follows it
+(hand-written, dated investigations) is carried over unchanged, so a new run
+never loses them.  A page without the marker is kept whole below it.  The
+page is replaced atomically: an interrupted run leaves the old one.
 """
 from __future__ import annotations
 
@@ -25,6 +30,20 @@ import _peers  # benchmarks/_peers.py: this script's folder is sys.path[0]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+NOTES_MARKER = "<!-- Notes below this line are written by hand; benchmarks/run_all.py keeps them. -->"
+
+
+def kept_notes(page: Path) -> str:
+    """The hand-written notes of an existing page: everything after NOTES_MARKER, or the whole page without one."""
+    if not page.is_file():
+        return ""
+    text = page.read_text()
+    if NOTES_MARKER in text:
+        return text.split(NOTES_MARKER, 1)[1].strip("\n")
+    if not text.strip():
+        return ""
+    # A page from before the marker: nothing on it is thrown away, it moves below.
+    return "## Earlier page (kept whole by run_all.py)\n\n" + text.strip("\n")
 
 
 def run(script: str, args: list[str], json_path: Path, peers_python: str | None, env: dict) -> object:
@@ -87,8 +106,12 @@ def inference_rows(data: dict) -> list[list[str]]:
             continue
         ref = monai.get((r["overlap"], "gaussian" if r["mode"] == "gaussian" else "constant"))
         ratio = r["stitch"] / ref["stitch"] if ref and ref["stitch"] > 0 else None
+        alone = ""
+        if r.get("alone") is not None:
+            alone = f"; blending alone {r['alone'] * 1e3:.0f} ms" + (
+                f" = {r['alone'] / ref['stitch']:.2f} of MONAI's" if ref and ref["stitch"] > 0 else "")
         out.append([f"stitching ms, overlap {r['overlap']}, {r['mode']} (total ms: ours {r['total'] * 1e3:.0f}"
-                    + (f", MONAI {ref['total'] * 1e3:.0f})" if ref else ")"),
+                    + (f", MONAI {ref['total'] * 1e3:.0f}" if ref else "") + alone + ")",
                     fmt(r["stitch"] * 1e3), fmt(ref["stitch"] * 1e3) if ref else "-", fmt(ratio, 2), "≤ 0.5",
                     "-" if ratio is None else ("yes" if ratio <= 0.5 else "no")])
     return out
@@ -112,7 +135,8 @@ def model_rows(data: dict) -> list[list[str]]:
     return out
 
 
-def render(sections: list[tuple[str, str, list[list[str]]]], commit: str, date: str, quick: bool) -> str:
+def render(sections: list[tuple[str, str, list[list[str]]]], commit: str, date: str, quick: bool,
+           notes: str = "") -> str:
     lines = [
         "# Performance",
         "",
@@ -131,7 +155,9 @@ def render(sections: list[tuple[str, str, list[list[str]]]], commit: str, date: 
         lines += ["| figure | ours | peer | ratio | target | met |", "|---|---|---|---|---|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "## GPU", "", "`benchmarks/gpu.sh` (JAX backend) has not been run: no GPU machine was lent "
-              "while these figures were taken.", ""]
+              "while these figures were taken.", "", NOTES_MARKER, ""]
+    if notes:
+        lines += [notes, ""]
     return "\n".join(lines)
 
 
@@ -175,8 +201,13 @@ def main() -> int:
                 data = run(script, extra, path, peers_python, env)
             command = f"python benchmarks/{script} {' '.join(extra)}".strip()
             sections.append((title, command, rows_of(data) if data is not None else []))
-    Path(args.out).write_text(render(sections, commit, date, args.quick))
-    print(f"wrote {args.out}", file=sys.stderr)
+    out = Path(args.out)
+    notes = kept_notes(out)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(render(sections, commit, date, args.quick, notes))
+    os.replace(partial, out)
+    kept = f", keeping {len(notes.splitlines())} lines of notes below the marker" if notes else ""
+    print(f"wrote {out}{kept}", file=sys.stderr)
     return 0
 
 

@@ -20,6 +20,9 @@ def load_run_all():
 
 def test_quick_run_writes_the_page(tmp_path):
     out = tmp_path / "performance.md"
+    run_all = load_run_all()
+    notes = "### A dated investigation\n\nmeasured by hand, 2026-12-03"
+    out.write_text("# Performance\n\n| figure | old generated table |\n\n" + run_all.NOTES_MARKER + "\n\n" + notes + "\n")
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"}
     # The stitching benchmark alone keeps this a smoke test; the other sections are rendered below.
     done = subprocess.run(
@@ -31,6 +34,23 @@ def test_quick_run_writes_the_page(tmp_path):
     page = out.read_text()
     assert "at commit `" in page and "Smoke run" in page
     assert "| stitching ms, overlap 0.5, gaussian" in page and "| ≤ 0.5 |" in page
+    assert "blending alone" in page
+    # the generated part is replaced, the notes below the marker are carried over once, after it
+    assert "old generated table" not in page and page.count(notes) == 1
+    assert page.index(run_all.NOTES_MARKER) < page.index(notes)
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_a_page_without_the_marker_is_kept_whole_below_it(tmp_path):
+    run_all = load_run_all()
+    page = tmp_path / "performance.md"
+    assert run_all.kept_notes(page) == ""
+    page.write_text("# Performance\n\nhand-made table\n")
+    notes = run_all.kept_notes(page)
+    assert "hand-made table" in notes and notes.startswith("## Earlier page")
+    rendered = run_all.render([], "abc123", "2026-01-01 00:00 UTC", False, notes)
+    page.write_text(rendered)
+    assert run_all.kept_notes(page) == notes  # a second run keeps them as they are
 
 
 def test_sections_render_ours_peer_ratio_target_and_met():
@@ -50,10 +70,13 @@ def test_sections_render_ours_peer_ratio_target_and_met():
     assert rows[-1][0].endswith("% of the step waiting") and rows[-1][1] == "25"
     assert rows[0][1:] == ["950", "900", "1.06", "≥ 1.0", "yes"]
     assert rows[2][3:] == ["0.95", "≥ 0.90", "yes"] and rows[3][-1] == "yes"
-    inference = {"ours": [{"method": "highres3d", "overlap": 0.5, "mode": "gaussian", "total": 0.3, "stitch": 0.1}],
+    inference = {"ours": [{"method": "highres3d", "overlap": 0.5, "mode": "gaussian", "total": 0.3, "stitch": 0.1,
+                           "alone": 0.05}],
                  "peers": {"rows": [{"method": "MONAI swi", "overlap": 0.5, "mode": "gaussian", "total": 0.2,
                                      "stitch": 0.1}]}}
-    assert run_all.inference_rows(inference)[0][1:] == ["100", "100", "1.00", "≤ 0.5", "no"]
+    stitching = run_all.inference_rows(inference)[0]
+    assert stitching[1:] == ["100", "100", "1.00", "≤ 0.5", "no"]
+    assert "blending alone 50 ms = 0.50 of MONAI's" in stitching[0]
     step = {"min_s": 1.0}
     model = {"ours": {"default": [{"size": 32, "batch": 1, "train": step, "forward": step}]},
              "peer": [{"size": 32, "batch": 1, "train": {"min_s": 2.0}, "forward": {"min_s": 0.5}}]}

@@ -38,8 +38,8 @@ needs no float buffer at all.  Only ``probabilities``/``logits`` output holds a
 full (X, Y, Z, C) float32 array, because that is what is returned.
 
 Speed: blending is bound by memory traffic, not arithmetic.  Each window's
-output is read once, a few y-z planes at a time, and its weighted contribution
-is added to the ring while those planes are in cache.  Gaussian weights are
+output is read once, in blocks of y-z planes holding about 1 MB of it, and its
+weighted contribution is added to the ring while those planes are in cache.  Gaussian weights are
 separable too: for two-class labels a block is multiplied by one y-z plane of
 weights and a scalar per x plane (no 3-D weight array is read per window);
 with more channels a read-only (x, y, z, C) weight array is built once per
@@ -120,7 +120,14 @@ def argmax_channels(values: np.ndarray, dtype=np.uint8, out: Optional[np.ndarray
     return labels
 
 
-_BLOCK_PLANES = 4
+#: Window output handled per step of blending: large enough that the Python step
+#: costs little against the arithmetic (measured 1.35 -> 1.08 ms per 96^3 window
+#: going from 4 planes to 14), small enough to stay near the 1-2 MB L2 of one core.
+_BLOCK_BYTES = 1 << 20
+
+
+def _block_planes(plane_bytes: int) -> int:
+    return max(1, _BLOCK_BYTES // max(1, int(plane_bytes)))
 
 
 @functools.cache
@@ -323,9 +330,10 @@ class GridAggregator:
         # and NumPy releases the GIL, so threads share the blocks.
         blocks = []
         lo = 0
+        step = _block_planes(window[0].nbytes)
         while lo < wx:
             wrap = wx - (x0 + lo) % wx
-            hi = min(lo + _BLOCK_PLANES, wx, lo + wrap)
+            hi = min(lo + step, wx, lo + wrap)
             blocks.append((lo, hi))
             lo = hi
         def add_run(run) -> None:
@@ -356,10 +364,11 @@ class GridAggregator:
         zs = slice(before[2], before[2] + self.sampler.shape[2])
         chunks = []
         p = self._slab_start
+        step = _block_planes(self._slab[0].nbytes)
         while p < until:
             # Contiguous ring runs, split further into blocks for the threads.
             r = p % wx
-            q = min(until, p + wx - r, p + _BLOCK_PLANES * 2)
+            q = min(until, p + wx - r, p + step)
             chunks.append((p, q))
             p = q
 

@@ -193,9 +193,20 @@ def reference_blend(image, sampler, blend, model):
     return (total / weight)[b[0]:b[0] + image.shape[0], b[1]:b[1] + image.shape[1], b[2]:b[2] + image.shape[2]]
 
 
+@pytest.fixture(params=["default", "one plane"])
+def block_size(request, monkeypatch):
+    """Blending in its default blocks (a whole small window) and one plane per block (many blocks, ring wraps)."""
+    import highres3d.aggregators.grid as grid
+
+    if request.param == "one plane":
+        monkeypatch.setattr(grid, "_BLOCK_BYTES", 1)
+        assert grid._block_planes(4096) == 1
+    return request.param
+
+
 @pytest.mark.parametrize("blend", ["average", "gaussian"])
 @pytest.mark.parametrize("classes", [2, 3])
-def test_blending_matches_a_float64_reference(blend, classes):
+def test_blending_matches_a_float64_reference(blend, classes, block_size):
     """A window-position-dependent model, so overlapping windows disagree and the weights matter."""
     image = np.random.default_rng(4).normal(size=(23, 17, 12, classes)).astype(np.float32)
     s = GridSampler(image.shape[:3], (9, 8, 7), overlap=0.4)
@@ -217,7 +228,8 @@ def test_blending_matches_a_float64_reference(blend, classes):
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("shape,window,overlap", [((19, 13, 11), (8, 8, 8), 0.25), ((25, 9, 14), (10, 9, 6), 0.5)])
-def test_two_class_gaussian_labels_weight_the_difference_like_the_reference(threads, shape, window, overlap):
+def test_two_class_gaussian_labels_weight_the_difference_like_the_reference(threads, shape, window, overlap,
+                                                                           block_size):
     """Two-class labels blend one channel weighted from the 1-D profiles; the 3-D reference decides the sign."""
     image = np.random.default_rng(5).normal(size=shape + (2,)).astype(np.float32)
     s = GridSampler(shape, window, overlap=overlap)
