@@ -84,7 +84,7 @@ def summarise(rounds: list[list[dict]]) -> list[dict]:
             key = (r["method"], r["overlap"], r["mode"])
             if key not in pooled:
                 pooled[key] = dict(r, totals=[], stitches=[])
-            pooled[key].pop("alone", None)
+                pooled[key].pop("alone", None)
             pooled[key]["totals"] += r["totals"]
             pooled[key]["stitches"] += r["stitches"]
             if "alone" in r:
@@ -142,8 +142,8 @@ def blending_alone(predict, volume, overlap: float, blend: str, reps: int) -> li
     """Seconds of the aggregator alone (no model running beside it) on the grid's real model outputs.
 
     predict_volume hides stitching behind the model's next call; this is the
-    work it hides, in one thread of control as the peers do it, for a
-    conservative comparison.
+    work it hides, done between nothing else as the peers stitch between model
+    calls: a comparison that gives us no credit for the overlap.
     """
     from highres3d.aggregators.grid import GridAggregator
     from highres3d.samplers.grid import GridSampler
