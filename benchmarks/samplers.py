@@ -225,7 +225,8 @@ def pipeline(volume, quick: bool) -> list[dict]:
     import tensorflow as tf
 
     from highres3d.augment import AffineAugmentation, RandomAffine3D
-    from highres3d.data.pipeline import make_training_dataset
+    from highres3d.data.pipeline import crop_geometry, make_training_dataset
+    from highres3d.data.resident import ResidentVolumes
     from highres3d.samplers import ClassWeightedSampler
 
     batch = 4
@@ -239,16 +240,30 @@ def pipeline(volume, quick: bool) -> list[dict]:
             f"crops are {margin_bytes:.1f}x the bytes of a 96^3 window; resampling not included",
         ),
         ("tf.data pipeline, 2 cores, CPU rotation/scaling", aug, "cpu", 6, ""),
+        (
+            "tf.data pipeline, 2 cores, on-device aug., volumes on device (window positions only)", aug, "resident",
+            250, "training.cache: device; the step cuts the crops from the resident volumes",
+        ),
     ]
     step = _small_step()
     layers = {jit: RandomAffine3D.from_augmentation(aug, W, seed=0, jit_resample=jit) for jit in (True, False)}
     augment = {jit: tf.function(lambda x, y, layer=layer: layer((x, y), training=True)) for jit, layer in layers.items()}
 
+    sampler = ClassWeightedSampler(W, {0: 1, 1: 1})
+    crop_size, margin = crop_geometry(sampler, aug, "device")
+    resident = ResidentVolumes([volume], crop_size, margin)
+    cut = tf.function(resident.cut)
+
     def dataset(augmentation, where):
         return make_training_dataset(
-            [volume], ClassWeightedSampler(W, {0: 1, 1: 1}), batch_size=batch, windows_per_volume=8,
-            augmentation=augmentation, augment_on=where, seed=1, echo=None,
+            [volume], sampler, batch_size=batch, windows_per_volume=8, augmentation=augmentation,
+            augment_on="device" if where == "resident" else where, seed=1, echo=None,
+            positions_only=where == "resident",
         )
+
+    def pair(element):
+        # training.cache device: the pipeline yields positions, cut into crops on the "device" (here: the CPU).
+        return (element, None) if not isinstance(element, (tuple, list)) else element
 
     def measure(it, n_batches, consume=None):
         rates = []
@@ -256,7 +271,7 @@ def pipeline(volume, quick: bool) -> list[dict]:
         for _ in range(3):
             t0 = time.perf_counter()
             for _ in range(n_batches):
-                x, y = next(it)
+                x, y = pair(next(it))
                 if consume is not None:
                     consume(x, y)
             rates.append(batch * n_batches / (time.perf_counter() - t0))
@@ -271,11 +286,19 @@ def pipeline(volume, quick: bool) -> list[dict]:
         ds = dataset(augmentation, where)
         it = iter(ds)
         for _ in range(4):
-            x, y = next(it)
-        crop = tuple(int(s) for s in x.shape[1:4])
+            x, y = pair(next(it))
+        crop = tuple(int(s) for s in (cut(x)[0] if where == "resident" else x).shape[1:4])
         windows_s, cpu_ms = measure(it, n_batches)
-        note = f"{cpu_ms:.2f} CPU-ms/window" + (f"; {note}" if note else "")
+        note = f"{cpu_ms:.3f} CPU-ms/window" + (f"; {note}" if note else "")
         rows.append(dict(method=f"{name} [{'x'.join(map(str, crop))}]", windows_s=windows_s, kind="pipeline", note=note))
+        if where == "resident":
+            # The cut and the resampling, both on the device; on this machine the device is the 2 CPU cores.
+            fn = tf.function(lambda rows: augment[True](*cut(rows)))
+            fn(x)[0].numpy()
+            aug_rate, aug_cpu = measure(it, max(2, n_batches // 50), lambda x, y: fn(x)[0].numpy())
+            rows.append(dict(
+                method=f"augmented windows/s, 2 cores, volumes on device (resident cut + RandomAffine3D, XLA) "
+                       f"[{W}x{W}x{W}]", windows_s=aug_rate, kind="augmented", note=f"{aug_cpu:.1f} CPU-ms/window"))
         if where == "device":
             # What training with augmentation.device: accelerator gets on these cores: crops, then the layer.
             for jit in (True, False):
@@ -288,13 +311,20 @@ def pipeline(volume, quick: bool) -> list[dict]:
                            f"{'XLA' if jit else 'graph, jit_resample=False'}) [{W}x{W}x{W}]",
                     windows_s=aug_rate, kind="augmented", note=f"{aug_cpu:.1f} CPU-ms/window"))
         # The share of a training step spent waiting for the next batch (input-bound when near 1).
-        consume = (lambda x, y: step(*augment[True](x, y))) if where == "device" else step
+        if where == "resident":
+            def consume(x, y):
+                return step(*augment[True](*cut(x)))
+        elif where == "device":
+            def consume(x, y):
+                return step(*augment[True](x, y))
+        else:
+            consume = step
         consume(x, y).numpy()
         waited = total = 0.0
         n_steps = 3 if quick else 8
         for _ in range(n_steps):
             t0 = time.perf_counter()
-            x, y = next(it)
+            x, y = pair(next(it))
             t1 = time.perf_counter()
             consume(x, y).numpy()
             waited, total = waited + t1 - t0, total + time.perf_counter() - t0

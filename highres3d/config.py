@@ -295,7 +295,7 @@ class TrainingConfig:
     max_checkpoints: int = _field(5, "checkpoints kept (the best model is always kept)", _positive)
     patience: int = _field(0, "stop after this many whole-volume validations without a better Dice (0 = never)", _non_negative)
     seed: int = _field(0, "seed of initialisation, sampling and augmentation")
-    cache: Literal["ram", "lazy"] = _field("ram", "keep preprocessed volumes in memory or reload them")
+    cache: Literal["ram", "lazy", "device"] = _field("ram", "keep preprocessed volumes in memory, reload them (lazy), or hold the training volumes on the accelerator (device: the pipeline sends window positions only; needs augmentation.device accelerator)")
     shuffle_buffer: int = _field(32, "windows in the shuffle buffer", _positive)
     mixed_precision: Union[bool, MixedPrecisionName] = _field(False, "compute in float16 (with loss scaling) or bfloat16 (no loss scaling, so per-group learning rates work) with float32 weights; false: float32; true: float16 (older configs)")
     strategy: Literal["default", "mirrored", "multi_worker"] = _field("default", "tf.distribute strategy")
@@ -527,6 +527,21 @@ def _cross_checks(cfg: Config) -> None:
     _check_learning_rates(cfg.training.lr_multipliers, cfg.training.lr_decay, "training")
     _check_mean_var(cfg.transfer)
     _check_stages(cfg)
+    _check_device_cache(cfg)
+
+
+def _check_device_cache(cfg: Config) -> None:
+    """``training.cache: device`` cuts windows in the training step, so the step must also resample them."""
+    if cfg.training.cache != "device":
+        return
+    a = cfg.augmentation
+    resamples = a.rotation_degrees or a.scaling_percent or a.flip_axes or a.intensity_scale or a.intensity_shift
+    if resamples and a.device != "accelerator":
+        raise ConfigError("training.cache: 'device' cuts the windows on the accelerator, so augmentation must run "
+                          "there too: set augmentation.device to 'accelerator' (or training.cache to 'ram')")
+    if cfg.datasets:
+        raise ConfigError("training.cache: 'device' is not supported by multi-domain pretraining ('datasets'); "
+                          "use 'ram' or 'lazy'")
 
 
 def _check_class_lists(cfg: Config) -> None:

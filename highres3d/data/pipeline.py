@@ -65,7 +65,7 @@ from highres3d.augment.affine import AffineAugmentation
 from highres3d.errors import ConfigError, DataError
 from highres3d.samplers.base import WindowSampler, crop
 
-__all__ = ["make_training_dataset", "make_validation_dataset", "memory_estimate"]
+__all__ = ["crop_geometry", "make_training_dataset", "make_validation_dataset", "memory_estimate"]
 
 AUTOTUNE = tf.data.AUTOTUNE
 _LOCATION_TAG, _AUGMENT_TAG = 1, 2
@@ -297,6 +297,16 @@ def _gb(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def crop_geometry(sampler: WindowSampler, augmentation: Optional[AffineAugmentation],
+                  augment_on: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """``(crop_size, margin)`` of what the pipeline delivers: the window, or for on-device
+    augmentation the window plus the augmentation's margin on every side."""
+    margin = (0, 0, 0)
+    if augmentation is not None and augment_on == "device":
+        margin = tuple(int(m) for m in augmentation.margin(sampler.window_size))
+    return tuple(w + 2 * m for w, m in zip(sampler.window_size, margin)), margin
+
+
 def make_training_dataset(
     volumes: Sequence[Any] | Sequence[Callable[[], Any]],
     sampler: WindowSampler,
@@ -316,6 +326,7 @@ def make_training_dataset(
     input_context: Optional[tf.distribute.InputContext] = None,
     in_channels: Optional[int] = None,
     echo: Optional[Callable[[str], None]] = print,
+    positions_only: bool = False,
 ) -> tf.data.Dataset:
     """An endless, shuffled stream of ``(image, label)`` window batches for ``model.fit``.
 
@@ -346,6 +357,11 @@ def make_training_dataset(
         input_context: see ``num_shards``.
         in_channels: Image channels; only needed lazily, to avoid loading one volume up front.
         echo: Where the one-line memory estimate goes (``None``: nowhere).
+        positions_only: Yield the batches' position rows ``(B, 6)`` int64
+            ``[volume, x, y, z, visit, j]`` instead of windows, for volumes held on
+            the accelerator (:class:`~highres3d.data.resident.ResidentVolumes` cuts
+            them into exactly the windows this pipeline would have delivered).
+            Needs volumes in RAM, and no CPU augmentation.
     """
     _check_positive(
         batch_size=batch_size, windows_per_volume=windows_per_volume, shuffle_buffer=shuffle_buffer,
@@ -357,20 +373,21 @@ def make_training_dataset(
         raise ConfigError(f"pipeline augmentation: expected an AffineAugmentation or None, got {augmentation!r}")
     num_shards, shard_index, batch_size = _sharding(num_shards, shard_index, input_context, batch_size)
     source = _Source(volumes, sampler)
+    if positions_only and source.lazy:
+        raise ConfigError("training.cache 'device': the volumes are copied to the accelerator once, so they must "
+                          "be loaded (in RAM), not lazy loaders")
+    if positions_only and augmentation is not None and augment_on == "cpu":
+        raise ConfigError("training.cache 'device' resamples on the accelerator: set augmentation.device to "
+                          "'accelerator' (or training.cache to 'ram' for CPU augmentation)")
     lab_dtype = _label_dtype(label_dtype, sampler)
     if in_channels is None:
         in_channels = int(source.first().image.shape[3]) if source.lazy else int(source.volumes[0].image.shape[3])
 
-    margin = (0, 0, 0)
-    cpu_aug = None
-    if augmentation is not None and augment_on == "device":
-        margin = augmentation.margin(sampler.window_size)
-    elif augmentation is not None:
-        cpu_aug = augmentation
-    out_size = tuple(w + 2 * m for w, m in zip(sampler.window_size, margin))
+    out_size, margin = crop_geometry(sampler, augmentation, augment_on)
+    cpu_aug = augmentation if augment_on == "cpu" else None
     cutter = _Cutter(source, out_size, in_channels, lab_dtype, cpu_aug, margin, (int(seed), num_shards, shard_index))
 
-    window_bytes = int(np.prod(out_size)) * (4 * in_channels + lab_dtype.itemsize)
+    window_bytes = int(np.prod(out_size)) * (4 * in_channels + lab_dtype.itemsize) if not positions_only else 48
     in_flight = (num_parallel_calls or os.cpu_count() or 2) + prefetch + 1
     if echo is not None:
         held = memory_estimate(volumes, window_bytes, batch_size, in_flight, 0 if not source.lazy else shuffle_buffer)
@@ -411,6 +428,9 @@ def make_training_dataset(
         windows = windows.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
         if not shard_volumes:
             windows = windows.shard(num_shards, shard_index)
+        if positions_only:
+            _check_positive(prefetch=prefetch)
+            return windows.batch(batch_size, drop_remainder=True).prefetch(prefetch).with_options(_options())
 
         def cut_batch(specs):
             image, label = tf.numpy_function(cutter.cut, [specs], [tf.float32, tf.as_dtype(lab_dtype)], stateful=False)

@@ -324,12 +324,15 @@ class Trainer:
             model = self._model(state)
             optimizer = build_optimizer(cfg, model)
             augment_layer = self._device_augmentation()
+            resident = self._resident_volumes()
             loop_variables = _loop_variables(optimizer, augment_layer)
             if state.iteration > 0:
                 self.run.restore_loop_variables(self.run.latest_checkpoint(state), loop_variables)
 
         def make_train_step(trainable, loss_fn):
-            def step(images, labels):
+            def step(batch):
+                # training.cache 'device': the batch is window positions; the windows are cut here, on the device.
+                images, labels = resident.cut(batch) if resident is not None else batch
                 if augment_layer is not None:
                     images, labels = augment_layer((images, labels), training=True)
                 with tf.GradientTape() as tape:
@@ -347,8 +350,8 @@ class Trainer:
 
             # One compiled step per stage: freezing changes the variables and the BN modes it traces.
             @tf.function
-            def train_step(images, labels):
-                per_replica = strategy.run(step, args=(images, labels))
+            def train_step(batch):
+                per_replica = strategy.run(step, args=(batch,))
                 return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
             return train_step
@@ -395,7 +398,8 @@ class Trainer:
                     # so a run resumed mid-stage draws the windows the uninterrupted run drew.
                     batches = self._training_batches(strategy, build_sampler(cfg, stage.sampler),
                                                      start_batch=state.iteration - stage.first + 1,
-                                                     seed=t.seed + STAGE_SEED_STRIDE * stage.index)
+                                                     seed=t.seed + STAGE_SEED_STRIDE * stage.index,
+                                                     positions_only=resident is not None)
                     iterator = iter(batches)
                     where = "starts" if state.iteration + 1 == stage.first else "resumes"
                     self.echo(f"{stage.describe()} {where} at iteration {state.iteration + 1}; "
@@ -403,8 +407,8 @@ class Trainer:
                 lr = scheduled_lr(t.lr_schedule, stage.lr, state.iteration + 1 - stage.first, stage.iterations)
                 optimizer.set_learning_rates(lr, stage.multipliers)
                 with first_step:
-                    images, labels = next(iterator)
-                    loss = float(train_step(images, labels))
+                    batch = next(iterator)
+                    loss = float(train_step(batch))
                 if not math.isfinite(loss):
                     raise Highres3dError(
                         f"iteration {state.iteration + 1}: the loss is {loss}; lower training.lr or check the data "
@@ -419,7 +423,11 @@ class Trainer:
                 if validate or scheduled or state.iteration == stop:
                     average_statistics()
                 if self.on_step is not None:
-                    self.on_step(state.iteration, model, _local(strategy, images), _local(strategy, labels))
+                    if resident is not None:
+                        images, labels = (t.numpy() for t in resident.cut(_local(strategy, batch)))
+                    else:
+                        images, labels = (_local(strategy, part) for part in batch)
+                    self.on_step(state.iteration, model, images, labels)
                 if validate:
                     with bar.phase(f"validating {count_noun(len(validation[0]), 'window')}"):
                         row.update(self._validate(model, validation_loss, validation))
@@ -497,10 +505,12 @@ class Trainer:
         )
         return None if augmentation.is_identity else augmentation
 
-    def _training_batches(self, strategy, sampler, start_batch: int, seed: int, volumes=None):
+    def _training_batches(self, strategy, sampler, start_batch: int, seed: int, volumes=None,
+                          positions_only: bool = False):
         """The window stream of ``seed``, positioned at batch ``start_batch`` (a resumed run continues it).
 
-        ``volumes`` (default: the training volumes) lets the multi-domain trainer draw one stream per dataset.
+        ``volumes`` (default: the training volumes) lets the multi-domain trainer draw one stream per dataset;
+        ``positions_only`` streams window positions for :meth:`_resident_volumes` to cut.
         """
         from highres3d.data.pipeline import make_training_dataset
 
@@ -520,10 +530,26 @@ class Trainer:
                 seed=seed,
                 input_context=input_context,
                 echo=None,
+                positions_only=positions_only,
             )
             return dataset.skip(start_batch)
 
         return strategy.distribute_datasets_from_function(dataset_fn)
+
+    def _resident_volumes(self):
+        """``training.cache: device``: the training volumes, copied to the accelerator once (else None)."""
+        if self.cfg.training.cache != "device":
+            return None
+        from highres3d.data.pipeline import crop_geometry
+        from highres3d.data.resident import ResidentVolumes
+
+        cfg = self.cfg
+        sampler = build_sampler(cfg)
+        crop_size, margin = crop_geometry(sampler, self._augmentation(), "device")
+        resident = ResidentVolumes(self.train_volumes, crop_size, margin, sampler.pad_value, sampler.label_pad_value)
+        self.echo(f"training: {count_noun(len(self.train_volumes), 'volume')} held on the device "
+                  f"({resident.nbytes / 2**30:.2f} GiB per replica); the pipeline sends window positions only")
+        return resident
 
     def _device_augmentation(self):
         """The on-device resampling layer, when augmentation runs inside the training step."""

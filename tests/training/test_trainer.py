@@ -85,6 +85,31 @@ def test_resume_gives_the_same_loss_curve(data, tmp_path, device, stop):
     assert len(losses(split)) == 6
 
 
+def test_volumes_on_the_device_train_exactly_like_volumes_in_ram(data, tmp_path):
+    """training.cache 'device': positions through tf.data, windows cut in the step; same windows, same losses."""
+    extra = ["augmentation.rotation_degrees=10", "augmentation.scaling_percent=10", "augmentation.device=accelerator",
+             "training.max_iter=4"]
+    ram = tmp_path / "ram"
+    train(tiny_config(data, *extra, "training.cache=ram"), ram, echo=lambda *_: None)
+    said = []
+    device = tmp_path / "device"
+    cfg = tiny_config(data, *extra, "training.cache=device")
+    train(cfg, device, stop_after=2, echo=said.append)
+    assert any("held on the device" in line and "window positions only" in line for line in said)
+    train(cfg, device, resume=True, echo=lambda *_: None)  # resumed: the position stream continues too
+    np.testing.assert_allclose(losses(device), losses(ram), rtol=1e-5, atol=1e-6)
+    assert len(losses(device)) == 4
+
+
+def test_volumes_on_the_device_need_augmentation_on_the_device(data):
+    from highres3d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="augmentation.device to 'accelerator'"):
+        tiny_config(data, "training.cache=device", "augmentation.rotation_degrees=10")
+    fine = tiny_config(data, "training.cache=device", "augmentation.rotation_degrees=10", "augmentation.device=accelerator")
+    assert fine.training.cache == "device"
+
+
 def test_resume_refuses_another_config(data, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(data), run, stop_after=2, echo=lambda *_: None)

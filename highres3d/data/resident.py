@@ -1,0 +1,112 @@
+"""Training volumes held on the accelerator (``training.cache: device``).
+
+With volumes in RAM the input pipeline copies every window (or its margin
+crop, for ``augmentation.device: accelerator``) on the CPU: 7-25 MB per 96^3
+window, a few CPU-milliseconds each, which caps what a few cores can feed a
+fast accelerator.  Here every training volume is copied to the accelerator
+once, the pipeline sends only window positions (six integers a window), and
+the training step cuts the windows from the resident volumes with one gather,
+then resamples them (:class:`~highres3d.augment.RandomAffine3D`) as before.
+
+Contract: :meth:`ResidentVolumes.cut` of a batch of the pipeline's position
+rows ``[volume, x, y, z, visit, j]`` returns exactly what the in-RAM pipeline
+would have delivered for them: ``image`` ``(B, *crop_size, C)`` float32 and
+``label`` ``(B, *crop_size)``, the crop starting ``margin`` voxels before the
+window start, with the sampler's pad values outside the volume.  Volumes may
+differ in shape: they are stored flattened one after another, with their
+offsets and shapes, so no padding is materialised.
+
+Cost: device memory holds every training volume (image float32 and label)
+once per replica; :func:`resident_bytes` gives the figure to check first.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from highres3d.errors import ConfigError
+
+__all__ = ["ResidentVolumes", "resident_bytes"]
+
+
+def resident_bytes(volumes: Sequence[Any], label_dtype=np.uint8) -> int:
+    """Device bytes :class:`ResidentVolumes` needs for ``volumes`` (per replica)."""
+    itemsize = np.dtype(label_dtype).itemsize
+    return sum(int(v.image.size) * 4 + int(v.label.size) * itemsize for v in volumes)
+
+
+class ResidentVolumes(tf.Module):
+    """Volumes stored once on the accelerator; windows cut by position inside a compiled step.
+
+    Args:
+        volumes: objects with ``image`` ``(X, Y, Z, C)`` and ``label`` ``(X, Y, Z)``
+            (the preprocessed training volumes, in RAM).
+        crop_size: spatial size of what :meth:`cut` returns (window + 2 * margin).
+        margin: voxels cut before the window start on each axis (the
+            augmentation's margin; 0 without on-device augmentation).
+        pad_value: image value outside a volume.
+        label_pad_value: label value outside a volume.
+        label_dtype: dtype of the labels returned (the pipeline's ``label_dtype``).
+
+    Create it inside ``strategy.scope()``: the volumes are non-trainable
+    variables, so a mirrored strategy keeps a copy on every replica's device.
+    """
+
+    def __init__(self, volumes: Sequence[Any], crop_size: Sequence[int], margin: Sequence[int] = (0, 0, 0),
+                 pad_value: float = 0.0, label_pad_value: int = 0, label_dtype=np.uint8) -> None:
+        super().__init__(name="resident_volumes")
+        if len(volumes) == 0:
+            raise ConfigError("training.cache 'device': the list of training volumes is empty")
+        channels = {int(v.image.shape[3]) for v in volumes}
+        if len(channels) != 1:
+            raise ConfigError(f"training.cache 'device': volumes with different channel counts {sorted(channels)}")
+        self.channels = channels.pop()
+        self.crop_size = tuple(int(c) for c in crop_size)
+        self.margin = tuple(int(m) for m in margin)
+        self.pad_value = float(pad_value)
+        self.label_pad_value = int(label_pad_value)
+        self.label_dtype = tf.as_dtype(np.dtype(label_dtype))
+        shapes = np.array([v.image.shape[:3] for v in volumes], dtype=np.int64)
+        sizes = shapes.prod(axis=1)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        image = np.empty(int(sizes.sum()) * self.channels, dtype=np.float32)
+        label = np.empty(int(sizes.sum()), dtype=np.dtype(label_dtype))
+        for v, offset, size in zip(volumes, offsets, sizes):
+            image[offset * self.channels:(offset + size) * self.channels] = np.asarray(v.image, np.float32).reshape(-1)
+            label[offset:offset + size] = np.asarray(v.label).reshape(-1)
+        self.shapes = tf.constant(shapes)
+        self.offsets = tf.constant(offsets)
+        self.image = tf.Variable(image, trainable=False, name="image")
+        self.label = tf.Variable(label, trainable=False, name="label")
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.image.shape[0]) * 4 + int(self.label.shape[0]) * self.label_dtype.size
+
+    def cut(self, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(image, label)`` crops for position rows ``(B, >= 4)``: volume index, then the window start."""
+        positions = tf.cast(positions, tf.int64)
+        volume = positions[:, 0]
+        start = positions[:, 1:4] - tf.constant(self.margin, tf.int64)
+        shape = tf.gather(self.shapes, volume)  # (B, 3)
+        offset = tf.gather(self.offsets, volume)  # (B,)
+        coords, inside = [], []
+        for axis, size in enumerate(self.crop_size):
+            c = start[:, axis:axis + 1] + tf.range(size, dtype=tf.int64)[None, :]  # (B, size)
+            extent = shape[:, axis:axis + 1]
+            inside.append((c >= 0) & (c < extent))
+            coords.append(tf.clip_by_value(c, 0, extent - 1))
+        # Flat voxel index of every crop voxel, clamped inside its volume; voxels outside get the pad values.
+        voxel = (offset[:, None, None, None]
+                 + coords[0][:, :, None, None] * (shape[:, 1] * shape[:, 2])[:, None, None, None]
+                 + coords[1][:, None, :, None] * shape[:, 2][:, None, None, None]
+                 + coords[2][:, None, None, :])
+        valid = inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None, :]
+        label = tf.where(valid, tf.gather(self.label, voxel), tf.cast(self.label_pad_value, self.label_dtype))
+        channel = tf.range(self.channels, dtype=tf.int64)
+        image = tf.gather(self.image, voxel[..., None] * self.channels + channel)
+        image = tf.where(valid[..., None], image, tf.constant(self.pad_value, tf.float32))
+        return image, label
