@@ -540,7 +540,7 @@ class Trainer:
         """``training.cache: device``: the training volumes, copied to the accelerator once (else None)."""
         if self.cfg.training.cache != "device":
             return None
-        from highres3d.data.pipeline import crop_geometry
+        from highres3d.data.pipeline import _gb, crop_geometry
         from highres3d.data.resident import ResidentVolumes
 
         cfg = self.cfg
@@ -548,7 +548,7 @@ class Trainer:
         crop_size, margin = crop_geometry(sampler, self._augmentation(), "device")
         resident = ResidentVolumes(self.train_volumes, crop_size, margin, sampler.pad_value, sampler.label_pad_value)
         self.echo(f"training: {count_noun(len(self.train_volumes), 'volume')} held on the device "
-                  f"({resident.nbytes / 2**30:.2f} GiB per replica); the pipeline sends window positions only")
+                  f"({_gb(resident.nbytes)} per replica); the pipeline sends window positions only")
         return resident
 
     def _device_augmentation(self):

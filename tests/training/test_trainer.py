@@ -155,12 +155,16 @@ print("REPLICAS", tf.distribute.MirroredStrategy().num_replicas_in_sync, "ITER",
 
 
 
-def test_mirrored_strategy_on_two_logical_cpus(data, tmp_path):
-    overrides = TINY + ["training.strategy=mirrored", "training.max_iter=2"]
+@pytest.mark.parametrize("cache", ["ram", "device"])
+def test_mirrored_strategy_on_two_logical_cpus(data, tmp_path, cache):
+    overrides = TINY + ["training.strategy=mirrored", "training.max_iter=2", f"training.cache={cache}"] + (
+        ["augmentation.device=accelerator"] if cache == "device" else [])
     out = subprocess.run([sys.executable, "-c", MIRRORED, str(data), str(tmp_path / "run")] + overrides,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REPLICAS 2 ITER 2" in out.stdout
+    # training.cache device: each replica's step cuts its windows from its copy of the volumes
+    assert ("held on the device" in out.stdout) == (cache == "device")
     # The logged loss is the whole batch's (not divided by the replicas): close to a
     # single-device run, up to BatchNorm using per-replica statistics.
     single = train(tiny_config(data, "training.max_iter=2"), tmp_path / "single", echo=lambda *_: None)
