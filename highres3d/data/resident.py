@@ -13,8 +13,9 @@ rows ``[volume, x, y, z, visit, j]`` returns exactly what the in-RAM pipeline
 would have delivered for them: ``image`` ``(B, *crop_size, C)`` float32 and
 ``label`` ``(B, *crop_size)``, the crop starting ``margin`` voxels before the
 window start, with the sampler's pad values outside the volume.  Volumes may
-differ in shape: they are stored flattened one after another, with their
-offsets and shapes, so no padding is materialised.
+differ in shape: they are stored flattened one after another (each from a
+64-byte boundary), with their offsets and shapes, so no padding is
+materialised; a window is one slice of its volume plus the pad around it.
 
 Cost: device memory holds every training volume (image float32 and label)
 once per replica; :func:`resident_bytes` gives the figure to check first.
@@ -30,6 +31,8 @@ import tensorflow as tf
 from highres3d.errors import ConfigError
 
 __all__ = ["ResidentVolumes", "resident_bytes"]
+
+_ALIGN = 64
 
 
 def resident_bytes(volumes: Sequence[Any], label_dtype=np.uint8) -> int:
@@ -71,9 +74,13 @@ class ResidentVolumes(tf.Module):
         self.label_dtype = tf.as_dtype(np.dtype(label_dtype))
         shapes = np.array([v.image.shape[:3] for v in volumes], dtype=np.int64)
         sizes = shapes.prod(axis=1)
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        image = np.empty(int(sizes.sum()) * self.channels, dtype=np.float32)
-        label = np.empty(int(sizes.sum()), dtype=np.dtype(label_dtype))
+        # Each volume starts on a multiple of _ALIGN voxels (64 bytes and more for either store), so
+        # slicing one out is a view; the gaps are a few bytes a volume.
+        spans = -(-sizes // _ALIGN) * _ALIGN
+        offsets = np.concatenate([[0], np.cumsum(spans)[:-1]]).astype(np.int64)
+        total = int(spans.sum())
+        image = np.zeros(total * self.channels, dtype=np.float32)
+        label = np.zeros(total, dtype=np.dtype(label_dtype))
         for v, offset, size in zip(volumes, offsets, sizes):
             image[offset * self.channels:(offset + size) * self.channels] = np.asarray(v.image, np.float32).reshape(-1)
             label[offset:offset + size] = np.asarray(v.label).reshape(-1)
@@ -89,24 +96,30 @@ class ResidentVolumes(tf.Module):
     def cut(self, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """``(image, label)`` crops for position rows ``(B, >= 4)``: volume index, then the window start."""
         positions = tf.cast(positions, tf.int64)
-        volume = positions[:, 0]
-        start = positions[:, 1:4] - tf.constant(self.margin, tf.int64)
-        shape = tf.gather(self.shapes, volume)  # (B, 3)
-        offset = tf.gather(self.offsets, volume)  # (B,)
-        coords, inside = [], []
-        for axis, size in enumerate(self.crop_size):
-            c = start[:, axis:axis + 1] + tf.range(size, dtype=tf.int64)[None, :]  # (B, size)
-            extent = shape[:, axis:axis + 1]
-            inside.append((c >= 0) & (c < extent))
-            coords.append(tf.clip_by_value(c, 0, extent - 1))
-        # Flat voxel index of every crop voxel, clamped inside its volume; voxels outside get the pad values.
-        voxel = (offset[:, None, None, None]
-                 + coords[0][:, :, None, None] * (shape[:, 1] * shape[:, 2])[:, None, None, None]
-                 + coords[1][:, None, :, None] * shape[:, 2][:, None, None, None]
-                 + coords[2][:, None, None, :])
-        valid = inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None, :]
-        label = tf.where(valid, tf.gather(self.label, voxel), tf.cast(self.label_pad_value, self.label_dtype))
-        channel = tf.range(self.channels, dtype=tf.int64)
-        image = tf.gather(self.image, voxel[..., None] * self.channels + channel)
-        image = tf.where(valid[..., None], image, tf.constant(self.pad_value, tf.float32))
+        image, label = tf.map_fn(
+            self._cut_one, positions,
+            fn_output_signature=(tf.TensorSpec(self.crop_size + (self.channels,), tf.float32),
+                                 tf.TensorSpec(self.crop_size, self.label_dtype)),
+        )
         return image, label
+
+    def _cut_one(self, row: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        crop = tf.constant(self.crop_size, tf.int64)
+        start = row[1:4] - tf.constant(self.margin, tf.int64)
+        shape = tf.gather(self.shapes, row[0])
+        offset = tf.gather(self.offsets, row[0])
+        voxels = tf.reduce_prod(shape)
+        # The part of the crop inside the volume, then the pad values around it.
+        lo = tf.clip_by_value(start, 0, shape)
+        hi = tf.clip_by_value(start + crop, 0, shape)
+        hi = tf.maximum(hi, lo)
+        padding = tf.stack([lo - start, start + crop - hi], axis=1)
+        # A 64-byte aligned 1-D slice is a view of the stored volume, not a copy (offsets are aligned).
+        volume = tf.reshape(tf.slice(self.image, [offset * self.channels], [voxels * self.channels]),
+                            tf.concat([shape, [self.channels]], 0))
+        part = tf.slice(volume, tf.concat([lo, [0]], 0), tf.concat([hi - lo, [self.channels]], 0))
+        image = tf.pad(part, tf.concat([padding, [[0, 0]]], 0), constant_values=self.pad_value)
+        labels = tf.reshape(tf.slice(self.label, [offset], [voxels]), shape)
+        label = tf.pad(tf.slice(labels, lo, hi - lo), padding,
+                       constant_values=tf.cast(self.label_pad_value, self.label_dtype))
+        return tf.ensure_shape(image, self.crop_size + (self.channels,)), tf.ensure_shape(label, self.crop_size)
