@@ -18,7 +18,8 @@ differ in shape: they are stored flattened one after another (each from a
 materialised; a window is one slice of its volume plus the pad around it.
 
 Cost: device memory holds every training volume (image float32 and label)
-once per replica; :func:`resident_bytes` gives the figure to check first.
+once per machine, on its first device; :func:`resident_bytes` gives the
+figure to check first.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ _ALIGN = 64
 
 
 def resident_bytes(volumes: Sequence[Any], label_dtype=np.uint8) -> int:
-    """Device bytes :class:`ResidentVolumes` needs for ``volumes`` (per replica)."""
+    """Device bytes :class:`ResidentVolumes` needs for ``volumes`` (one copy per machine)."""
     itemsize = np.dtype(label_dtype).itemsize
     return sum(int(v.image.size) * 4 + int(v.label.size) * itemsize for v in volumes)
 
@@ -54,8 +55,11 @@ class ResidentVolumes(tf.Module):
         label_pad_value: label value outside a volume.
         label_dtype: dtype of the labels returned (the pipeline's ``label_dtype``).
 
-    Create it inside ``strategy.scope()``: the volumes are non-trainable
-    variables, so a mirrored strategy keeps a copy on every replica's device.
+    Create it outside ``strategy.scope()``: one copy per machine, on its
+    default device (the first GPU), not one per replica, and nothing to
+    broadcast between the workers of a multi-worker run (whose collectives
+    would have to send every volume, and cannot send uint8).  Every replica's
+    windows are cut on that device and only the windows move to the replica.
     """
 
     def __init__(self, volumes: Sequence[Any], crop_size: Sequence[int], margin: Sequence[int] = (0, 0, 0),
@@ -96,11 +100,12 @@ class ResidentVolumes(tf.Module):
     def cut(self, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """``(image, label)`` crops for position rows ``(B, >= 4)``: volume index, then the window start."""
         positions = tf.cast(positions, tf.int64)
-        image, label = tf.map_fn(
-            self._cut_one, positions,
-            fn_output_signature=(tf.TensorSpec(self.crop_size + (self.channels,), tf.float32),
-                                 tf.TensorSpec(self.crop_size, self.label_dtype)),
-        )
+        with tf.device(self.image.device):
+            image, label = tf.map_fn(
+                self._cut_one, positions,
+                fn_output_signature=(tf.TensorSpec(self.crop_size + (self.channels,), tf.float32),
+                                     tf.TensorSpec(self.crop_size, self.label_dtype)),
+            )
         return image, label
 
     def _cut_one(self, row: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

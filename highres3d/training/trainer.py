@@ -324,10 +324,12 @@ class Trainer:
             model = self._model(state)
             optimizer = build_optimizer(cfg, model)
             augment_layer = self._device_augmentation()
-            resident = self._resident_volumes()
             loop_variables = _loop_variables(optimizer, augment_layer)
             if state.iteration > 0:
                 self.run.restore_loop_variables(self.run.latest_checkpoint(state), loop_variables)
+
+        # Outside the strategy's scope: one copy of the volumes per machine, not one per replica.
+        resident = self._resident_volumes()
 
         def make_train_step(trainable, loss_fn):
             def step(batch):
@@ -548,7 +550,7 @@ class Trainer:
         crop_size, margin = crop_geometry(sampler, self._augmentation(), "device")
         resident = ResidentVolumes(self.train_volumes, crop_size, margin, sampler.pad_value, sampler.label_pad_value)
         self.echo(f"training: {count_noun(len(self.train_volumes), 'volume')} held on the device "
-                  f"({_gb(resident.nbytes)} per replica); the pipeline sends window positions only")
+                  f"({_gb(resident.nbytes)} on its first device); the pipeline sends window positions only")
         return resident
 
     def _device_augmentation(self):

@@ -242,3 +242,16 @@ def test_only_the_chief_writes_the_run_folder(run):
     assert not list(resumed.scratch[1].iterdir()) and not list(resumed.scratch[0].iterdir())
     assert [p.name for p in killed.scratch[1].iterdir() if p.name.startswith("highres3d-")][0].startswith(
         "highres3d-worker1-")
+
+
+def test_volumes_on_the_device_with_two_workers(data, tmp_path):
+    """training.cache device: each worker keeps its own copy (nothing broadcast; collectives cannot send uint8)."""
+    launch = run_workers(data, tmp_path / "run", tmp_path, "device", "training.max_iter=2", "training.cache=device",
+                         "augmentation.device=accelerator")
+    for rc, out, err in launch.outputs:
+        assert rc == 0, err[-3000:]
+        assert "held on the device" in out and out.strip().splitlines()[-1] == f"RESULT 2 {tmp_path / 'run'}"
+    # the workers cut different windows and end every step with the same trainable weights
+    assert launch.traces[0][-1]["batch"] != launch.traces[1][-1]["batch"]
+    assert [r["trainable"] for r in launch.traces[0]] == [r["trainable"] for r in launch.traces[1]]
+    assert len({r["trainable"] for r in launch.traces[0]}) == 2  # and they change
