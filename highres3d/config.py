@@ -534,9 +534,9 @@ def _check_device_cache(cfg: Config) -> None:
     """``training.cache: device`` cuts windows in the training step, so the step must also resample them."""
     if cfg.training.cache != "device":
         return
-    a = cfg.augmentation
-    resamples = a.rotation_degrees or a.scaling_percent or a.flip_axes or a.intensity_scale or a.intensity_shift
-    if resamples and a.device != "accelerator":
+    from highres3d.augment.affine import AffineAugmentation  # NumPy only
+
+    if not AffineAugmentation.from_config(cfg.augmentation).is_identity and cfg.augmentation.device != "accelerator":
         raise ConfigError("training.cache: 'device' cuts the windows on the accelerator, so augmentation must run "
                           "there too: set augmentation.device to 'accelerator' (or training.cache to 'ram')")
     if cfg.datasets:

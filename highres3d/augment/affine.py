@@ -141,6 +141,13 @@ class AffineAugmentation:
                 f"{self.intensity_scale}, {self.intensity_shift}"
             )
 
+    @classmethod
+    def from_config(cls, section) -> AffineAugmentation:
+        """The augmentation of a config's ``augmentation`` section (``scaling_percent`` is a percentage)."""
+        return cls(rotation_degrees=section.rotation_degrees, scale_range=section.scaling_percent / 100.0,
+                   flip_axes=tuple(section.flip_axes), intensity_scale=section.intensity_scale,
+                   intensity_shift=section.intensity_shift)
+
     @property
     def is_identity(self) -> bool:
         return (

@@ -387,7 +387,8 @@ def make_training_dataset(
     cpu_aug = augmentation if augment_on == "cpu" else None
     cutter = _Cutter(source, out_size, in_channels, lab_dtype, cpu_aug, margin, (int(seed), num_shards, shard_index))
 
-    window_bytes = int(np.prod(out_size)) * (4 * in_channels + lab_dtype.itemsize) if not positions_only else 48
+    # Positions only: a row of six int64 a window.
+    window_bytes = int(np.prod(out_size)) * (4 * in_channels + lab_dtype.itemsize) if not positions_only else 6 * 8
     in_flight = (num_parallel_calls or os.cpu_count() or 2) + prefetch + 1
     if echo is not None:
         held = memory_estimate(volumes, window_bytes, batch_size, in_flight, 0 if not source.lazy else shuffle_buffer)

@@ -5,8 +5,8 @@ crop, for ``augmentation.device: accelerator``) on the CPU: 7-25 MB per 96^3
 window, a few CPU-milliseconds each, which caps what a few cores can feed a
 fast accelerator.  Here every training volume is copied to the accelerator
 once, the pipeline sends only window positions (six integers a window), and
-the training step cuts the windows from the resident volumes with one gather,
-then resamples them (:class:`~highres3d.augment.RandomAffine3D`) as before.
+the training step cuts the windows from the resident volumes (a slice and the
+pad around it), then resamples them (:class:`~highres3d.augment.RandomAffine3D`) as before.
 
 Contract: :meth:`ResidentVolumes.cut` of a batch of the pipeline's position
 rows ``[volume, x, y, z, visit, j]`` returns exactly what the in-RAM pipeline

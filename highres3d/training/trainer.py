@@ -500,11 +500,7 @@ class Trainer:
     def _augmentation(self):
         from highres3d.augment import AffineAugmentation
 
-        a = self.cfg.augmentation
-        augmentation = AffineAugmentation(
-            rotation_degrees=a.rotation_degrees, scale_range=a.scaling_percent / 100.0, flip_axes=tuple(a.flip_axes),
-            intensity_scale=a.intensity_scale, intensity_shift=a.intensity_shift,
-        )
+        augmentation = AffineAugmentation.from_config(self.cfg.augmentation)
         return None if augmentation.is_identity else augmentation
 
     def _training_batches(self, strategy, sampler, start_batch: int, seed: int, volumes=None,
