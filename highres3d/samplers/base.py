@@ -34,6 +34,8 @@ Edge policies
 from __future__ import annotations
 
 import abc
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -73,6 +75,72 @@ def as_generator(rng: np.random.Generator | int | None) -> np.random.Generator:
     return np.random.default_rng(rng)
 
 
+# Two copy paths for a window.  *Direct*: one slice assignment, i.e. for each
+# window row a short run out of the volume's row, with a gap after it.
+# *Staged*: the window's rows are read whole (one contiguous run per plane)
+# into a small scratch block that stays in cache, and the window is cut out of
+# that.  Staged reads up to 2x the bytes but streams them; which one wins
+# depends on the processor's prefetchers and on the row lengths.  On the AMD
+# EPYC measured for docs/performance.md, staged was 1.18-1.35x faster for
+# 2-channel float32 96^3 windows of 155-voxel rows (BraTS), and 0.68-0.95x for
+# one or four channels.  So each row geometry is timed both ways on its first
+# windows and then keeps the faster path.  Both paths give identical windows.
+_STAGE_MIN_FRACTION = 0.5  # staged reads (row / window row) <= 2x the bytes
+_STAGE_BYTES = 1 << 20  # one block of staged planes: the per-core L2 cache of the machines measured
+_STAGE_TRIALS = 5  # timed windows per path before a row geometry keeps the faster one
+_scratch = threading.local()
+_copy_times: dict[tuple, tuple[list[float], list[float]]] = {}
+_staged_wins: dict[tuple, bool] = {}
+
+
+def _scratch_bytes(nbytes: int) -> np.ndarray:
+    """A per-thread byte buffer of at least ``nbytes`` (tf.data crops in several threads)."""
+    buf = getattr(_scratch, "buffer", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _scratch.buffer = np.empty(nbytes, np.uint8)
+    return buf
+
+
+def _copy_staged_planes(array: np.ndarray, lo: Sequence[int], hi: Sequence[int], out: np.ndarray, rows_bytes: int) -> None:
+    (x0, y0, z0), (x1, y1, z1) = lo, hi
+    planes = min(x1 - x0, _STAGE_BYTES // rows_bytes)
+    scratch = _scratch_bytes(planes * rows_bytes)
+    for x in range(x0, x1, planes):
+        n = min(planes, x1 - x)
+        block = scratch[: n * rows_bytes].view(array.dtype).reshape((n, y1 - y0) + array.shape[2:])
+        block[...] = array[x : x + n, y0:y1]
+        out[x - x0 : x - x0 + n] = block[:, :, z0:z1]
+
+
+def _copy_box(array: np.ndarray, lo: Sequence[int], hi: Sequence[int], out: np.ndarray) -> None:
+    """``out[...] = array[lo:hi]`` (first three axes, all inside), by the faster copy path."""
+    (x0, y0, z0), (x1, y1, z1) = lo, hi
+    rows_bytes = (y1 - y0) * array[0, 0].nbytes  # one plane's rows, every voxel of the last axis
+    if not (
+        array.flags.c_contiguous
+        and x1 - x0 > 1
+        and _STAGE_MIN_FRACTION * array.shape[2] <= z1 - z0 < array.shape[2]
+        and rows_bytes <= _STAGE_BYTES
+    ):
+        out[...] = array[x0:x1, y0:y1, z0:z1]
+        return
+    key = (array.dtype.str, array.shape[1:], z1 - z0)
+    staged = _staged_wins.get(key)
+    if staged is None:
+        times = _copy_times.setdefault(key, ([], []))
+        staged = len(times[1]) < len(times[0])  # alternate: direct, staged, direct, ...
+        t0 = time.perf_counter()
+    if staged:
+        _copy_staged_planes(array, lo, hi, out, rows_bytes)
+    else:
+        out[...] = array[x0:x1, y0:y1, z0:z1]
+    if key not in _staged_wins:
+        # Per-voxel times, so border boxes of other sizes count alike; min is the least disturbed.
+        times[staged].append((time.perf_counter() - t0) / out.size)
+        if min(len(t) for t in times) >= _STAGE_TRIALS:
+            _staged_wins[key] = min(times[1]) < min(times[0])
+
+
 def crop(
     array: np.ndarray,
     start: Sequence[int],
@@ -83,25 +151,23 @@ def crop(
     """Copy ``array[start : start + size]`` (first three axes), padding outside the array.
 
     Trailing axes (channels) are kept whole.  A window entirely inside the
-    array costs one slice copy; only windows that cross the border pay for a
-    fill of the pad value.  ``out`` (shape ``size + array.shape[3:]``) lets
-    callers write straight into a batch buffer.
+    array costs one copy; only windows that cross the border pay for a fill of
+    the pad value.  ``out`` (shape ``size + array.shape[3:]``) lets callers
+    write straight into a batch buffer.
     """
     shape = array.shape[:3]
     if out is None:
         out = np.empty(tuple(size) + array.shape[3:], dtype=array.dtype)
-    s0, s1, s2 = (int(v) for v in start)
-    w0, w1, w2 = size
-    if s0 >= 0 and s1 >= 0 and s2 >= 0 and s0 + w0 <= shape[0] and s1 + w1 <= shape[1] and s2 + w2 <= shape[2]:
-        out[...] = array[s0 : s0 + w0, s1 : s1 + w1, s2 : s2 + w2]
+    start = tuple(int(v) for v in start)
+    lo = [max(s, 0) for s in start]
+    hi = [min(s + w, n) for s, w, n in zip(start, size, shape)]
+    if lo == list(start) and all(h - s == w for s, h, w in zip(start, hi, size)):
+        _copy_box(array, lo, hi, out)
         return out
     out.fill(pad_value)
-    lo = [max(s, 0) for s in (s0, s1, s2)]
-    hi = [min(s + w, n) for s, w, n in zip((s0, s1, s2), size, shape)]
     if all(h > l for l, h in zip(lo, hi)):
-        out[lo[0] - s0 : hi[0] - s0, lo[1] - s1 : hi[1] - s1, lo[2] - s2 : hi[2] - s2] = array[
-            lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]
-        ]
+        inside = tuple(slice(l - s, h - s) for s, l, h in zip(start, lo, hi))
+        _copy_box(array, lo, hi, out[inside])
     return out
 
 

@@ -108,6 +108,56 @@ def test_crop_writes_into_a_given_buffer_and_pads_lazily():
     assert np.all(far == 4.0)
 
 
+class _Always(dict):
+    """A ``_staged_wins`` table that has decided every geometry the same way."""
+
+    def __init__(self, staged):
+        super().__init__()
+        self.staged = staged
+
+    def get(self, key, default=None):
+        return self.staged
+
+    def __contains__(self, key):
+        return True
+
+
+@pytest.mark.parametrize(
+    "path, stage_bytes",
+    [("staged", 1 << 20), ("staged", 700), ("direct", 1 << 20), ("timed", 1 << 20), ("ineligible", 1)],
+    ids=["staged-one-block", "staged-blocks-of-2-planes", "direct", "timing-both", "block-too-small"],
+)
+@pytest.mark.parametrize("dtype, channels", [(np.float32, (2,)), (np.uint8, ())], ids=["image", "label"])
+def test_crop_matches_the_padded_reference_on_every_copy_path(monkeypatch, path, stage_bytes, dtype, channels):
+    from highres3d.samplers import base
+
+    monkeypatch.setattr(base, "_STAGE_BYTES", stage_bytes)
+    monkeypatch.setattr(base, "_copy_times", {})
+    monkeypatch.setattr(base, "_staged_wins", {} if path in ("timed", "ineligible") else _Always(path == "staged"))
+    staged = []
+    real_scratch = base._scratch_bytes
+    monkeypatch.setattr(base, "_scratch_bytes", lambda n: staged.append(n) or real_scratch(n))
+    rng = np.random.default_rng(3)
+    array = (100 * rng.random((12, 9, 10) + channels)).astype(dtype)
+    size = (5, 4, 6)  # 6 of 10 voxels on the last axis: eligible for the staged path if it fits the block
+    reference = padded(array, 8, 7)
+    starts = [(0, 0, 0), (7, 5, 4), (3, 2, 1), (-2, 1, 3), (9, 7, 6), (-3, -2, -4), (14, 0, 0)]
+    for start in starts + [(x, 1, 2) for x in range(7)] * 2:
+        got = crop(array, start, size, 7)
+        lo = [s + 8 for s in start]
+        np.testing.assert_array_equal(got, reference[lo[0] : lo[0] + 5, lo[1] : lo[1] + 4, lo[2] : lo[2] + 6])
+        assert got.dtype == dtype
+    assert bool(staged) == (path in ("staged", "timed"))
+    if path == "timed":
+        # Each path timed on the first windows of the geometry, then the faster one kept.
+        key = (array.dtype.str, array.shape[1:], 6)
+        assert [len(t) for t in base._copy_times[key]] == [base._STAGE_TRIALS] * 2
+        assert base._staged_wins[key] == (min(base._copy_times[key][1]) < min(base._copy_times[key][0]))
+    # A view that is not C-contiguous takes the direct copy and gives the same windows.
+    view = array[:, :, ::-1]
+    np.testing.assert_array_equal(crop(view, (2, 2, 2), size), view[2:7, 2:6, 2:8])
+
+
 def test_window_reports_size_stop_and_centre():
     volume = make_volume()
     w = UniformSampler((4, 5, 6)).crop(volume, (-1, 2, 3))
