@@ -249,17 +249,19 @@ def resample_window(
     half = (np.asarray(size) - 1) / 2
     corners = np.array(np.meshgrid(*[[-h, h] for h in half], indexing="ij")).reshape(3, -1)
     reach = matrix @ corners
-    lo = np.floor(centre + reach.min(axis=1)).astype(np.int64)
-    hi = np.floor(centre + reach.max(axis=1)).astype(np.int64) + 1
+    # One voxel of slack each side: float32 positions may round across the footprint's edge.
+    lo = np.floor(centre + reach.min(axis=1)).astype(np.int64) - 1
+    hi = np.floor(centre + reach.max(axis=1)).astype(np.int64) + 2
     shape = np.asarray(image.shape[:3])
     if np.all(lo >= 0) and np.all(hi <= shape - 1) and image.flags.c_contiguous:
-        src_img, src_lab, origin = image, label, np.zeros(3)
+        src_img, src_lab, origin = image, label, np.zeros(3, np.intp)
     else:
         # The footprint crosses the border: copy just the footprint, padded.
         box = tuple(int(v) for v in hi - lo + 1)
-        src_img = crop(image, lo, box, pad_value)
+        # Interleaved channels (C-order) whatever the volume's memory order: the gathers below read whole voxels.
+        src_img = crop(image, lo, box, pad_value, out=np.empty(box + (n_ch,), np.float32))
         src_lab = None if label is None else crop(label, lo, box, label_pad_value)
-        origin = lo.astype(np.float64)
+        origin = lo.astype(np.intp)
     if src_lab is not None and not src_lab.flags.c_contiguous:
         src_lab = np.ascontiguousarray(src_lab)
     sy, sz = src_img.shape[1], src_img.shape[2]
@@ -270,12 +272,12 @@ def resample_window(
         out_image = np.empty(size + (n_ch,), dtype=np.float32)
     if label is not None and out_label is None:
         out_label = np.empty(size, dtype=label.dtype)
-    img_rows = out_image.reshape(size[0], -1)
-    lab_rows = None if label is None else out_label.reshape(size[0], -1)
 
     # Affine positions separate into an x term and a (y, z) plane term.
     ux, uy, uz = (np.arange(s, dtype=np.float64) - h for s, h in zip(size, half))
-    base = centre - origin
+    # Positions in volume coordinates whichever the source: a copied footprint only shifts the
+    # integer indices, so a window is the same bit for bit in place or from the footprint.
+    base = centre
     x_term = (base[:, None] + matrix[:, 0:1] * ux[None, :]).astype(np.float32)  # (3, X)
     plane = ((matrix[:, 1, None, None] * uy[None, :, None]) + (matrix[:, 2, None, None] * uz[None, None, :]))
     plane = plane.reshape(3, -1).astype(np.float32)  # (3, Y*Z)
@@ -288,7 +290,7 @@ def resample_window(
         pos = [x_term[d, x0:x1, None] + plane[d][None, :] for d in range(3)]
         fl = [np.floor(p) for p in pos]
         frac = [np.subtract(p, f, out=p).reshape(-1) for p, f in zip(pos, fl)]
-        ix, iy, iz = (f.astype(np.intp).reshape(-1) for f in fl)
+        ix, iy, iz = (f.astype(np.intp).reshape(-1) - o for f, o in zip(fl, origin))
         idx = ix * sy
         idx += iy
         idx *= sz
@@ -328,12 +330,13 @@ def resample_window(
                     per_ch[:, c] *= scale[c]
                 if shift is not None:
                     per_ch[:, c] += shift[c]
-        img_rows[x0:x1] = a.reshape(x1 - x0, -1)
+        # Assigned, not reshaped: ``out_image`` may be a channel-first batch seen as (X, Y, Z, C).
+        out_image[x0:x1] = a.reshape((x1 - x0,) + size[1:] + (n_ch,))
 
         if lab_flat is not None:
             near = (ix + (frac[0] >= 0.5)) * sy
             near += iy + (frac[1] >= 0.5)
             near *= sz
             near += iz + (frac[2] >= 0.5)
-            lab_rows[x0:x1] = np.take(lab_flat, near).view(src_lab.dtype).reshape(x1 - x0, -1)
+            out_label[x0:x1] = np.take(lab_flat, near).view(src_lab.dtype).reshape((x1 - x0,) + size[1:])
     return out_image, out_label

@@ -32,7 +32,10 @@ only copies.
 
 Elements and determinism
 ------------------------
-Each element is ``(image, label)``: ``image`` ``(B, X, Y, Z, C)`` float32 and
+Each element is ``(image, label)``: ``image`` ``(B, X, Y, Z, C)`` float32
+(``(B, C, X, Y, Z)`` with ``data_format="channels_first"``, which copies
+faster out of :func:`~highres3d.samplers.channel_major` volumes; the consumer
+then applies :func:`to_channels_last` on the device) and
 ``label`` ``(B, X, Y, Z)`` in ``label_dtype`` (``"uint8"`` by default: a quarter
 of the bytes of int32, and Keras' sparse losses accept it; ``"int32"`` when
 ``label_pad_value`` is negative or classes exceed 255).  For a given ``seed``
@@ -65,10 +68,16 @@ from highres3d.augment.affine import AffineAugmentation
 from highres3d.errors import ConfigError, DataError
 from highres3d.samplers.base import WindowSampler, crop
 
-__all__ = ["crop_geometry", "make_training_dataset", "make_validation_dataset", "memory_estimate"]
+__all__ = ["crop_geometry", "make_training_dataset", "make_validation_dataset", "memory_estimate", "to_channels_last"]
 
 AUTOTUNE = tf.data.AUTOTUNE
 _LOCATION_TAG, _AUGMENT_TAG = 1, 2
+DATA_FORMATS = ("channels_last", "channels_first")
+
+
+def to_channels_last(images):
+    """``(B, C, X, Y, Z)`` -> ``(B, X, Y, Z, C)``: the model's input layout (run it in the training step)."""
+    return tf.transpose(images, (0, 2, 3, 4, 1))
 
 
 def _is_loader(item: Any) -> bool:
@@ -125,6 +134,7 @@ class _Cutter:
         augmentation: Optional[AffineAugmentation],
         margin: tuple[int, int, int],
         seed_prefix: tuple[int, ...],
+        channels_first: bool = False,
     ) -> None:
         self.source = source
         self.out_size = out_size
@@ -133,6 +143,7 @@ class _Cutter:
         self.augmentation = augmentation
         self.margin = np.asarray(margin, dtype=np.int64)
         self.seed_prefix = seed_prefix
+        self.channels_first = channels_first
         self._pools: dict[int, _BufferPool] = {}
 
     def starts(self, visit: int, index: int, count: int, rng_tag: int = _LOCATION_TAG) -> np.ndarray:
@@ -152,8 +163,11 @@ class _Cutter:
         pool = self._pools.get(n)
         if pool is None:
             shape = (n,) + self.out_size
-            pool = self._pools.setdefault(n, _BufferPool(shape + (self.in_channels,), shape, self.label_dtype))
+            image_shape = (n, self.in_channels) + self.out_size if self.channels_first else shape + (self.in_channels,)
+            pool = self._pools.setdefault(n, _BufferPool(image_shape, shape, self.label_dtype))
         image, label = pool.get(n)
+        # Windows are written through an (X, Y, Z, C) view whichever the buffer's order.
+        windows = np.moveaxis(image, 1, 4) if self.channels_first else image
         sampler = self.source.sampler
         for b in range(n):
             vol = volume if volume is not None else self.source.volume(int(specs[b, 0]))
@@ -167,12 +181,12 @@ class _Cutter:
                     rng,
                     pad_value=sampler.pad_value,
                     label_pad_value=sampler.label_pad_value,
-                    out_image=image[b],
+                    out_image=windows[b],
                     out_label=label[b],
                 )
             else:
                 start = start - self.margin
-                crop(vol.image, start, self.out_size, sampler.pad_value, image[b])
+                crop(vol.image, start, self.out_size, sampler.pad_value, windows[b])
                 crop(vol.label, start, self.out_size, sampler.label_pad_value, label[b])
         return image, label
 
@@ -327,6 +341,7 @@ def make_training_dataset(
     in_channels: Optional[int] = None,
     echo: Optional[Callable[[str], None]] = print,
     positions_only: bool = False,
+    data_format: Literal["channels_last", "channels_first"] = "channels_last",
 ) -> tf.data.Dataset:
     """An endless, shuffled stream of ``(image, label)`` window batches for ``model.fit``.
 
@@ -362,6 +377,10 @@ def make_training_dataset(
             the accelerator (:class:`~highres3d.data.resident.ResidentVolumes` cuts
             them into exactly the windows this pipeline would have delivered).
             Needs volumes in RAM, and no CPU augmentation.
+        data_format: ``"channels_last"`` batches ``(B, X, Y, Z, C)``, or ``"channels_first"``
+            ``(B, C, X, Y, Z)`` (Keras' names): the faster copy from
+            :func:`~highres3d.samplers.channel_major` volumes; apply
+            :func:`to_channels_last` in the training step.
     """
     _check_positive(
         batch_size=batch_size, windows_per_volume=windows_per_volume, shuffle_buffer=shuffle_buffer,
@@ -369,6 +388,8 @@ def make_training_dataset(
     )
     if augment_on not in ("cpu", "device"):
         raise ConfigError(f"pipeline augment_on: expected 'cpu' or 'device', got {augment_on!r}")
+    if data_format not in DATA_FORMATS:
+        raise ConfigError(f"pipeline data_format: expected one of {list(DATA_FORMATS)}, got {data_format!r}")
     if augmentation is not None and not isinstance(augmentation, AffineAugmentation):
         raise ConfigError(f"pipeline augmentation: expected an AffineAugmentation or None, got {augmentation!r}")
     num_shards, shard_index, batch_size = _sharding(num_shards, shard_index, input_context, batch_size)
@@ -385,7 +406,9 @@ def make_training_dataset(
 
     out_size, margin = crop_geometry(sampler, augmentation, augment_on)
     cpu_aug = augmentation if augment_on == "cpu" else None
-    cutter = _Cutter(source, out_size, in_channels, lab_dtype, cpu_aug, margin, (int(seed), num_shards, shard_index))
+    channels_first = data_format == "channels_first"
+    cutter = _Cutter(source, out_size, in_channels, lab_dtype, cpu_aug, margin, (int(seed), num_shards, shard_index),
+                     channels_first)
 
     # Positions only: a row of six int64 a window.
     window_bytes = int(np.prod(out_size)) * (4 * in_channels + lab_dtype.itemsize) if not positions_only else 6 * 8
@@ -412,7 +435,8 @@ def make_training_dataset(
         .repeat()
         .enumerate()
     )
-    image_spec = tf.TensorSpec((None,) + out_size + (in_channels,), tf.float32)
+    image_shape = (in_channels,) + out_size if channels_first else out_size + (in_channels,)
+    image_spec = tf.TensorSpec((None,) + image_shape, tf.float32)
     label_spec = tf.TensorSpec((None,) + out_size, tf.as_dtype(lab_dtype))
 
     if not source.lazy:
@@ -451,7 +475,7 @@ def make_training_dataset(
                 [tf.float32, tf.as_dtype(lab_dtype)],
                 stateful=False,
             )
-            image.set_shape((windows_per_volume,) + out_size + (in_channels,))
+            image.set_shape((windows_per_volume,) + image_shape)
             label.set_shape((windows_per_volume,) + out_size)
             return tf.data.Dataset.from_tensor_slices((image, label))
 

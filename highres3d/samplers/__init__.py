@@ -10,9 +10,12 @@ yields :class:`Window` objects TorchIO-style::
     for window in sampler(volume, num_windows=8, rng=42):
         window.image, window.label, window.start
 
+Training volumes are best stored with :func:`channel_major` memory: windows
+copy out of it faster, and windows keep it.
+
 Edge policies and coordinates: :mod:`highres3d.samplers.base`.
 """
-from highres3d.samplers.base import EDGE_POLICIES, Window, WindowSampler, crop
+from highres3d.samplers.base import EDGE_POLICIES, Window, WindowSampler, channel_major, crop, is_channel_major
 from highres3d.samplers.class_weighted import ClassCoordinates, ClassWeightedSampler, ClassWeightedState
 from highres3d.samplers.grid import GridSampler
 from highres3d.samplers.uniform import UniformSampler
@@ -29,5 +32,7 @@ __all__ = [
     "WeightedState",
     "Window",
     "WindowSampler",
+    "channel_major",
     "crop",
+    "is_channel_major",
 ]

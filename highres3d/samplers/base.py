@@ -30,6 +30,17 @@ Edge policies
     the volume (MONAI's choice).  Voxels near the border end up off-centre, so
     windows overlap the border region more often than its share of the volume.
     On an axis shorter than the window the volume is centred and padded.
+
+Memory order
+------------
+Images are always indexed ``(X, Y, Z, C)``.  Their memory may be
+*channel-major* (:func:`channel_major`: each channel one contiguous block, the
+peers' ``(C, X, Y, Z)`` order behind an ``(X, Y, Z, C)`` view).  Windows copy
+1.3-2x faster out of such memory on the machines measured (the rows of one
+channel are half as long and follow each other twice as closely), so the
+trainer stores its training volumes that way and its pipeline hands the
+model's step channel-first batches to transpose on the device.  :func:`crop`
+keeps the source's memory order for the windows it allocates.
 """
 from __future__ import annotations
 
@@ -51,6 +62,8 @@ __all__ = [
     "WindowSampler",
     "crop",
     "as_generator",
+    "channel_major",
+    "is_channel_major",
     "window_triple",
 ]
 
@@ -73,6 +86,22 @@ def as_generator(rng: np.random.Generator | int | None) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
     return np.random.default_rng(rng)
+
+
+def is_channel_major(array: np.ndarray) -> bool:
+    """True for an ``(X, Y, Z, C)`` array whose channels lie in separate blocks of memory."""
+    return array.ndim == 4 and array.shape[3] > 1 and abs(array.strides[3]) > abs(array.strides[0])
+
+
+def channel_major(image: np.ndarray) -> np.ndarray:
+    """``image`` ``(X, Y, Z, C)`` with channel-major memory: a view of a ``(C, X, Y, Z)`` array.
+
+    Same values and indexing; windows copy out of it faster (see the module
+    docstring).  Returns ``image`` itself when it already is so, or has one channel.
+    """
+    if image.ndim != 4 or image.shape[3] == 1 or (is_channel_major(image) and np.moveaxis(image, 3, 0).flags.c_contiguous):
+        return image
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(image, 3, 0)), 0, 3)
 
 
 # Two copy paths for a window.  *Direct*: one slice assignment, i.e. for each
@@ -153,10 +182,13 @@ def crop(
     Trailing axes (channels) are kept whole.  A window entirely inside the
     array costs one copy; only windows that cross the border pay for a fill of
     the pad value.  ``out`` (shape ``size + array.shape[3:]``) lets callers
-    write straight into a batch buffer.
+    write straight into a batch buffer; by default the window is allocated in
+    the source's memory order (:func:`channel_major` or not).
     """
     shape = array.shape[:3]
-    if out is None:
+    if out is None and is_channel_major(array):
+        out = np.moveaxis(np.empty((array.shape[3],) + tuple(size), dtype=array.dtype), 0, 3)
+    elif out is None:
         out = np.empty(tuple(size) + array.shape[3:], dtype=array.dtype)
     start = tuple(int(v) for v in start)
     lo = [max(s, 0) for s in start]

@@ -51,6 +51,7 @@ from highres3d.training.trainer import (
     build_optimizer,
     build_sampler,
     load_volumes,
+    to_model_batch,
     volume_dice,
 )
 
@@ -166,7 +167,8 @@ class MultiDomainTrainer(Trainer):
             if not split_file.exists():
                 write_split_csv(dict(dataset.splits), split_file, overwrite=True)
             self.echo(f"{name}: spacing {list(dcfg.preprocessing.spacing)} mm, {dcfg.network.num_classes} classes")
-            train = load_volumes(train_subjects, dcfg, f"{name} training", self.echo, self.show_progress)
+            train = load_volumes(train_subjects, dcfg, f"{name} training", self.echo, self.show_progress,
+                                 training=True)
             val = load_volumes(val_subjects, dcfg, f"{name} validation", self.echo, self.show_progress) \
                 if val_subjects else []
             domains.append(_Domain(i, name, dcfg, train, val))
@@ -219,6 +221,7 @@ class MultiDomainTrainer(Trainer):
             trainable = net.trainable_variables
 
             def step(images, labels):
+                images, labels = to_model_batch((images, labels))
                 if augment_layer is not None:
                     images, labels = augment_layer((images, labels), training=True)
                 with tf.GradientTape() as tape:

@@ -100,15 +100,33 @@ def build_sampler(cfg: Config, settings: Optional[SamplerConfig] = None):
     return samplers.ClassWeightedSampler(s.window_size, s.class_probabilities, **common)
 
 
+def training_volume(subject, cfg: Config) -> Volume:
+    """One subject preprocessed for training: a label required, the image in channel-major memory.
+
+    Channel-major memory (:func:`~highres3d.samplers.channel_major`) is what the
+    training pipeline copies windows from fastest; it reads as ``(X, Y, Z, C)`` all the same.
+    """
+    from highres3d.samplers import channel_major
+
+    volume = load_volume(subject, cfg.preprocessing, cfg.dataset.modalities, label_required=True,
+                         num_classes=cfg.network.num_classes)
+    volume.image = channel_major(volume.image)
+    return volume
+
+
 def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None],
-                 show_progress: Optional[bool] = None) -> list[Volume]:
-    """Preprocess subjects into RAM, reporting progress and the memory they take."""
+                 show_progress: Optional[bool] = None, training: bool = False) -> list[Volume]:
+    """Preprocess subjects into RAM, reporting progress and the memory they take.
+
+    ``training``: each as :func:`training_volume` gives it (channel-major memory).
+    """
     from highres3d.progress import track
 
     volumes = []
     start = time.perf_counter()
     for subject in track(subjects, f"preprocess {what}", unit="subjects", enabled=show_progress):
         volumes.append(
+            training_volume(subject, cfg) if training else
             load_volume(subject, cfg.preprocessing, cfg.dataset.modalities, label_required=True,
                         num_classes=cfg.network.num_classes)
         )
@@ -226,14 +244,11 @@ class Trainer:
             write_split_csv(chosen, self.run.path / "split.csv", overwrite=True)
         if cfg.training.cache == "lazy":
             # Each volume is loaded when the pipeline visits it, so RAM holds only a few at a time.
-            self.train_volumes = [
-                functools.partial(load_volume, s, cfg.preprocessing, cfg.dataset.modalities, label_required=True,
-                                  num_classes=cfg.network.num_classes)
-                for s in train_subjects
-            ]
+            self.train_volumes = [functools.partial(training_volume, s, cfg) for s in train_subjects]
             self.echo(f"training: {len(train_subjects)} subjects, loaded lazily")
         else:
-            self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo, self.show_progress)
+            self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo, self.show_progress,
+                                              training=True)
         self.val_volumes = (load_volumes(val_subjects, cfg, "validation", self.echo, self.show_progress)
                             if val_subjects else [])
 
@@ -334,7 +349,8 @@ class Trainer:
         def make_train_step(trainable, loss_fn):
             def step(batch):
                 # training.cache 'device': the batch is window positions; the windows are cut here, on the device.
-                images, labels = resident.cut(batch) if resident is not None else batch
+                # Else the pipeline's channel-first windows are turned to the model's layout here.
+                images, labels = resident.cut(batch) if resident is not None else to_model_batch(batch)
                 if augment_layer is not None:
                     images, labels = augment_layer((images, labels), training=True)
                 with tf.GradientTape() as tape:
@@ -429,6 +445,7 @@ class Trainer:
                         images, labels = (t.numpy() for t in resident.cut(_local(strategy, batch)))
                     else:
                         images, labels = (_local(strategy, part) for part in batch)
+                        images = np.moveaxis(images, 1, 4)
                     self.on_step(state.iteration, model, images, labels)
                 if validate:
                     with bar.phase(f"validating {count_noun(len(validation[0]), 'window')}"):
@@ -517,6 +534,7 @@ class Trainer:
         volumes = self.train_volumes if volumes is None else volumes
 
         def dataset_fn(input_context):
+            # Channel-first batches copy fastest out of the channel-major training volumes (training_volume).
             dataset = make_training_dataset(
                 volumes,
                 sampler,
@@ -529,6 +547,7 @@ class Trainer:
                 input_context=input_context,
                 echo=None,
                 positions_only=positions_only,
+                data_format="channels_first",
             )
             return dataset.skip(start_batch)
 
@@ -613,6 +632,14 @@ def _strategy(name: str):
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def to_model_batch(batch):
+    """A training pipeline's ``(images, labels)`` batch in the model's layout (images channels-last)."""
+    from highres3d.data.pipeline import to_channels_last
+
+    images, labels = batch
+    return to_channels_last(images), labels
 
 
 def _local(strategy, value) -> np.ndarray:

@@ -109,6 +109,35 @@ def test_cpu_augmentation_changes_windows_but_keeps_shapes():
     assert not np.allclose(augmented[0][0], plain[0][0])
 
 
+@pytest.mark.parametrize("mode", ["plain", "cpu", "device", "lazy"])
+def test_channels_first_batches_are_the_channels_last_batches_transposed(mode):
+    """Same windows in either data_format, from plain or channel-major volumes; to_channels_last undoes it."""
+    from highres3d.data.pipeline import to_channels_last
+    from highres3d.samplers import channel_major, is_channel_major
+
+    aug = AffineAugmentation(rotation_degrees=15, scale_range=0.1)
+    kw = dict(batch_size=3, windows_per_volume=2, seed=4, echo=None, in_channels=2,
+              augmentation=None if mode in ("plain", "lazy") else aug, augment_on="device" if mode == "device" else "cpu")
+
+    def stream(data_format, major):
+        vols = volumes()
+        for v in vols:
+            v.image = channel_major(v.image) if major else v.image
+            assert is_channel_major(v.image) == major
+        items = [lambda v=v: v for v in vols] if mode == "lazy" else vols
+        return take(make_training_dataset(items, ClassWeightedSampler(SIZE, label_pad_value=0), data_format=data_format,
+                                          **kw), 3)
+
+    reference = stream("channels_last", False)
+    for major in (False, True):
+        for (x, y), (xr, yr) in zip(stream("channels_first", major), reference):
+            assert x.shape == (3, 2) + xr.shape[1:4]
+            np.testing.assert_array_equal(to_channels_last(x).numpy(), xr)
+            np.testing.assert_array_equal(y, yr)
+    with pytest.raises(ConfigError, match="data_format"):
+        make_training_dataset(volumes(), UniformSampler(SIZE), data_format="NCDHW", echo=None)
+
+
 def test_shards_are_disjoint_volume_subsets():
     vols = volumes(4)
     seen = []
