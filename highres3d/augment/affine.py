@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 
 from highres3d.errors import ConfigError
-from highres3d.samplers.base import crop, window_triple
+from highres3d.samplers.base import crop, is_channel_major, window_triple
 
 __all__ = [
     "AffineAugmentation",
@@ -215,6 +215,35 @@ class AffineAugmentation:
         )
 
 
+def _trilinear(flat: np.ndarray, idx: np.ndarray, wx: np.ndarray, wy: np.ndarray, wz: np.ndarray,
+               sy: int, sz: int) -> np.ndarray:
+    """Trilinear values (float32) at the cells whose lower corner is ``idx`` in the flat source."""
+
+    def corner(offset: int) -> np.ndarray:
+        # Slicing the flat source shifts every index by ``offset`` for free.
+        return np.take(flat[offset:], idx).view(np.float32)
+
+    def along_z(offset: int) -> np.ndarray:
+        a, b = corner(offset), corner(offset + 1)
+        b -= a
+        b *= wz
+        a += b
+        return a
+
+    def along_y(offset: int) -> np.ndarray:
+        a, b = along_z(offset), along_z(offset + sz)
+        b -= a
+        b *= wy
+        a += b
+        return a
+
+    a, b = along_y(0), along_y(sy * sz)
+    b -= a
+    b *= wx
+    a += b
+    return a
+
+
 def _bytes_view(flat: np.ndarray, itemsize: int) -> np.ndarray:
     """View a contiguous 1-D array as one element per voxel (all channels together)."""
     kinds = {1: np.uint8, 4: np.uint32, 8: np.uint64, 16: np.complex128}
@@ -253,19 +282,27 @@ def resample_window(
     lo = np.floor(centre + reach.min(axis=1)).astype(np.int64) - 1
     hi = np.floor(centre + reach.max(axis=1)).astype(np.int64) + 2
     shape = np.asarray(image.shape[:3])
-    if np.all(lo >= 0) and np.all(hi <= shape - 1) and image.flags.c_contiguous:
+    # Channel-major memory (the trainer's training volumes) is read one channel at a time;
+    # interleaved memory one voxel (all channels) at a time.  Same arithmetic, same windows.
+    planar = is_channel_major(image) and np.moveaxis(image, 3, 0).flags.c_contiguous
+    if np.all(lo >= 0) and np.all(hi <= shape - 1) and (image.flags.c_contiguous or planar):
         src_img, src_lab, origin = image, label, np.zeros(3, np.intp)
     else:
-        # The footprint crosses the border: copy just the footprint, padded.
+        # The footprint crosses the border (or the memory is neither): copy just the footprint, padded,
+        # in the volume's memory order.
         box = tuple(int(v) for v in hi - lo + 1)
-        # Interleaved channels (C-order) whatever the volume's memory order: the gathers below read whole voxels.
-        src_img = crop(image, lo, box, pad_value, out=np.empty(box + (n_ch,), np.float32))
+        src_img = crop(image, lo, box, pad_value,
+                       out=None if planar else np.empty(box + (n_ch,), np.float32))
         src_lab = None if label is None else crop(label, lo, box, label_pad_value)
         origin = lo.astype(np.intp)
     if src_lab is not None and not src_lab.flags.c_contiguous:
         src_lab = np.ascontiguousarray(src_lab)
     sy, sz = src_img.shape[1], src_img.shape[2]
-    img_flat = _bytes_view(src_img.reshape(-1), n_ch * src_img.itemsize)
+    if planar:
+        sources = [np.moveaxis(src_img, 3, 0)[c].reshape(-1) for c in range(n_ch)]
+    else:
+        sources = [_bytes_view(src_img.reshape(-1), n_ch * src_img.itemsize)]
+    per_voxel = 1 if planar else n_ch  # values a gathered element holds
     lab_flat = None if src_lab is None else _bytes_view(src_lab.reshape(-1), src_lab.itemsize)
 
     if out_image is None:
@@ -296,42 +333,29 @@ def resample_window(
         idx *= sz
         idx += iz
 
-        if n_ch > 1:
-            wx, wy, wz = (np.repeat(f, n_ch) for f in frac)
+        if per_voxel > 1:
+            wx, wy, wz = (np.repeat(f, per_voxel) for f in frac)
         else:
             wx, wy, wz = frac
 
-        def corner(offset: int) -> np.ndarray:
-            # Slicing the flat source shifts every index by ``offset`` for free.
-            return np.take(img_flat[offset:], idx).view(np.float32)
-
-        def along_z(offset: int) -> np.ndarray:
-            a, b = corner(offset), corner(offset + 1)
-            b -= a
-            b *= wz
-            a += b
-            return a
-
-        def along_y(offset: int) -> np.ndarray:
-            a, b = along_z(offset), along_z(offset + sz)
-            b -= a
-            b *= wy
-            a += b
-            return a
-
-        a, b = along_y(0), along_y(sy * sz)
-        b -= a
-        b *= wx
-        a += b
-        if scale is not None or shift is not None:
-            per_ch = a.reshape(-1, n_ch)
-            for c in range(n_ch):
+        for c, flat in enumerate(sources):
+            a = _trilinear(flat, idx, wx, wy, wz, sy, sz)
+            if planar:
                 if scale is not None:
-                    per_ch[:, c] *= scale[c]
+                    a *= scale[c]
                 if shift is not None:
-                    per_ch[:, c] += shift[c]
-        # Assigned, not reshaped: ``out_image`` may be a channel-first batch seen as (X, Y, Z, C).
-        out_image[x0:x1] = a.reshape((x1 - x0,) + size[1:] + (n_ch,))
+                    a += shift[c]
+                out_image[x0:x1, ..., c] = a.reshape((x1 - x0,) + size[1:])
+                continue
+            if scale is not None or shift is not None:
+                per_ch = a.reshape(-1, n_ch)
+                for ch in range(n_ch):
+                    if scale is not None:
+                        per_ch[:, ch] *= scale[ch]
+                    if shift is not None:
+                        per_ch[:, ch] += shift[ch]
+            # Assigned, not reshaped: ``out_image`` may be a channel-first batch seen as (X, Y, Z, C).
+            out_image[x0:x1] = a.reshape((x1 - x0,) + size[1:] + (n_ch,))
 
         if lab_flat is not None:
             near = (ix + (frac[0] >= 0.5)) * sy
