@@ -101,6 +101,32 @@ def test_volumes_on_the_device_train_exactly_like_volumes_in_ram(data, tmp_path)
     assert len(losses(device)) == 4
 
 
+def test_training_volumes_are_channel_major_and_the_step_gets_channels_last(data, tmp_path):
+    """The fast copy path is wired in: channel-major volumes, channel-first batches, the model's layout in the step."""
+    import tensorflow as tf
+
+    from highres3d.data.dataset import Dataset
+    from highres3d.data.preprocess import load_volume
+    from highres3d.samplers import is_channel_major
+    from highres3d.training.trainer import Trainer, build_sampler, to_model_batch, training_volume
+
+    cfg = tiny_config(data, "augmentation.rotation_degrees=0", "augmentation.scaling_percent=0")
+    subject = Dataset.from_config(cfg.dataset).split("training")[0]
+    volume = training_volume(subject, cfg)
+    plain = load_volume(subject, cfg.preprocessing, cfg.dataset.modalities, label_required=True,
+                        num_classes=cfg.network.num_classes)
+    assert is_channel_major(volume.image) and np.moveaxis(volume.image, 3, 0).flags.c_contiguous
+    np.testing.assert_array_equal(volume.image, plain.image)
+    trainer = Trainer(cfg, tmp_path / "run", echo=lambda *_: None)
+    trainer.train_volumes = [volume]
+    batches = trainer._training_batches(tf.distribute.get_strategy(), build_sampler(cfg), 0, 0)
+    images, labels = next(iter(batches))
+    channels = len(cfg.dataset.modalities)
+    assert images.shape == (cfg.training.batch_size, channels, 16, 16, 16)
+    model_images, _ = to_model_batch((images, labels))
+    assert model_images.shape == (cfg.training.batch_size, 16, 16, 16, channels)
+
+
 def test_volumes_on_the_device_need_augmentation_on_the_device(data):
     from highres3d.errors import ConfigError
 
