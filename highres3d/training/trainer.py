@@ -100,16 +100,21 @@ def build_sampler(cfg: Config, settings: Optional[SamplerConfig] = None):
     return samplers.ClassWeightedSampler(s.window_size, s.class_probabilities, **common)
 
 
+def labelled_volume(subject, cfg: Config) -> Volume:
+    """One subject preprocessed as ``cfg`` says, its label map required (training and validation)."""
+    return load_volume(subject, cfg.preprocessing, cfg.dataset.modalities, label_required=True,
+                       num_classes=cfg.network.num_classes)
+
+
 def training_volume(subject, cfg: Config) -> Volume:
-    """One subject preprocessed for training: a label required, the image in channel-major memory.
+    """:func:`labelled_volume` with the image in channel-major memory.
 
     Channel-major memory (:func:`~highres3d.samplers.channel_major`) is what the
     training pipeline copies windows from fastest; it reads as ``(X, Y, Z, C)`` all the same.
     """
     from highres3d.samplers import channel_major
 
-    volume = load_volume(subject, cfg.preprocessing, cfg.dataset.modalities, label_required=True,
-                         num_classes=cfg.network.num_classes)
+    volume = labelled_volume(subject, cfg)
     volume.image = channel_major(volume.image)
     return volume
 
@@ -125,11 +130,7 @@ def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None],
     volumes = []
     start = time.perf_counter()
     for subject in track(subjects, f"preprocess {what}", unit="subjects", enabled=show_progress):
-        volumes.append(
-            training_volume(subject, cfg) if training else
-            load_volume(subject, cfg.preprocessing, cfg.dataset.modalities, label_required=True,
-                        num_classes=cfg.network.num_classes)
-        )
+        volumes.append(training_volume(subject, cfg) if training else labelled_volume(subject, cfg))
     total = sum(v.nbytes for v in volumes)
     echo(f"{what}: {len(volumes)} subjects preprocessed in {time.perf_counter() - start:.1f} s, "
          f"{total / 2**20:.1f} MiB in RAM")

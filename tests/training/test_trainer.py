@@ -106,15 +106,13 @@ def test_training_volumes_are_channel_major_and_the_step_gets_channels_last(data
     import tensorflow as tf
 
     from highres3d.data.dataset import Dataset
-    from highres3d.data.preprocess import load_volume
     from highres3d.samplers import is_channel_major
-    from highres3d.training.trainer import Trainer, build_sampler, to_model_batch, training_volume
+    from highres3d.training.trainer import Trainer, build_sampler, labelled_volume, to_model_batch, training_volume
 
     cfg = tiny_config(data, "augmentation.rotation_degrees=0", "augmentation.scaling_percent=0")
     subject = Dataset.from_config(cfg.dataset).split("training")[0]
     volume = training_volume(subject, cfg)
-    plain = load_volume(subject, cfg.preprocessing, cfg.dataset.modalities, label_required=True,
-                        num_classes=cfg.network.num_classes)
+    plain = labelled_volume(subject, cfg)
     assert is_channel_major(volume.image) and np.moveaxis(volume.image, 3, 0).flags.c_contiguous
     np.testing.assert_array_equal(volume.image, plain.image)
     trainer = Trainer(cfg, tmp_path / "run", echo=lambda *_: None)
