@@ -284,7 +284,7 @@ def resample_window(
     shape = np.asarray(image.shape[:3])
     # Channel-major memory (the trainer's training volumes) is read one channel at a time;
     # interleaved memory one voxel (all channels) at a time.  Same arithmetic, same windows.
-    planar = is_channel_major(image) and np.moveaxis(image, 3, 0).flags.c_contiguous
+    planar = is_channel_major(image, contiguous=True)
     if np.all(lo >= 0) and np.all(hi <= shape - 1) and (image.flags.c_contiguous or planar):
         src_img, src_lab, origin = image, label, np.zeros(3, np.intp)
     else:

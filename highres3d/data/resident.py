@@ -86,7 +86,8 @@ class ResidentVolumes(tf.Module):
         image = np.zeros(total * self.channels, dtype=np.float32)
         label = np.zeros(total, dtype=np.dtype(label_dtype))
         for v, offset, size in zip(volumes, offsets, sizes):
-            image[offset * self.channels:(offset + size) * self.channels] = np.asarray(v.image, np.float32).reshape(-1)
+            # Assigned through a shaped view: no flattened temporary whatever the volume's memory order.
+            image[offset * self.channels:(offset + size) * self.channels].reshape(v.image.shape)[...] = v.image
             label[offset:offset + size] = np.asarray(v.label).reshape(-1)
         self.shapes = tf.constant(shapes)
         self.offsets = tf.constant(offsets)

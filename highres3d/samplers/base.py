@@ -88,9 +88,12 @@ def as_generator(rng: np.random.Generator | int | None) -> np.random.Generator:
     return np.random.default_rng(rng)
 
 
-def is_channel_major(array: np.ndarray) -> bool:
-    """True for an ``(X, Y, Z, C)`` array whose channels lie in separate blocks of memory."""
-    return array.ndim == 4 and array.shape[3] > 1 and abs(array.strides[3]) > abs(array.strides[0])
+def is_channel_major(array: np.ndarray, contiguous: bool = False) -> bool:
+    """True for an ``(X, Y, Z, C)`` array whose channels lie in separate blocks of memory
+    (``contiguous``: each channel one C-contiguous block, as :func:`channel_major` makes them)."""
+    if array.ndim != 4 or array.shape[3] == 1 or abs(array.strides[3]) <= abs(array.strides[0]):
+        return False
+    return not contiguous or np.moveaxis(array, 3, 0).flags.c_contiguous
 
 
 def channel_major(image: np.ndarray) -> np.ndarray:
@@ -99,7 +102,7 @@ def channel_major(image: np.ndarray) -> np.ndarray:
     Same values and indexing; windows copy out of it faster (see the module
     docstring).  Returns ``image`` itself when it already is so, or has one channel.
     """
-    if image.ndim != 4 or image.shape[3] == 1 or (is_channel_major(image) and np.moveaxis(image, 3, 0).flags.c_contiguous):
+    if image.ndim != 4 or image.shape[3] == 1 or is_channel_major(image, contiguous=True):
         return image
     return np.moveaxis(np.ascontiguousarray(np.moveaxis(image, 3, 0)), 0, 3)
 

@@ -51,7 +51,6 @@ from highres3d.training.trainer import (
     build_optimizer,
     build_sampler,
     load_volumes,
-    to_model_batch,
     volume_dice,
 )
 
@@ -168,7 +167,7 @@ class MultiDomainTrainer(Trainer):
                 write_split_csv(dict(dataset.splits), split_file, overwrite=True)
             self.echo(f"{name}: spacing {list(dcfg.preprocessing.spacing)} mm, {dcfg.network.num_classes} classes")
             train = load_volumes(train_subjects, dcfg, f"{name} training", self.echo, self.show_progress,
-                                 training=True)
+                                 channel_major=True)
             val = load_volumes(val_subjects, dcfg, f"{name} validation", self.echo, self.show_progress) \
                 if val_subjects else []
             domains.append(_Domain(i, name, dcfg, train, val))
@@ -194,7 +193,7 @@ class MultiDomainTrainer(Trainer):
     def _fit(self) -> TrainResult:
         import tensorflow as tf
 
-        from highres3d.data.pipeline import make_validation_dataset
+        from highres3d.data.pipeline import make_validation_dataset, to_channels_last
         from highres3d.progress import Progress
 
         if self.subset is not None:
@@ -221,7 +220,7 @@ class MultiDomainTrainer(Trainer):
             trainable = net.trainable_variables
 
             def step(images, labels):
-                images, labels = to_model_batch((images, labels))
+                images = to_channels_last(images)  # the pipeline's channel-first windows, in the model's layout
                 if augment_layer is not None:
                     images, labels = augment_layer((images, labels), training=True)
                 with tf.GradientTape() as tape:

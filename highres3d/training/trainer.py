@@ -111,6 +111,7 @@ def training_volume(subject, cfg: Config) -> Volume:
 
     Channel-major memory (:func:`~highres3d.samplers.channel_major`) is what the
     training pipeline copies windows from fastest; it reads as ``(X, Y, Z, C)`` all the same.
+    (``training.cache: device`` does not need it: its volumes are copied to the accelerator once.)
     """
     from highres3d.samplers import channel_major
 
@@ -120,17 +121,17 @@ def training_volume(subject, cfg: Config) -> Volume:
 
 
 def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None],
-                 show_progress: Optional[bool] = None, training: bool = False) -> list[Volume]:
+                 show_progress: Optional[bool] = None, channel_major: bool = False) -> list[Volume]:
     """Preprocess subjects into RAM, reporting progress and the memory they take.
 
-    ``training``: each as :func:`training_volume` gives it (channel-major memory).
+    ``channel_major``: each as :func:`training_volume` gives it, for the training pipeline.
     """
     from highres3d.progress import track
 
     volumes = []
     start = time.perf_counter()
     for subject in track(subjects, f"preprocess {what}", unit="subjects", enabled=show_progress):
-        volumes.append(training_volume(subject, cfg) if training else labelled_volume(subject, cfg))
+        volumes.append(training_volume(subject, cfg) if channel_major else labelled_volume(subject, cfg))
     total = sum(v.nbytes for v in volumes)
     echo(f"{what}: {len(volumes)} subjects preprocessed in {time.perf_counter() - start:.1f} s, "
          f"{total / 2**20:.1f} MiB in RAM")
@@ -249,7 +250,7 @@ class Trainer:
             self.echo(f"training: {len(train_subjects)} subjects, loaded lazily")
         else:
             self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo, self.show_progress,
-                                              training=True)
+                                              channel_major=cfg.training.cache == "ram")
         self.val_volumes = (load_volumes(val_subjects, cfg, "validation", self.echo, self.show_progress)
                             if val_subjects else [])
 
@@ -311,6 +312,7 @@ class Trainer:
     def _fit(self) -> TrainResult:
         import tensorflow as tf
 
+        from highres3d.data.pipeline import to_channels_last
         from highres3d.metrics import MeanForegroundDice
         from highres3d.progress import Progress
 
@@ -349,9 +351,12 @@ class Trainer:
 
         def make_train_step(trainable, loss_fn):
             def step(batch):
-                # training.cache 'device': the batch is window positions; the windows are cut here, on the device.
-                # Else the pipeline's channel-first windows are turned to the model's layout here.
-                images, labels = resident.cut(batch) if resident is not None else to_model_batch(batch)
+                if resident is not None:
+                    # training.cache 'device': the batch is window positions; the windows are cut here, on the device.
+                    images, labels = resident.cut(batch)
+                else:
+                    # The pipeline's channel-first windows, turned to the model's layout here, on the device.
+                    images, labels = to_channels_last(batch[0]), batch[1]
                 if augment_layer is not None:
                     images, labels = augment_layer((images, labels), training=True)
                 with tf.GradientTape() as tape:
@@ -633,14 +638,6 @@ def _strategy(name: str):
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
-
-
-def to_model_batch(batch):
-    """A training pipeline's ``(images, labels)`` batch in the model's layout (images channels-last)."""
-    from highres3d.data.pipeline import to_channels_last
-
-    images, labels = batch
-    return to_channels_last(images), labels
 
 
 def _local(strategy, value) -> np.ndarray:

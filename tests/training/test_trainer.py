@@ -106,8 +106,9 @@ def test_training_volumes_are_channel_major_and_the_step_gets_channels_last(data
     import tensorflow as tf
 
     from highres3d.data.dataset import Dataset
+    from highres3d.data.pipeline import to_channels_last
     from highres3d.samplers import is_channel_major
-    from highres3d.training.trainer import Trainer, build_sampler, labelled_volume, to_model_batch, training_volume
+    from highres3d.training.trainer import Trainer, build_sampler, labelled_volume, training_volume
 
     cfg = tiny_config(data, "augmentation.rotation_degrees=0", "augmentation.scaling_percent=0")
     subject = Dataset.from_config(cfg.dataset).split("training")[0]
@@ -121,7 +122,7 @@ def test_training_volumes_are_channel_major_and_the_step_gets_channels_last(data
     images, labels = next(iter(batches))
     channels = len(cfg.dataset.modalities)
     assert images.shape == (cfg.training.batch_size, channels, 16, 16, 16)
-    model_images, _ = to_model_batch((images, labels))
+    model_images = to_channels_last(images)
     assert model_images.shape == (cfg.training.batch_size, 16, 16, 16, channels)
 
 
