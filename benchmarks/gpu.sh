@@ -1,36 +1,56 @@
 #!/usr/bin/env bash
 # GPU figures (issue 12, item 6): HighResNet3D on Keras 3 with the JAX backend against MONAI's
-# HighResNet on PyTorch, on the same GPU in the same run; finishes in under 5 minutes.
+# HighResNet on PyTorch, on the same GPU in the same run; about 5 minutes at most.
 #
-# The GPU machine has PyTorch and JAX but no TensorFlow and no network, so the few pure-Python
-# wheels Keras 3 and MONAI need travel with the repository. Fetch them once, on a machine
-# with network access, from the repository root:
+# The GPU machine has PyTorch and JAX but no TensorFlow and no network, so the pure-Python
+# packages Keras 3 and MONAI need travel with the repository as wheels. Fetch them once, on a
+# machine with network access, from the repository root (benchmarks/wheels is git-ignored; send
+# it along with the run, e.g. the device tool's carry=["benchmarks/wheels"]):
 #
-#   python -m pip download --no-deps --only-binary=:all: -d benchmarks/wheels \
-#       keras==3.15.0 namex optree monai==1.6.1 pyyaml
+#   bash benchmarks/gpu.sh --fetch-wheels
 #
-# (optree and pyyaml are compiled: download them for the GPU machine's Python, e.g. with
-# --python-version 3.11 --platform manylinux2014_x86_64.) Then, on the GPU machine, from the
-# repository root:
+# Then, on the GPU machine, from the repository root:
 #
-#   bash benchmarks/gpu.sh [OUT_DIR]          # GPU_BENCH_ARGS=--quick for a smoke run
+#   bash benchmarks/gpu.sh [OUT_DIR]          # GPU_BENCH_ARGS=--quick for a smoke run (CPU is fine)
 #
-# It installs the wheels into a scratch folder (nothing outside it changes), runs
-# benchmarks/gpu_bench.py with KERAS_BACKEND=jax, and writes OUT_DIR/gpu.json and
-# OUT_DIR/gpu.md (the table for docs/performance.md). Wheels already importable are skipped.
+# It installs the wheels whose module the interpreter cannot import into a scratch folder
+# (nothing outside it changes), runs benchmarks/gpu_bench.py with KERAS_BACKEND=jax, ours then
+# MONAI's, each in its own process under a time limit, and writes OUT_DIR/gpu.json and
+# OUT_DIR/gpu.md (the table for docs/performance.md). Rows are saved as they are measured, the
+# figures with targets first, so a side cut off by its time limit still reports what it measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-${OUT:-gpu-results}}"
 wheels="${HIGHRES3D_WHEELS:-benchmarks/wheels}"
 python="${PYTHON:-python3}"
+# Distribution and the module that shows it is already there. optree and pyyaml are compiled:
+# fetched for several Python versions, pip picks the one that fits.
+packages=(keras:keras namex:namex optree:optree typing_extensions:typing_extensions absl-py:absl rich:rich
+          markdown-it-py:markdown_it mdurl:mdurl pygments:pygments packaging:packaging pyyaml:yaml monai:monai)
+
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    mkdir -p "$wheels"
+    "$python" -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" keras==3.15.0 monai==1.6.1 \
+        namex typing_extensions absl-py rich markdown-it-py mdurl pygments packaging
+    for version in 3.10 3.11 3.12 3.13; do
+        "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$version" \
+            --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d "$wheels" optree pyyaml
+    done
+    ls "$wheels"
+    exit 0
+fi
+
+out="${1:-${OUT:-gpu-results}}"
 mkdir -p "$out"
 site="$(mktemp -d)"
 trap 'rm -rf "$site"' EXIT
 
-if compgen -G "$wheels/*.whl" > /dev/null; then
-    "$python" -m pip install --quiet --no-deps --no-index --target "$site" "$wheels"/*.whl
-else
-    echo "no wheels in $wheels: using what $python already has (see the header of this script)" >&2
+missing=()
+for p in "${packages[@]}"; do
+    "$python" -c "import ${p##*:}" 2>/dev/null || missing+=("${p%%:*}")
+done
+if (( ${#missing[@]} )); then
+    echo "installing from $wheels: ${missing[*]}" >&2
+    "$python" -m pip install --quiet --no-deps --no-index --find-links "$wheels" --target "$site" "${missing[@]}"
 fi
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export KERAS_BACKEND=jax
@@ -38,12 +58,21 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and PyTorch share the GPU in t
 
 "$python" - <<'PY'
 import jax, keras, torch
+gpu = [d for d in jax.devices() if d.platform == "gpu"]
 print(f"jax {jax.__version__} devices {jax.devices()}; keras {keras.__version__} ({keras.backend.backend()}); "
       f"torch {torch.__version__}, cuda {torch.cuda.is_available()}")
+if not gpu or not torch.cuda.is_available():
+    print("WARNING: no GPU seen by JAX or by PyTorch: these are CPU figures", flush=True)
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-# Each side in its own process, so neither framework holds GPU memory while the other runs.
-timeout 150 "$python" benchmarks/gpu_bench.py --part ours --json "$out/ours.json" ${GPU_BENCH_ARGS:-}
-timeout 120 "$python" benchmarks/gpu_bench.py --part peer --json "$out/gpu.json" --merge "$out/ours.json" ${GPU_BENCH_ARGS:-} \
+# Each side in its own process, so neither framework holds GPU memory while the other runs; a side
+# that runs past its limit or fails leaves the rows it measured and the other side still runs.
+status=0
+timeout "${GPU_OURS_SECONDS:-200}" "$python" benchmarks/gpu_bench.py --part ours --json "$out/ours.json" \
+    ${GPU_BENCH_ARGS:-} || { status=$?; echo "ours: exit $status (124 = time limit); keeping its rows" >&2; }
+timeout "${GPU_PEER_SECONDS:-100}" "$python" benchmarks/gpu_bench.py --part peer --json "$out/peer.json" \
+    ${GPU_BENCH_ARGS:-} || { status=$?; echo "MONAI: exit $status (124 = time limit); keeping its rows" >&2; }
+"$python" benchmarks/gpu_bench.py --part none --merge "$out/ours.json" "$out/peer.json" --json "$out/gpu.json" \
     | tee "$out/gpu.md"
+exit "$status"

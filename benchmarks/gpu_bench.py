@@ -41,7 +41,33 @@ def best(fn, reps: int, sync=lambda out: out) -> float:
     return min(times)
 
 
-def ours(args) -> list[dict]:
+def jobs(args) -> list[tuple[str, object]]:
+    """(precision, batch size or "whole") in the order they are measured: the figures with targets first.
+
+    A run cut short by its time limit then still holds batch 1 and the whole
+    volume in both precisions.
+    """
+    first = [(p, job) for p in args.precisions for job in (args.batches[0], "whole")]
+    rest = [(p, b) for b in args.batches[1:] for p in args.precisions]
+    return first + rest
+
+
+class Rows(list):
+    """Measured rows, written to ``--json`` after each one (atomically), so a killed run keeps what it measured."""
+
+    def __init__(self, path: str | None, earlier: list[dict]):
+        super().__init__(earlier)
+        self.path = Path(path) if path else None
+
+    def add(self, row: dict) -> None:
+        self.append(row)
+        if self.path is not None:
+            tmp = self.path.with_name(self.path.name + ".partial")
+            tmp.write_text(json.dumps(list(self), indent=1))
+            os.replace(tmp, self.path)
+
+
+def ours(args, rows: Rows) -> None:
     sys.path.insert(0, str(ROOT))
     import keras
     import numpy as np
@@ -50,35 +76,44 @@ def ours(args) -> list[dict]:
     from highres3d.losses import DiceLoss
     from highres3d.models import HighResNet3D
 
-    rows = []
-    device = f"keras {keras.__version__}, backend {keras.backend.backend()}"
-    for precision in args.precisions:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
-        keras.utils.set_random_seed(0)
-        model = HighResNet3D(in_channels=2, num_classes=2)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=DiceLoss(), jit_compile=True)
-        for batch in args.batches:
-            rng = np.random.default_rng(batch)
-            x = rng.normal(size=(batch,) + (args.size,) * 3 + (2,)).astype("float32")
-            y = rng.integers(0, 2, size=(batch,) + (args.size,) * 3).astype("int32")
-            fwd = best(lambda: model.predict_on_batch(x), args.reps, np.asarray)
-            train = best(lambda: model.train_on_batch(x, y), args.reps, np.asarray)
-            rows.append(dict(method="highres3d", precision=precision, what="forward", batch=batch, size=args.size,
-                             seconds=fwd, windows_s=batch / fwd))
-            rows.append(dict(method="highres3d", precision=precision, what="train", batch=batch, size=args.size,
-                             seconds=train, windows_s=batch / train))
-            print(f"  ours {precision} {batch}x{args.size}^3: fwd {fwd * 1e3:.1f} ms, train {train * 1e3:.1f} ms",
-                  file=sys.stderr, flush=True)
-        volume = np.random.default_rng(0).normal(size=args.volume + (2,)).astype("float32")
-        whole = best(lambda: predict_volume(model, volume, None), max(1, args.reps // 2))
-        rows.append(dict(method="highres3d", precision=precision, what="whole volume", batch=1,
-                         size="x".join(map(str, args.volume)), seconds=whole))
-        print(f"  ours {precision} whole volume: {whole:.2f} s", file=sys.stderr, flush=True)
-    keras.mixed_precision.set_global_policy("float32")
-    return [dict(r, versions=device) for r in rows]
+    versions = f"keras {keras.__version__}, backend {keras.backend.backend()}"
+    models = {}
+
+    def model_for(precision):
+        # The policy is read when the layers are built: one model per precision, kept for its later jobs.
+        if precision not in models:
+            keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+            keras.utils.set_random_seed(0)
+            model = HighResNet3D(in_channels=2, num_classes=2)
+            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=DiceLoss(), jit_compile=True)
+            keras.mixed_precision.set_global_policy("float32")
+            models[precision] = model
+        return models[precision]
+
+    for precision, job in jobs(args):
+        model = model_for(precision)
+        if job == "whole":
+            volume = np.random.default_rng(0).normal(size=args.volume + (2,)).astype("float32")
+            whole = best(lambda: predict_volume(model, volume, None), max(1, args.reps // 2))
+            rows.add(dict(method="highres3d", precision=precision, what="whole volume", batch=1,
+                          size="x".join(map(str, args.volume)), seconds=whole, versions=versions))
+            print(f"  ours {precision} whole volume: {whole:.2f} s", file=sys.stderr, flush=True)
+            continue
+        batch = job
+        rng = np.random.default_rng(batch)
+        x = rng.normal(size=(batch,) + (args.size,) * 3 + (2,)).astype("float32")
+        y = rng.integers(0, 2, size=(batch,) + (args.size,) * 3).astype("int32")
+        fwd = best(lambda: model.predict_on_batch(x), args.reps, np.asarray)
+        rows.add(dict(method="highres3d", precision=precision, what="forward", batch=batch, size=args.size,
+                      seconds=fwd, windows_s=batch / fwd, versions=versions))
+        train = best(lambda: model.train_on_batch(x, y), args.reps, np.asarray)
+        rows.add(dict(method="highres3d", precision=precision, what="train", batch=batch, size=args.size,
+                      seconds=train, windows_s=batch / train, versions=versions))
+        print(f"  ours {precision} {batch}x{args.size}^3: fwd {fwd * 1e3:.1f} ms, train {train * 1e3:.1f} ms",
+              file=sys.stderr, flush=True)
 
 
-def peer(args) -> list[dict]:
+def peer(args, rows: Rows) -> None:
     import monai
     import torch
     from monai.losses import DiceLoss
@@ -87,62 +122,68 @@ def peer(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = (lambda out: torch.cuda.synchronize()) if device.type == "cuda" else (lambda out: out)
     torch.backends.cudnn.benchmark = True
-    rows = []
-    for precision in args.precisions:
-        torch.manual_seed(0)
-        net = HighResNet(spatial_dims=3, in_channels=2, out_channels=2).to(device)
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    versions = f"torch {torch.__version__}, monai {monai.__version__}, {name}"
+    nets = {}
+    for precision, job in jobs(args):
+        if precision not in nets:
+            torch.manual_seed(0)
+            net = HighResNet(spatial_dims=3, in_channels=2, out_channels=2).to(device)
+            nets[precision] = (net, torch.optim.Adam(net.parameters(), lr=1e-3))
+        net, optimizer = nets[precision]
         loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
 
         def autocast(precision=precision):
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
-        for batch in args.batches:
-            x = torch.randn(batch, 2, *(args.size,) * 3, device=device)
-            y = torch.randint(0, 2, (batch, 1, *(args.size,) * 3), device=device)
+        if job == "whole":
+            volume = torch.randn(1, 2, *args.volume, device=device)
 
-            def forward():
+            def whole():
                 net.eval()
                 with torch.inference_mode(), autocast():
-                    return net(x)
+                    return net(volume).argmax(1).cpu()
 
-            def train():
-                net.train()
-                optimizer.zero_grad(set_to_none=True)
-                with autocast():
-                    loss = loss_fn(net(x).float(), y)
-                loss.backward()
-                optimizer.step()
+            seconds = best(whole, max(1, args.reps // 2), sync)
+            rows.add(dict(method="MONAI HighResNet", precision=precision, what="whole volume", batch=1,
+                          size="x".join(map(str, args.volume)), seconds=seconds, versions=versions))
+            print(f"  MONAI {precision} whole volume: {seconds:.2f} s", file=sys.stderr, flush=True)
+            del volume
+            continue
+        batch = job
+        x = torch.randn(batch, 2, *(args.size,) * 3, device=device)
+        y = torch.randint(0, 2, (batch, 1, *(args.size,) * 3), device=device)
 
-            fwd = best(forward, args.reps, sync)
-            step = best(train, args.reps, sync)
-            rows.append(dict(method="MONAI HighResNet", precision=precision, what="forward", batch=batch, size=args.size,
-                             seconds=fwd, windows_s=batch / fwd))
-            rows.append(dict(method="MONAI HighResNet", precision=precision, what="train", batch=batch, size=args.size,
-                             seconds=step, windows_s=batch / step))
-            print(f"  MONAI {precision} {batch}x{args.size}^3: fwd {fwd * 1e3:.1f} ms, train {step * 1e3:.1f} ms",
-                  file=sys.stderr, flush=True)
-        volume = torch.randn(1, 2, *args.volume, device=device)
-
-        def whole():
+        def forward():
             net.eval()
             with torch.inference_mode(), autocast():
-                return net(volume).argmax(1).cpu()
+                return net(x)
 
-        seconds = best(whole, max(1, args.reps // 2), sync)
-        rows.append(dict(method="MONAI HighResNet", precision=precision, what="whole volume", batch=1,
-                         size="x".join(map(str, args.volume)), seconds=seconds))
-        print(f"  MONAI {precision} whole volume: {seconds:.2f} s", file=sys.stderr, flush=True)
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    return [dict(r, versions=f"torch {torch.__version__}, monai {monai.__version__}, {name}") for r in rows]
+        def train():
+            net.train()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = loss_fn(net(x).float(), y)
+            loss.backward()
+            optimizer.step()
+
+        fwd = best(forward, args.reps, sync)
+        rows.add(dict(method="MONAI HighResNet", precision=precision, what="forward", batch=batch, size=args.size,
+                      seconds=fwd, windows_s=batch / fwd, versions=versions))
+        step = best(train, args.reps, sync)
+        rows.add(dict(method="MONAI HighResNet", precision=precision, what="train", batch=batch, size=args.size,
+                      seconds=step, windows_s=batch / step, versions=versions))
+        print(f"  MONAI {precision} {batch}x{args.size}^3: fwd {fwd * 1e3:.1f} ms, train {step * 1e3:.1f} ms",
+              file=sys.stderr, flush=True)
 
 
 def table(rows: list[dict]) -> str:
     theirs = {(r["precision"], r["what"], r["batch"]): r for r in rows if r["method"] != "highres3d"}
     lines = ["| measurement | precision | ours | MONAI | MONAI time / ours | target |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["method"] != "highres3d":
-            continue
+    order = {"forward": 0, "train": 1, "whole volume": 2}
+    ours_rows = sorted((r for r in rows if r["method"] == "highres3d"),
+                       key=lambda r: (r["precision"] != "float32", r["batch"], order[r["what"]]))
+    for r in ours_rows:
         p = theirs.get((r["precision"], r["what"], r["batch"]))
         ratio = f"{p['seconds'] / r['seconds']:.2f}" if p else "-"
         if r["what"] == "whole volume":
@@ -160,7 +201,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("both", "ours", "peer"), default="both")
+    parser.add_argument("--part", choices=("both", "ours", "peer", "none"), default="both",
+                        help="which side to measure ('none': only print the table of --merge)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 16^3, batch 1, 32^3 volume, one rep")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json", metavar="PATH", help="write the rows here")
@@ -171,13 +213,14 @@ def main() -> int:
     if args.quick:
         args.size, args.batches, args.volume, args.reps = 16, (1,), (32, 32, 24), 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    rows = [r for path in args.merge for r in json.loads(Path(path).read_text())]
+    earlier = [r for path in args.merge if Path(path).is_file() for r in json.loads(Path(path).read_text())]
+    rows = Rows(args.json, earlier)
     if args.part in ("both", "ours"):
-        rows += ours(args)
+        ours(args, rows)
     if args.part in ("both", "peer"):
-        rows += peer(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        peer(args, rows)
+    if args.json and args.part == "none":
+        Path(args.json).write_text(json.dumps(list(rows), indent=1))
     print("; ".join(sorted({r["versions"] for r in rows})))
     print(table(rows))
     return 0
