@@ -31,7 +31,7 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     mkdir -p "$wheels"
     "$python" -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" keras==3.15.0 monai==1.6.1 \
         namex typing_extensions absl-py rich markdown-it-py mdurl pygments packaging
-    for version in 3.10 3.11 3.12 3.13; do
+    for version in 3.10 3.11 3.12 3.13 3.14; do
         "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$version" \
             --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d "$wheels" optree pyyaml
     done
