@@ -26,6 +26,12 @@ Rows (one thread unless stated):
     (indices per call, and with ClassesToIndicesd), RandAffined, TorchIO
     LabelSampler and RandomAffine.
 
+The copy floors, our samplers and the peers' samplers (MONAI with
+ClassesToIndicesd, TorchIO LabelSampler) are measured in --rounds rounds
+(default 3) that alternate the peers' process and ours, and each row pools its
+repetitions over the rounds: this machine's copy speed moves by up to 2x within
+minutes, and a single pass per side let that decide the ratio.
+
 Run from the repository root, never beside another benchmark:
 
     .venv/bin/python benchmarks/samplers.py [--quick]
@@ -88,16 +94,48 @@ def make_subject(seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- timing
-def rate(fn, n: int, reps: int) -> tuple[float, float, float]:
-    """Windows/s of ``fn`` (one window per call): median, min, max over reps, after a warm-up rep."""
-    rates = []
+def rates(fn, n: int, reps: int) -> list[float]:
+    """Windows/s of ``fn`` (one window per call) in each of ``reps`` repetitions, after a warm-up one."""
+    samples = []
     for rep in range(reps + 1):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
         if rep:
-            rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates), min(rates), max(rates)
+            samples.append(n / (time.perf_counter() - t0))
+    return samples
+
+
+def spread(samples: list[float]) -> tuple[float, float, float]:
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def rate(fn, n: int, reps: int) -> tuple[float, float, float]:
+    """Windows/s of ``fn``: median, min, max over reps, after a warm-up rep."""
+    return spread(rates(fn, n, reps))
+
+
+def pool_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """Rows measured in several rounds, one per method: every round's samples pooled (median, min, max).
+
+    Ours and the peers' run in alternating rounds, so a slow spell of the machine
+    (its copy speed moves by up to 2x within minutes) lands on both sides.
+    """
+    pooled: dict[str, dict] = {}
+    for rows in rounds:
+        for row in rows:
+            into = pooled.setdefault(row["method"], dict(row, samples=[], setups=[], rounds=0))
+            into["samples"] += row["samples"]
+            into["rounds"] += 1
+            if row.get("setup_ms") is not None:
+                into["setups"].append(row["setup_ms"])
+    out = []
+    for row in pooled.values():
+        setups = row.pop("setups")
+        row["windows_s"] = spread(row["samples"])
+        row["setup_ms"] = statistics.median(setups) if setups else None
+        out.append(row)
+    return out
 
 
 def setup_ms(fn, reps: int) -> float:
@@ -110,18 +148,27 @@ def setup_ms(fn, reps: int) -> float:
 
 
 # --------------------------------------------------------------------------- ours
-def ours(image, label, quick: bool) -> list[dict]:
+def volumes(image, label):
+    """The subject as the trainer stores it (channel-major memory) and as loaded ((X, Y, Z, C) memory)."""
     from types import SimpleNamespace
 
-    from highres3d.augment import AffineAugmentation
-    from highres3d.samplers import ClassWeightedSampler, UniformSampler, WeightedSampler, channel_major
+    from highres3d.samplers import channel_major
 
-    reps = 2 if quick else 7
-    n_fast, n_slow = (30, 5) if quick else (200, 20)
-    rows = []
     interleaved = SimpleNamespace(subject_id="brats-like", image=image, label=label)
     # As the trainer stores its training volumes (trainer.training_volume).
     volume = SimpleNamespace(subject_id="brats-like", image=channel_major(image), label=label)
+    return volume, interleaved
+
+
+def ours_sampling(volume, interleaved, quick: bool) -> list[dict]:
+    """The copy floors and our samplers, round-robin within the round; each row keeps its samples."""
+    from highres3d.samplers import ClassWeightedSampler, UniformSampler, WeightedSampler
+
+    image, label = interleaved.image, interleaved.label
+
+    reps = 2 if quick else 7
+    n_fast = 30 if quick else 200
+    rows = []
     rng = np.random.default_rng(0)
     hi = np.asarray(SHAPE) - W + 1
 
@@ -161,19 +208,30 @@ def ours(image, label, quick: bool) -> list[dict]:
     # Round-robin repetitions: drift from other jobs on the machine hits every row alike.
     for row in measured:
         row["fn"]()
-    rates = {id(row): [] for row in measured}
+    samples = {id(row): [] for row in measured}
     for _ in range(reps):
         for row in measured:
             t0 = time.perf_counter()
             for _ in range(n_fast):
                 row["fn"]()
-            rates[id(row)].append(n_fast / (time.perf_counter() - t0))
+            samples[id(row)].append(n_fast / (time.perf_counter() - t0))
     for row in measured:
-        r = rates[id(row)]
-        rows.append(dict({k: v for k, v in row.items() if k != "fn"}, windows_s=(statistics.median(r), min(r), max(r))))
+        r = samples[id(row)]
+        rows.append(dict({k: v for k, v in row.items() if k != "fn"}, windows_s=spread(r), samples=r))
     channels_first = None  # frees the copy; floor_cf is not called again
     print("floor and samplers done", file=sys.stderr, flush=True)
+    return rows
 
+
+def ours_pipeline(volume, quick: bool) -> list[dict]:
+    """CPU augmentation and the tf.data pipeline, measured once."""
+    from highres3d.augment import AffineAugmentation
+    from highres3d.samplers import ClassWeightedSampler
+
+    reps = 2 if quick else 7
+    n_slow = 5 if quick else 20
+    rows = []
+    rng = np.random.default_rng(1)
     sampler = ClassWeightedSampler(W, {0: 1, 1: 1})
     state = sampler.prepare(volume)
     aug = AffineAugmentation(rotation_degrees=DEG, scale_range=SCALE)
@@ -351,7 +409,7 @@ def pipeline(volume, quick: bool) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- peers
-def peers(path: str, quick: bool) -> list[dict]:
+def peers(path: str, quick: bool, sampling_only: bool = False) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
@@ -377,7 +435,7 @@ def peers(path: str, quick: bool) -> list[dict]:
     base = {"image": MetaTensor(image), "label": MetaTensor(label)}
     to_indices = ClassesToIndicesd(keys="label", num_classes=2)
     with_indices = to_indices(dict(base))
-    for precomputed in (False, True):
+    for precomputed in (True,) if sampling_only else (False, True):
         crop = RandCropByLabelClassesd(
             keys=["image", "label"], label_key="label", spatial_size=(W, W, W), ratios=[1, 1], num_classes=2,
             num_samples=1, indices_key="label_cls_indices" if precomputed else None,
@@ -394,10 +452,11 @@ def peers(path: str, quick: bool) -> list[dict]:
                 method=f"MONAI {monai.__version__} RandCropByLabelClassesd "
                 + ("+ ClassesToIndicesd" if precomputed else "(default: indices every call)"),
                 setup_ms=setup_ms(lambda: to_indices(dict(base)), reps) if precomputed else None,
-                windows_s=rate(draw, n_fast if precomputed else n_slow, reps),
+                samples=rates(draw, n_fast if precomputed else n_slow, reps),
                 kind="peer_sampler",
             )
         )
+        rows[-1]["windows_s"] = spread(rows[-1]["samples"])
     print("monai crops done", file=sys.stderr, flush=True)
 
     subject = tio.Subject(image=tio.ScalarImage(tensor=image), label=tio.LabelMap(tensor=label))
@@ -418,11 +477,14 @@ def peers(path: str, quick: bool) -> list[dict]:
         dict(
             method=f"TorchIO {tio.__version__} LabelSampler {{0:1, 1:1}}",
             setup_ms=setup_ms(tio_setup, reps),
-            windows_s=rate(tio_draw, n_fast, reps),
+            samples=rates(tio_draw, n_fast, reps),
             kind="peer_sampler",
         )
     )
+    rows[-1]["windows_s"] = spread(rows[-1]["samples"])
     print("torchio sampler done", file=sys.stderr, flush=True)
+    if sampling_only:
+        return rows
 
     # Augmentation peers work on pre-cut windows, i.e. their augmentation cost alone.
     pool = [next(patches) for _ in range(8)]
@@ -482,14 +544,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repetitions (smoke run)")
     _peers.add_arguments(ap)
-    ap.add_argument("--section", choices=("ours", "peers"), default="ours", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds alternating the peers' samplers and ours, samples pooled (default 3; --quick: 1)")
+    ap.add_argument("--section", choices=("ours", "peers", "peer-samplers"), default="ours", help=argparse.SUPPRESS)
     ap.add_argument("--subject", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args()
 
-    if args.section == "peers":
-        print(json.dumps(peers(args.subject, args.quick)))
+    if args.section in ("peers", "peer-samplers"):
+        print(json.dumps(peers(args.subject, args.quick, sampling_only=args.section == "peer-samplers")))
         return
+    rounds = 1 if args.quick else max(1, args.rounds)
 
     peers_python = _peers.resolve(args)
     image, label = make_subject()
@@ -498,21 +563,33 @@ def main() -> None:
         f"window {W}^3; cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
-    rows = []
+    volume, interleaved = volumes(image, label)
+    sampling_rounds, peer_other = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "subject.npz")
         if peers_python:
-            path = os.path.join(tmp, "subject.npz")
             np.savez(path, image=image, label=label)
-            cmd = [peers_python, __file__, "--section", "peers", "--subject", path] + (["--quick"] if args.quick else [])
-            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-            if done.returncode == 0:
-                rows_peers = json.loads(done.stdout.strip().splitlines()[-1])
-            else:
-                print(f"peer section failed (exit {done.returncode}); table without peers", file=sys.stderr)
-                rows_peers = []
-        else:
-            rows_peers = []
-        rows = ours(image, label, args.quick) + rows_peers
+        for round_ in range(rounds):
+            # The peers' samplers and ours alternate: a slow spell of the machine hits both.
+            round_rows = []
+            if peers_python:
+                section = "peers" if round_ == 0 else "peer-samplers"
+                cmd = [peers_python, __file__, "--section", section, "--subject", path] + (["--quick"] if args.quick else [])
+                print(f"round {round_ + 1}/{rounds}: peers ({section})", file=sys.stderr, flush=True)
+                done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+                if done.returncode == 0:
+                    result = json.loads(done.stdout.strip().splitlines()[-1])
+                    round_rows += [r for r in result if "samples" in r]
+                    peer_other += [r for r in result if "samples" not in r]
+                else:
+                    print(f"peer section failed (exit {done.returncode}); table without them this round", file=sys.stderr)
+            print(f"round {round_ + 1}/{rounds}: highres3d samplers", file=sys.stderr, flush=True)
+            round_rows += ours_sampling(volume, interleaved, args.quick)
+            sampling_rounds.append(round_rows)
+    pooled = pool_rounds(sampling_rounds)
+    ours_rows = [r for r in pooled if not r.get("kind", "").startswith("peer")]
+    rows = ours_rows + ours_pipeline(volume, args.quick) + [r for r in pooled if r.get("kind", "").startswith("peer")]
+    rows += peer_other
     print(table(rows), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
