@@ -8,9 +8,12 @@ Measured, per precision (float32; bfloat16 = Keras' ``mixed_bfloat16`` policy /
   for ours, eager PyTorch for MONAI as its users run it);
 * whole-volume inference of a 2×240×240×155 subject in one pass
   (``highres3d.inference.predict_volume(window_size=None)`` and one MONAI
-  forward), seconds per subject.
+  forward), seconds per subject;
+* ours only: augmented windows/s of RandomAffine3D on the device (batches
+  of 4 margin crops already there), the device's share of
+  ``augmentation.device: accelerator``.
 
-Targets (issue 12): training step ≥ 1.0× MONAI, whole volume < 1 s.
+Targets (issue 12): training step ≥ 1.0× MONAI, whole volume < 1 s, augmented ≥ 1,000 windows/s.
 
 ``benchmarks/gpu.sh`` sets up the environment and runs this; ``--quick`` (16³,
 batch 1, one repetition, CPU is fine) is a smoke run.  ``--part ours`` or
@@ -49,7 +52,7 @@ def jobs(args) -> list[tuple[str, object]]:
     """
     first = [(p, job) for p in args.precisions for job in (args.batches[0], "whole")]
     rest = [(p, b) for b in args.batches[1:] for p in args.precisions]
-    return first + rest
+    return first + [(args.precisions[0], "augment")] + rest
 
 
 class Rows(list):
@@ -65,6 +68,39 @@ class Rows(list):
             tmp = self.path.with_name(self.path.name + ".partial")
             tmp.write_text(json.dumps(list(self), indent=1))
             os.replace(tmp, self.path)
+
+
+AUGMENT_BATCH = 4
+
+
+def augmentation_rate(args) -> float:
+    """Augmented windows/s of ``augmentation.device: accelerator`` on this device (issue 12, item 3).
+
+    RandomAffine3D (±10° per axis, ±10 % scaling, XLA-compiled resampling)
+    turns batches of margin crops of two float32 channels and a label, already
+    on the device, into windows of ``args.size``³: the device's share of the
+    augmented pipeline. The CPU's share, delivering the crops or the window
+    positions of volumes kept on the device, is measured by
+    ``benchmarks/samplers.py`` on the CPU.
+    """
+    import keras
+    import numpy as np
+
+    from highres3d.augment.layer import RandomAffine3D
+
+    layer = RandomAffine3D(args.size, rotation_degrees=10.0, scale_range=0.1, seed=0)
+    rng = np.random.default_rng(0)
+    shape = (AUGMENT_BATCH,) + layer.crop_size
+    crops = keras.ops.convert_to_tensor(rng.normal(size=shape + (2,)).astype("float32"))
+    labels = keras.ops.convert_to_tensor(rng.integers(0, 2, size=shape).astype("uint8"))
+
+    def ready(out):
+        for tensor in out:
+            getattr(tensor, "block_until_ready", lambda: None)()  # JAX dispatches asynchronously
+        return out
+
+    seconds = best(lambda: layer((crops, labels), training=True), args.reps, ready)
+    return AUGMENT_BATCH / seconds
 
 
 def ours(args, rows: Rows) -> None:
@@ -91,6 +127,13 @@ def ours(args, rows: Rows) -> None:
         return models[precision]
 
     for precision, job in jobs(args):
+        if job == "augment":
+            windows_s = augmentation_rate(args)
+            rows.add(dict(method="highres3d", precision="float32", what="augment", batch=AUGMENT_BATCH,
+                          size=args.size, seconds=AUGMENT_BATCH / windows_s, windows_s=windows_s, versions=versions))
+            print(f"  ours augmentation {AUGMENT_BATCH}x{args.size}^3: {windows_s:.0f} windows/s",
+                  file=sys.stderr, flush=True)
+            continue
         model = model_for(precision)
         if job == "whole":
             volume = np.random.default_rng(0).normal(size=args.volume + (2,)).astype("float32")
@@ -126,6 +169,8 @@ def peer(args, rows: Rows) -> None:
     versions = f"torch {torch.__version__}, monai {monai.__version__}, {name}"
     nets = {}
     for precision, job in jobs(args):
+        if job == "augment":  # ours only: MONAI's augmentation runs on the CPU in its DataLoader
+            continue
         if precision not in nets:
             torch.manual_seed(0)
             net = HighResNet(spatial_dims=3, in_channels=2, out_channels=2).to(device)
@@ -180,12 +225,17 @@ def peer(args, rows: Rows) -> None:
 def table(rows: list[dict]) -> str:
     theirs = {(r["precision"], r["what"], r["batch"]): r for r in rows if r["method"] != "highres3d"}
     lines = ["| measurement | precision | ours | MONAI | MONAI time / ours | target |", "|---|---|---|---|---|---|"]
-    order = {"forward": 0, "train": 1, "whole volume": 2}
+    order = {"forward": 0, "train": 1, "whole volume": 2, "augment": 3}
     ours_rows = sorted((r for r in rows if r["method"] == "highres3d"),
                        key=lambda r: (r["precision"] != "float32", r["batch"], order[r["what"]]))
     for r in ours_rows:
         p = theirs.get((r["precision"], r["what"], r["batch"]))
         ratio = f"{p['seconds'] / r['seconds']:.2f}" if p else "-"
+        if r["what"] == "augment":
+            lines.append(f"| augmented windows/s (RandomAffine3D on device, batch {r['batch']} of "
+                         f"{r['size']}³) | float32 | {r['windows_s']:.0f} | - | - | ≥ 1,000 "
+                         f"({'met' if r['windows_s'] >= 1000 else 'missed'}) |")
+            continue
         if r["what"] == "whole volume":
             name, value, other = f"whole volume {r['size']}, s", f"{r['seconds']:.2f}", f"{p['seconds']:.2f}" if p else "-"
             target = "< 1 s" + (" (met)" if r["seconds"] < 1 else " (missed)")

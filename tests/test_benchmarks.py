@@ -100,9 +100,10 @@ def test_gpu_benchmark_measures_the_targets_first_and_keeps_every_row_as_it_come
 
     gpu = load_gpu_bench()
     args = SimpleNamespace(precisions=("float32", "bfloat16"), batches=(1, 2, 4))
-    assert gpu.jobs(args)[:4] == [("float32", 1), ("float32", "whole"), ("bfloat16", 1), ("bfloat16", "whole")]
+    assert gpu.jobs(args)[:5] == [("float32", 1), ("float32", "whole"), ("bfloat16", 1), ("bfloat16", "whole"),
+                                  ("float32", "augment")]
     assert sorted(gpu.jobs(args), key=str) == sorted(
-        [(p, j) for p in args.precisions for j in (1, 2, 4, "whole")], key=str)
+        [(p, j) for p in args.precisions for j in (1, 2, 4, "whole")] + [("float32", "augment")], key=str)
 
     path = tmp_path / "ours.json"
     rows = gpu.Rows(str(path), earlier=[])
@@ -120,3 +121,5 @@ def test_gpu_benchmark_measures_the_targets_first_and_keeps_every_row_as_it_come
     monai = dict(row, method="MONAI HighResNet", seconds=0.4, windows_s=2.5)
     judged = gpu.table(list(rows) + [monai])
     assert "| train 1x96³, windows/s | float32 | 2.0 | 2.5 | 0.80 | ≥ 1.0 (missed) |" in judged
+    augmented = dict(row, what="augment", batch=4, windows_s=1500.0)
+    assert "| float32 | 1500 | - | - | ≥ 1,000 (met) |" in gpu.table([augmented])
