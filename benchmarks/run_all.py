@@ -155,7 +155,8 @@ def render(sections: list[tuple[str, str, list[list[str]]]], commit: str, date: 
         lines += ["| figure | ours | peer | ratio | target | met |", "|---|---|---|---|---|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "## GPU", "", "`benchmarks/gpu.sh` (JAX backend) has not been run: no GPU machine was lent "
-              "while these figures were taken.", "", NOTES_MARKER, ""]
+              "while these figures were taken. It is one device call (benchmarks/README.md, "
+              "\"The GPU figures\"); its `gpu.md` table goes here.", "", NOTES_MARKER, ""]
     if notes:
         lines += [notes, ""]
     return "\n".join(lines)
