@@ -44,16 +44,21 @@ mkdir -p "$out"
 site="$(mktemp -d)"
 trap 'rm -rf "$site"' EXIT
 
+export KERAS_BACKEND=jax  # before the checks: Keras' default backend, TensorFlow, is not on the GPU machine
 missing=()
 for p in "${packages[@]}"; do
     "$python" -c "import ${p##*:}" 2>/dev/null || missing+=("${p%%:*}")
 done
 if (( ${#missing[@]} )); then
+    if ! compgen -G "$wheels/*.whl" > /dev/null; then
+        echo "gpu.sh: $python cannot import ${missing[*]} and $wheels has no wheels:" \
+             "run 'bash benchmarks/gpu.sh --fetch-wheels' where there is network and send $wheels along" >&2
+        exit 2
+    fi
     echo "installing from $wheels: ${missing[*]}" >&2
     "$python" -m pip install --quiet --no-deps --no-index --find-links "$wheels" --target "$site" "${missing[@]}"
 fi
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export KERAS_BACKEND=jax
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and PyTorch share the GPU in this run
 
 "$python" - <<'PY'

@@ -231,20 +231,26 @@ def table(rows: list[dict]) -> str:
     for r in ours_rows:
         p = theirs.get((r["precision"], r["what"], r["batch"]))
         ratio = f"{p['seconds'] / r['seconds']:.2f}" if p else "-"
+        # Targets hold for the sizes only: a --quick run (16³, a small volume) is not judged.
+        full = r["size"] == 96 or r["size"] == "x".join(map(str, VOLUME))
+
+        def judged(text: str, met: bool) -> str:
+            return f"{text} ({'met' if met else 'missed'})" if full else f"{text} (not judged: smoke-run size)"
+
         if r["what"] == "augment":
             lines.append(f"| augmented windows/s (RandomAffine3D on device, batch {r['batch']} of "
-                         f"{r['size']}³) | float32 | {r['windows_s']:.0f} | - | - | ≥ 1,000 "
-                         f"({'met' if r['windows_s'] >= 1000 else 'missed'}) |")
+                         f"{r['size']}³) | float32 | {r['windows_s']:.0f} | - | - | "
+                         f"{judged('≥ 1,000', r['windows_s'] >= 1000)} |")
             continue
         if r["what"] == "whole volume":
             name, value, other = f"whole volume {r['size']}, s", f"{r['seconds']:.2f}", f"{p['seconds']:.2f}" if p else "-"
-            target = "< 1 s" + (" (met)" if r["seconds"] < 1 else " (missed)")
+            target = judged("< 1 s", r["seconds"] < 1)
         else:
             name = f"{r['what']} {r['batch']}x{r['size']}³, windows/s"
             value, other = f"{r['windows_s']:.1f}", f"{p['windows_s']:.1f}" if p else "-"
             target = ""
             if r["what"] == "train" and p:
-                target = "≥ 1.0" + (" (met)" if p["seconds"] >= r["seconds"] else " (missed)")
+                target = judged("≥ 1.0", p["seconds"] >= r["seconds"])
         lines.append(f"| {name} | {r['precision']} | {value} | {other} | {ratio} | {target} |")
     return "\n".join(lines)
 

@@ -123,3 +123,6 @@ def test_gpu_benchmark_measures_the_targets_first_and_keeps_every_row_as_it_come
     assert "| train 1x96³, windows/s | float32 | 2.0 | 2.5 | 0.80 | ≥ 1.0 (missed) |" in judged
     augmented = dict(row, what="augment", batch=4, windows_s=1500.0)
     assert "| float32 | 1500 | - | - | ≥ 1,000 (met) |" in gpu.table([augmented])
+    # a smoke run's sizes are not judged against the targets
+    assert "(not judged: smoke-run size)" in gpu.table([dict(augmented, size=16)])
+    assert "(met)" not in gpu.table([dict(row, what="whole volume", size="32x32x24", seconds=0.5)])
