@@ -64,6 +64,9 @@ class Rows(list):
 
     def add(self, row: dict) -> None:
         self.append(row)
+        self.save()
+
+    def save(self) -> None:
         if self.path is not None:
             tmp = self.path.with_name(self.path.name + ".partial")
             tmp.write_text(json.dumps(list(self), indent=1))
@@ -275,8 +278,8 @@ def main() -> int:
         ours(args, rows)
     if args.part in ("both", "peer"):
         peer(args, rows)
-    if args.json and args.part == "none":
-        Path(args.json).write_text(json.dumps(list(rows), indent=1))
+    if args.part == "none":
+        rows.save()  # the merged rows
     print("; ".join(sorted({r["versions"] for r in rows})))
     print(table(rows))
     return 0

@@ -456,7 +456,6 @@ def peers(path: str, quick: bool, sampling_only: bool = False) -> list[dict]:
                 kind="peer_sampler",
             )
         )
-        rows[-1]["windows_s"] = spread(rows[-1]["samples"])
     print("monai crops done", file=sys.stderr, flush=True)
 
     subject = tio.Subject(image=tio.ScalarImage(tensor=image), label=tio.LabelMap(tensor=label))
@@ -481,7 +480,6 @@ def peers(path: str, quick: bool, sampling_only: bool = False) -> list[dict]:
             kind="peer_sampler",
         )
     )
-    rows[-1]["windows_s"] = spread(rows[-1]["samples"])
     print("torchio sampler done", file=sys.stderr, flush=True)
     if sampling_only:
         return rows

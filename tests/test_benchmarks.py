@@ -126,3 +126,28 @@ def test_gpu_benchmark_measures_the_targets_first_and_keeps_every_row_as_it_come
     # a smoke run's sizes are not judged against the targets
     assert "(not judged: smoke-run size)" in gpu.table([dict(augmented, size=16)])
     assert "(met)" not in gpu.table([dict(row, what="whole volume", size="32x32x24", seconds=0.5)])
+
+
+def test_sampler_rows_pool_every_rounds_samples():
+    """Alternating rounds only help if each row's repetitions from every round end up in one median."""
+    import os
+    from unittest import mock
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        with mock.patch.dict(os.environ):  # the script sets thread variables for its own process
+            spec = importlib.util.spec_from_file_location("samplers_bench", ROOT / "benchmarks" / "samplers.py")
+            samplers = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(samplers)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    ours = dict(method="ours", kind="sampler", setup_ms=2.0, samples=[100.0, 110.0])
+    peer = dict(method="peer", kind="peer_sampler", setup_ms=None, samples=[90.0])
+    once = dict(method="only in round 1", kind="peer_sampler", setup_ms=None, samples=[5.0])
+    rounds = [[ours, peer, once], [dict(ours, setup_ms=4.0, samples=[300.0]), dict(peer, samples=[95.0, 400.0])]]
+    pooled = {r["method"]: r for r in samplers.pool_rounds(rounds)}
+    assert pooled["ours"]["samples"] == [100.0, 110.0, 300.0] and pooled["ours"]["windows_s"] == (110.0, 100.0, 300.0)
+    assert pooled["ours"]["setup_ms"] == 3.0 and pooled["ours"]["rounds"] == 2
+    assert pooled["peer"]["windows_s"] == (95.0, 90.0, 400.0) and pooled["peer"]["setup_ms"] is None
+    assert pooled["only in round 1"]["rounds"] == 1
+    assert rounds[0][0]["samples"] == [100.0, 110.0]  # the measured rows are not changed in place
