@@ -319,7 +319,7 @@ class InferenceConfig:
     blend: Literal["crop", "average", "gaussian"] = _field("gaussian", "how overlapping windows are combined")
     batch_size: int = _field(1, "windows per model call", _positive)
     tta_mirror: bool = _field(False, "average predictions over mirrored inputs")
-    precision: Precision = _field("auto", "compute precision: bfloat16 (float32 weights) is ~2.4x faster where the CPU has AVX512_BF16/AMX; auto picks it there")
+    precision: Precision = _field("auto", "compute precision: bfloat16 (float32 weights) is ~2.4x faster where the CPU has AVX512_BF16/AMX; auto picks it there, and on a GPU of compute capability 8.0+")
 
 
 @dataclass(frozen=True)

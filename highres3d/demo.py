@@ -64,14 +64,15 @@ QUICK_SUBJECTS = 8
 
 
 def training_precision() -> str:
-    """The demo's training precision: ``"bfloat16"`` on a CPU with native bfloat16 arithmetic, else ``"float32"``.
+    """The demo's training precision: ``"bfloat16"`` where the compute device has native bfloat16, else ``"float32"``.
 
     The rule is :func:`highres3d.inference.resolve_precision`'s ``"auto"``
-    (AVX512_BF16 or AMX).  On such a CPU a demo training step took 0.34 s in
-    bfloat16 against 0.52 s in float32 (two workers of one thread each), which
-    is what brings 18 trainings within the demo's ten minutes; elsewhere
-    bfloat16 is emulated and slower.  ``--set training.mixed_precision=false``
-    trains in float32 anyway.
+    (a CPU with AVX512_BF16 or AMX; with a GPU, compute capability 8.0+).  On
+    such a CPU a demo training step took 0.34 s in bfloat16 against 0.52 s in
+    float32 (two workers of one thread each), which is what brings 18
+    trainings within the demo's ten minutes; elsewhere bfloat16 is emulated
+    and slower.  ``--set training.mixed_precision=false`` trains in float32
+    anyway.
     """
     from highres3d.inference import resolve_precision
 
@@ -146,6 +147,7 @@ def run_demo(
     """
     from highres3d import experiments, reporting
     from highres3d.data.synth import synthesize
+    from highres3d.inference import native_bfloat16
     from highres3d.presets import get_preset
     from highres3d.training import train
     from highres3d.training.run import RunFolder
@@ -175,7 +177,7 @@ def run_demo(
 
     dtype = target_cfg.training.compute_dtype
     echo(f"training precision: {dtype}" + (
-        " (this CPU computes bfloat16 natively; --set training.mixed_precision=false trains in float32)"
+        f" ({native_bfloat16()[1]}; --set training.mixed_precision=false trains in float32)"
         if dtype == "bfloat16" else ""))
     echo(f"== 1/4 synthetic data -> {output / 'data'}")
     sets = [("brats", brats_subjects)] + ([("ixi", ixi_subjects)] if train_source else [])

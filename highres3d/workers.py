@@ -7,6 +7,12 @@ must never be forked) and waits for them.  Each worker
 - limits TensorFlow to its share of the CPUs (:func:`limit_cpu_threads`,
   when ``threads`` is given) before TensorFlow starts, so N workers do not
   fight over the cores;
+- gets its share of the machine's NVIDIA GPUs (:func:`gpu_placement`:
+  ``CUDA_VISIBLE_DEVICES`` set before TensorFlow starts): the GPUs are dealt
+  out so that no two workers share one while there are enough, and workers
+  that must share one grow their GPU memory as needed instead of each taking
+  nearly all of it at start, which would end the second worker with an
+  out-of-memory error;
 - prints through :class:`LinePrefixStream`: every line it writes to standard
   output or standard error reaches the parent whole, prefixed with
   ``[worker i/N] ``, on the parent's standard output (through its ``echo``) or
@@ -29,7 +35,9 @@ from __future__ import annotations
 import io
 import os
 import queue as queue_module
+import shutil
 import signal
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -54,6 +62,51 @@ def check_workers(workers: int) -> None:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers {workers}: expected a whole number of worker processes, 1 or more "
                           "(1 runs everything in this process)")
+
+
+def visible_gpus() -> list[str]:
+    """The NVIDIA GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries; ``[]`` without any.
+
+    ``CUDA_VISIBLE_DEVICES`` itself when it is set (a scheduler's allocation:
+    SLURM and most batch systems set it), up to its first invalid entry as CUDA
+    reads it (``-1`` or an empty value hide every GPU); otherwise every GPU
+    ``nvidia-smi -L`` lists, without starting TensorFlow in this process.
+    """
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is not None:
+        ids = []
+        for entry in (part.strip() for part in value.split(",")):
+            if not entry or entry.startswith("-"):
+                break
+            ids.append(entry)
+        return ids
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if listing.returncode != 0:
+        return []
+    return [str(i) for i, _ in enumerate(line for line in listing.stdout.splitlines() if line.startswith("GPU "))]
+
+
+def gpu_placement(count: int, gpus: Sequence[str]) -> list[dict[str, str]]:
+    """The environment variables that place each of ``count`` workers on ``gpus``.
+
+    With at least as many GPUs as workers, worker ``i`` gets ``gpus[i::count]``
+    (disjoint, every GPU used: ``training.strategy: mirrored`` spreads a run
+    over its worker's share).  With fewer, worker ``i`` shares
+    ``gpus[i % len(gpus)]`` and gets ``TF_FORCE_GPU_ALLOW_GROWTH=true``:
+    TensorFlow otherwise reserves nearly all of a GPU's memory in the first
+    process that uses it.  No GPUs: no variables.
+    """
+    if not gpus:
+        return [{} for _ in range(count)]
+    if count <= len(gpus):
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i::count])} for i in range(count)]
+    return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)], "TF_FORCE_GPU_ALLOW_GROWTH": "true"} for i in range(count)]
 
 
 def limit_cpu_threads(threads: int) -> None:
@@ -115,6 +168,7 @@ def run_in_workers(
     kwargs: Sequence[dict],
     *,
     threads: Optional[int] = None,
+    gpus: Optional[Sequence[str]] = None,
     echo: Callable[[str], None] = print,
     hint: str = "",
 ) -> None:
@@ -129,6 +183,8 @@ def run_in_workers(
             before ``target`` runs; ``None`` leaves TensorFlow alone (it is not
             even imported).  A worker that trains should get
             ``max(1, available_cpus() // N)``.
+        gpus: the GPUs to deal out (``CUDA_VISIBLE_DEVICES`` entries, see
+            :func:`gpu_placement`); ``None``: :func:`visible_gpus`.
         echo: receives the workers' standard-output lines (their standard error
             goes to this process's standard error).
         hint: appended to the error raised when workers fail (how to resume).
@@ -142,9 +198,11 @@ def run_in_workers(
     count = len(kwargs)
     if count < 1:
         return
+    placement = gpu_placement(count, visible_gpus() if gpus is None else list(gpus))
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
-    processes = [context.Process(target=_worker_main, args=(target, i, count, threads, messages, kwargs[i]),
+    processes = [context.Process(target=_worker_main,
+                                 args=(target, i, count, threads, placement[i], messages, kwargs[i]),
                                  name=f"highres3d-worker-{i}") for i in range(count)]
     last_error: dict[int, str] = {}
 
@@ -216,9 +274,9 @@ def _interrupt_once(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _worker_main(target: Callable[..., Any], index: int, count: int, threads: Optional[int], messages,
-                 kwargs: dict) -> None:
-    """The body of worker ``index``: prefixed output, thread limit, ``target``, an exit code for the parent."""
+def _worker_main(target: Callable[..., Any], index: int, count: int, threads: Optional[int], environment: dict,
+                 messages, kwargs: dict) -> None:
+    """The body of worker ``index``: prefixed output, GPUs, thread limit, ``target``, an exit code for the parent."""
     signal.signal(signal.SIGINT, _interrupt_once)
     prefix = f"[worker {index}/{count}] "
     out = LinePrefixStream(prefix, lambda line: messages.put(("out", index, line)))
@@ -226,6 +284,16 @@ def _worker_main(target: Callable[..., Any], index: int, count: int, threads: Op
     sys.stdout, sys.stderr = out, err
     code = 0
     try:
+        # Before TensorFlow initialises CUDA, which reads both once; a user's own memory-growth choice stands.
+        for name, value in environment.items():
+            if name == "CUDA_VISIBLE_DEVICES" or name not in os.environ:
+                os.environ[name] = value
+        if "CUDA_VISIBLE_DEVICES" in environment:
+            shared = "TF_FORCE_GPU_ALLOW_GROWTH" in environment
+            growth = os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH") == "true"
+            print(f"GPU {os.environ['CUDA_VISIBLE_DEVICES']}"
+                  + (f" (shared with other workers; memory {'grows as needed' if growth else 'not grown'})"
+                     if shared else ""))
         if threads is not None:
             limit_cpu_threads(threads)
             print(f"{count_noun(threads, 'CPU thread')} (TensorFlow intra-op and inter-op)")

@@ -117,3 +117,58 @@ def test_ctrl_c_lets_every_worker_save_once_then_reraises(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "waiting for 2 workers to save their work" in err
     assert "[worker 0/2] interrupted" in err and "[worker 1/2] interrupted" in err
+
+
+@pytest.mark.parametrize("count, gpus, expected", [
+    (2, [], [{}, {}]),
+    # Enough GPUs: disjoint shares, every GPU used, no memory growth needed.
+    (2, ["0", "1"], [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]),
+    (2, ["2", "3", "5", "7"], [{"CUDA_VISIBLE_DEVICES": "2,5"}, {"CUDA_VISIBLE_DEVICES": "3,7"}]),
+    # Too few: shared round robin, and each process grows its memory instead of taking nearly all of it.
+    (3, ["0", "1"], [{"CUDA_VISIBLE_DEVICES": "0", "TF_FORCE_GPU_ALLOW_GROWTH": "true"},
+                     {"CUDA_VISIBLE_DEVICES": "1", "TF_FORCE_GPU_ALLOW_GROWTH": "true"},
+                     {"CUDA_VISIBLE_DEVICES": "0", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}]),
+])
+def test_gpus_are_dealt_to_workers_without_two_sharing_one_while_there_are_enough(count, gpus, expected):
+    assert workers.gpu_placement(count, gpus) == expected
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("0,1", ["0", "1"]), ("3", ["3"]), (" 1 , 2 ", ["1", "2"]), ("GPU-8c1f", ["GPU-8c1f"]),
+    # CUDA reads up to the first invalid entry: -1 or an empty value hides every GPU.
+    ("-1", []), ("", []), ("1,-1,2", ["1"]),
+])
+def test_a_schedulers_gpu_allocation_is_respected(monkeypatch, value, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    assert workers.visible_gpus() == expected
+
+
+def test_without_an_allocation_the_gpus_nvidia_smi_lists_are_used(monkeypatch, tmp_path):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-1)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-2)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert workers.visible_gpus() == ["0", "1"]
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    assert workers.visible_gpus() == []
+    smi.unlink()
+    assert workers.visible_gpus() == []
+
+
+def test_each_worker_starts_with_its_gpus_in_its_environment(tmp_path, monkeypatch):
+    # A user's own memory-growth choice stands; the GPU share is always the worker's own.
+    monkeypatch.setenv("TF_FORCE_GPU_ALLOW_GROWTH", "false")
+    body = ("import os\nprint('SEES', os.environ.get('CUDA_VISIBLE_DEVICES'), "
+            "os.environ.get('TF_FORCE_GPU_ALLOW_GROWTH'))\n")
+    jobs = _scripts(tmp_path, [body] * 3)
+    echoed = []
+    workers.run_in_workers(runpy.run_path, jobs, gpus=["4", "6"], echo=echoed.append)
+    assert {line for line in echoed if "SEES" in line} == {
+        "[worker 0/3] SEES 4 false", "[worker 1/3] SEES 6 false", "[worker 2/3] SEES 4 false"}
+    assert "[worker 1/3] GPU 6 (shared with other workers; memory not grown)" in echoed
+    echoed.clear()
+    monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH")
+    workers.run_in_workers(runpy.run_path, jobs[:2], gpus=["4", "6"], echo=echoed.append)
+    assert {line for line in echoed if "SEES" in line} == {"[worker 0/2] SEES 4 None", "[worker 1/2] SEES 6 None"}
+    assert "[worker 0/2] GPU 4" in echoed

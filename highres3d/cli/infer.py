@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     parser.add_argument("--blend", choices=("crop", "average", "gaussian"), help="how overlapping windows combine")
     parser.add_argument("--batch-size", type=int, help="windows per model call")
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"),
-                        help="compute precision (inference.precision; auto = bfloat16 where the CPU has it natively)")
+                        help="compute precision (inference.precision; auto = bfloat16 where the CPU, or the GPU (compute capability 8.0+), has it natively)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     parser.add_argument("--shard", metavar="I/N",
                         help="process only shard I of N (0-based, subjects in sorted order), to split a folder across machines")

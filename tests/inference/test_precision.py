@@ -53,9 +53,36 @@ def test_bfloat16_and_float32_segmentations_agree(window):
 
 def test_precision_values():
     assert resolve_precision("float32") == "float32" and resolve_precision("bfloat16") == "bfloat16"
-    assert resolve_precision("auto") in ("float32", "bfloat16")
     with pytest.raises(ConfigError, match="inference.precision"):
         resolve_precision("float16")
+
+
+@pytest.mark.parametrize("gpus, cpu_native, expected, reason", [
+    ([], True, "bfloat16", "this CPU computes bfloat16 natively"),
+    ([], False, "float32", "this CPU has no native bfloat16"),
+    # The GPU computes, so the host CPU's flags do not count: a V100 emulates bfloat16 even beside an AMX CPU.
+    ([("Tesla V100-SXM2-32GB", (7, 0))], True, "float32", "Tesla V100-SXM2-32GB (compute capability 7.0) has no native"),
+    ([("NVIDIA H100 80GB HBM3", (9, 0))], False, "bfloat16", "NVIDIA H100 80GB HBM3 (compute capability 9.0) computes"),
+    ([("NVIDIA A100", (8, 0)), ("Tesla T4", (7, 5))], True, "float32", "Tesla T4 (compute capability 7.5) has no"),
+    ([("unknown GPU", None)], True, "float32", "unknown GPU (compute capability unknown) has no native"),
+])
+def test_auto_precision_follows_the_device_that_computes(monkeypatch, gpus, cpu_native, expected, reason):
+    import highres3d.inference as inference
+
+    monkeypatch.setattr(inference, "_visible_gpus", lambda: gpus)
+    monkeypatch.setattr(inference, "_cpu_has_bfloat16", lambda: cpu_native)
+    assert resolve_precision("auto") == expected
+    native, why = inference.native_bfloat16()
+    assert native == (expected == "bfloat16") and reason in why
+
+
+def test_no_gpu_is_seen_on_a_machine_without_one():
+    # The probe itself (TensorFlow backend here): the CI machines have no GPU, so auto follows the CPU's flags.
+    import highres3d.inference as inference
+
+    if inference._visible_gpus():
+        pytest.skip("this machine has a GPU")
+    assert resolve_precision("auto") == ("bfloat16" if inference._cpu_has_bfloat16() else "float32")
 
 
 def test_compute_precision_reaches_every_layer_and_restores_them():
