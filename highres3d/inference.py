@@ -592,6 +592,8 @@ def predict_subjects(
     result = FolderPrediction(output_dir)
     started = time.perf_counter()
     say = echo or (lambda text: None)
+    precision = options.get("precision") or config.inference.precision
+    say(f"precision: {resolve_precision(precision)}" + (f" (auto: {native_bfloat16()[1]})" if precision == "auto" else ""))
     with Progress(len(subjects), "infer", unit="subjects", enabled=show_progress) as progress:
         for subject in subjects:
             seg_path = output_dir / f"{subject.id}{SEG_SUFFIX}"

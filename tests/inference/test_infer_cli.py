@@ -161,8 +161,15 @@ def test_skip_overwrite_shards_and_failures(run_dir, input_dir, tmp_path, capsys
     os.utime(out / "lps_seg.nii.gz", ns=(1, 1))
     assert cli("infer", "--model", run_dir, "-i", input_dir, "-o", out) == 0  # all skipped
     assert (out / "lps_seg.nii.gz").stat().st_mtime_ns == 1
-    assert cli("infer", "--model", run_dir, "-i", input_dir, "-o", out, "--overwrite") == 0
+    capsys.readouterr()
+    assert cli("infer", "--model", run_dir, "-i", input_dir, "-o", out, "--overwrite", "--precision", "float32") == 0
     assert (out / "lps_seg.nii.gz").stat().st_mtime_ns > 1
+    # The precision used is said, and why where auto chose it.
+    assert "precision: float32\n" in capsys.readouterr().out
+    from highres3d.inference import native_bfloat16, resolve_precision
+
+    assert cli("infer", "--model", run_dir, "-i", input_dir, "-o", out) == 0
+    assert f"precision: {resolve_precision('auto')} (auto: {native_bfloat16()[1]})" in capsys.readouterr().out
     assert set(stamp) == {p.name for p in out.iterdir()}
 
     # a corrupt subject fails alone; the others are written; exit status 1
