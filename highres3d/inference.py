@@ -40,7 +40,8 @@ from highres3d.samplers.grid import GridSampler
 
 __all__ = [
     "predict_volume", "predict_subject", "SubjectPrediction", "load_run", "mirror_axes", "as_predict_fn",
-    "input_patterns", "predict_subjects", "resolve_precision", "native_bfloat16", "compute_precision", "predict_folder", "FolderPrediction", "SEG_SUFFIX", "PROB_SUFFIX",
+    "input_patterns", "predict_subjects", "resolve_precision", "native_bfloat16", "compute_precision", "predict_folder",
+    "predict_folder_in_workers", "FolderPrediction", "SEG_SUFFIX", "PROB_SUFFIX",
 ]
 
 #: Output file names: ``<subject>_seg.nii.gz`` (labels) and ``<subject>_prob.nii.gz`` (probabilities).
@@ -444,8 +445,26 @@ def load_run(model_path: str | Path, config_path: Optional[str | Path] = None):
     and ``config.yaml``) or a ``.keras`` file (its folder's ``config.yaml``
     unless ``config_path`` is given).  Returns ``(model, config, model_file)``.
     """
+    from highres3d.transfer import load_model
+
+    model_file, config_path, config = _run_files(model_path, config_path)
+    model = load_model(model_file)
+    try:
+        in_channels = model.inputs[0].shape[-1]
+    except (AttributeError, IndexError, TypeError):  # a subclassed model has no symbolic inputs
+        in_channels = getattr(model, "in_channels", None)
+    if in_channels is not None and in_channels != len(config.dataset.modalities):
+        raise ConfigError(
+            f"{config_path}: dataset.modalities lists {len(config.dataset.modalities)} modalities "
+            f"({', '.join(config.dataset.modalities)}) but {model_file} takes {in_channels} input channels"
+        )
+    return model, config, model_file
+
+
+def _run_files(model_path: str | Path, config_path: Optional[str | Path]):
+    """``(model_file, config_path, config)`` of :func:`load_run`, checked without loading the model."""
     from highres3d.config import load_config
-    from highres3d.transfer import load_model, resolve_source
+    from highres3d.transfer import resolve_source
 
     model_file = resolve_source(model_path)
     if not model_file.name.endswith(".keras"):
@@ -463,17 +482,7 @@ def load_run(model_path: str | Path, config_path: Optional[str | Path] = None):
             f"{model_file}: a multi-domain pretrained trunk (one head per source dataset), not a segmentation model; "
             "use it as transfer.source of a target config (or --source-multi-domain) and segment with that run"
         )
-    model = load_model(model_file)
-    try:
-        in_channels = model.inputs[0].shape[-1]
-    except (AttributeError, IndexError, TypeError):  # a subclassed model has no symbolic inputs
-        in_channels = getattr(model, "in_channels", None)
-    if in_channels is not None and in_channels != len(config.dataset.modalities):
-        raise ConfigError(
-            f"{config_path}: dataset.modalities lists {len(config.dataset.modalities)} modalities "
-            f"({', '.join(config.dataset.modalities)}) but {model_file} takes {in_channels} input channels"
-        )
-    return model, config, model_file
+    return model_file, config_path, config
 
 
 # --------------------------------------------------------------------------- folders
@@ -593,7 +602,7 @@ def predict_subjects(
     started = time.perf_counter()
     say = echo or (lambda text: None)
     precision = options.get("precision") or config.inference.precision
-    say(f"precision: {resolve_precision(precision)}" + (f" (auto: {native_bfloat16()[1]})" if precision == "auto" else ""))
+    say(f"precision: {resolve_precision(precision)}" + (f" [auto: {native_bfloat16()[1]}]" if precision == "auto" else ""))
     with Progress(len(subjects), "infer", unit="subjects", enabled=show_progress) as progress:
         for subject in subjects:
             seg_path = output_dir / f"{subject.id}{SEG_SUFFIX}"
@@ -648,9 +657,7 @@ def predict_folder(
     from highres3d.utils import parse_shard
 
     index, count = parse_shard(shard)
-    input_dir = Path(input_dir)
-    if not input_dir.is_dir():
-        raise DataError(f"{input_dir}: input folder not found")
+    input_dir = _input_folder(input_dir)
     problems: list[str] = []
     if config.dataset.layout == "niftynet_search" and not patterns:
         # A NiftyNet model finds new data with the filename rules it was trained with.
@@ -671,3 +678,81 @@ def predict_folder(
     result = predict_subjects(model, config, subjects, output_dir, echo=echo, **kwargs)
     result.skipped = problems
     return result
+
+
+def _input_folder(input_dir: str | Path) -> Path:
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise DataError(f"{input_dir}: input folder not found")
+    return input_dir
+
+
+def predict_folder_in_workers(
+    model: str | Path,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    workers: int,
+    config: Optional[str | Path] = None,
+    patterns: Sequence[str] = (),
+    echo: Callable[[str], None] = print,
+    **kwargs,
+) -> FolderPrediction:
+    """:func:`predict_folder` in ``workers`` processes on this machine, worker ``i`` segmenting shard ``i/N``.
+
+    For a machine with several GPUs (each worker gets its own while there are
+    enough, see :func:`highres3d.workers.gpu_placement`) or several CPUs (each
+    worker gets ``max(1, CPUs // N)`` TensorFlow threads, and one subject's
+    loading and writing overlap another's prediction).  Each worker loads the
+    model itself: ``model`` and ``config`` as for :func:`load_run`.  Their
+    lines come back prefixed ``[worker i/N]``; the result merges theirs, so a
+    subject that fails in a worker is listed like in one process.
+
+    Raises:
+        ConfigError: for ``workers`` below 1.
+        WorkerError: when a worker itself failed (a bad model file, out of
+            memory while loading); the other workers' subjects are written.
+    """
+    import json
+    import tempfile
+
+    from highres3d.progress import count_noun
+    from highres3d.workers import available_cpus, check_workers, run_in_workers
+
+    check_workers(workers)
+    # Checked here once, not in every worker: a wrong path would otherwise fail N times over.
+    _run_files(model, config)
+    _input_folder(input_dir)
+    started = time.perf_counter()
+    threads = max(1, available_cpus() // workers)
+    echo(f"{workers} worker processes, {count_noun(threads, 'CPU thread')} each, worker i segmenting shard i/{workers}")
+    with tempfile.TemporaryDirectory(prefix="highres3d-infer-") as reports:
+        jobs = [{"model": str(model), "config": None if config is None else str(config), "input_dir": str(input_dir),
+                 "output_dir": str(output_dir), "patterns": list(patterns), "shard": f"{i}/{workers}",
+                 "report": str(Path(reports) / f"{i}.json"), "options": kwargs} for i in range(workers)]
+        run_in_workers(_predict_worker, jobs, threads=threads, echo=echo,
+                       hint="Run the same command again: the subjects already written are kept (skipped unless --overwrite)")
+        parts = [json.loads(Path(job["report"]).read_text()) for job in jobs]
+    result = FolderPrediction(Path(output_dir), seconds=time.perf_counter() - started)
+    for part in parts:
+        result.written += part["written"]
+        result.existing += part["existing"]
+        result.failed += [tuple(item) for item in part["failed"]]
+        # Every worker lists the folder's incomplete subjects; each is said once.
+        result.skipped += [problem for problem in part["skipped"] if problem not in result.skipped]
+    return result
+
+
+def _predict_worker(model: str, config: Optional[str], input_dir: str, output_dir: str, patterns: list[str], shard: str,
+                    report: str, options: dict) -> None:
+    """One worker of :func:`predict_folder_in_workers`: its shard, and what it did as JSON in ``report``."""
+    import json
+
+    from highres3d.utils import atomic_path
+
+    loaded, cfg, model_file = load_run(model, config)
+    print(f"model {model_file}")
+    done = predict_folder(loaded, cfg, input_dir, output_dir, patterns=patterns, shard=shard, **options)
+    with atomic_path(report) as tmp:
+        tmp.write_text(json.dumps({"written": done.written, "existing": done.existing, "skipped": done.skipped,
+                                   "failed": done.failed}))

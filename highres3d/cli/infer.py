@@ -46,19 +46,34 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     parser.add_argument("--shard", metavar="I/N",
                         help="process only shard I of N (0-based, subjects in sorted order), to split a folder across machines")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="segment in N worker processes on this machine, worker i taking shard i/N, each on its own "
+                             "GPUs while there are enough (CUDA_VISIBLE_DEVICES or every GPU nvidia-smi lists) and "
+                             "CPUs // N TensorFlow threads (default 1: this process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from highres3d.inference import load_run, predict_folder
+    from highres3d.errors import ConfigError
+    from highres3d.inference import load_run, predict_folder, predict_folder_in_workers
+    from highres3d.workers import check_workers
 
-    model, cfg, model_file = load_run(args.model, args.config)
-    print(f"model {model_file}")
-    result = predict_folder(
-        model, cfg, args.input, args.output,
-        patterns=args.pattern,
-        shard=args.shard,
+    check_workers(args.workers)
+    if args.workers > 1 and args.shard:
+        raise ConfigError(f"--workers {args.workers} with --shard {args.shard}: use one or the other (--shard splits a "
+                          "folder over machines or jobs, --workers over processes of this one)")
+    if args.workers > 1:
+        def segment(**options):
+            return predict_folder_in_workers(args.model, args.input, args.output, workers=args.workers,
+                                             config=args.config, patterns=args.pattern, **options)
+    else:
+        model, cfg, model_file = load_run(args.model, args.config)
+        print(f"model {model_file}")
+
+        def segment(**options):
+            return predict_folder(model, cfg, args.input, args.output, patterns=args.pattern, shard=args.shard, **options)
+    result = segment(
         overwrite=args.overwrite,
         probabilities=args.probabilities,
         show_progress=False if args.no_progress else None,

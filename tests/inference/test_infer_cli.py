@@ -169,7 +169,7 @@ def test_skip_overwrite_shards_and_failures(run_dir, input_dir, tmp_path, capsys
     from highres3d.inference import native_bfloat16, resolve_precision
 
     assert cli("infer", "--model", run_dir, "-i", input_dir, "-o", out) == 0
-    assert f"precision: {resolve_precision('auto')} (auto: {native_bfloat16()[1]})" in capsys.readouterr().out
+    assert f"precision: {resolve_precision('auto')} [auto: {native_bfloat16()[1]}]" in capsys.readouterr().out
     assert set(stamp) == {p.name for p in out.iterdir()}
 
     # a corrupt subject fails alone; the others are written; exit status 1
@@ -266,3 +266,49 @@ def test_nnunet_inputs_are_matched_to_channels_by_name(tmp_path):
     assert result.written == ["case"]
     seg = np.asarray(nib.load(result.segmentation("case")).dataobj)
     assert (seg == 1).all()
+
+
+def test_workers_segment_the_folder_like_one_process(input_dir, tmp_path, capsys):
+    # Worker processes load the model themselves, so it is made of stock Keras layers: logits (0, x0).
+    run = tmp_path / "run"
+    run.mkdir()
+    inputs = keras.Input((None, None, None, 2))
+    conv = keras.layers.Conv3D(2, 1)
+    model = keras.Model(inputs, conv(inputs))
+    kernel = np.zeros((1, 1, 1, 2, 2), np.float32)
+    kernel[..., 0, 1] = 1.0
+    conv.set_weights([kernel, np.zeros(2, np.float32)])
+    model.save(run / "best.keras")
+    cfg = {
+        "dataset": {"modalities": ["T1", "T2"], "patterns": {"T1": "{subject}_t1.nii.gz", "T2": "{subject}_t2.nii.gz"}},
+        "preprocessing": {"orientation": "RAS", "spacing": [1.0, 1.0, 1.0], "normalisation": "none"},
+        "network": {"num_classes": 2},
+        "inference": {"window_size": [16, 16, 16], "overlap": 0.25, "blend": "gaussian", "batch_size": 2},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (input_dir / "incomplete_t1.nii.gz").write_bytes((input_dir / "lps_t1.nii.gz").read_bytes())  # no T2
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli("infer", "--model", run, "-i", input_dir, "-o", one, "--no-progress") == 0
+    capsys.readouterr()
+    assert cli("infer", "--model", run, "-i", input_dir, "-o", two, "--no-progress", "--workers", "2") == 0
+    out = capsys.readouterr().out
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir()) == [f"{n}_seg.nii.gz" for n in sorted(AFFINES)]
+    for name in names:
+        np.testing.assert_array_equal(np.asarray(nib.load(str(two / name)).dataobj),
+                                      np.asarray(nib.load(str(one / name)).dataobj))
+    # Shards 0/2 and 1/2, each worker's lines prefixed; one merged summary, the incomplete subject said once.
+    assert "[worker 0/2] 2 subject(s) (shard 0/2)" in out and "[worker 1/2] 1 subject(s) (shard 1/2)" in out
+    assert "done in" in out and "3 written, 0 already there" in out and "1 skipped" in out
+    assert out.count("\n  incomplete") == 1
+
+    # A rerun keeps what is there; a bad model path or clashing options fail once, before any worker starts.
+    assert cli("infer", "--model", run, "-i", input_dir, "-o", two, "--workers", "2", "--no-progress") == 0
+    assert "0 written, 3 already there" in capsys.readouterr().out
+    with pytest.raises(Exception, match="missing"):
+        cli("infer", "--model", tmp_path / "missing", "-i", input_dir, "-o", two, "--workers", "2")
+    with pytest.raises(ConfigError, match="--workers 2 with --shard 0/2"):
+        cli("infer", "--model", run, "-i", input_dir, "-o", two, "--workers", "2", "--shard", "0/2")
+    with pytest.raises(ConfigError, match="--workers 0"):
+        cli("infer", "--model", run, "-i", input_dir, "-o", two, "--workers", "0")
