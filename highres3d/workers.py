@@ -45,6 +45,7 @@ from typing import Any, Optional
 
 from highres3d.errors import ConfigError, Highres3dError, WorkerError
 from highres3d.progress import count_noun
+from highres3d.signals import Terminated, ignore_further_interrupts, sigterm_as_interrupt
 
 #: Seconds between checks that the workers are still alive while their output is quiet.
 _POLL_SECONDS = 0.2
@@ -215,7 +216,7 @@ def run_in_workers(
         else:
             print(text, file=sys.stderr, flush=True)
 
-    interrupted = False
+    interrupted: Optional[KeyboardInterrupt] = None
     try:
         for process in processes:
             process.start()
@@ -225,19 +226,21 @@ def run_in_workers(
             except queue_module.Empty:
                 if not any(process.is_alive() for process in processes):
                     break
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as interrupt:
                 if interrupted:
                     raise
-                interrupted = True
-                # A worker interrupts itself once and ignores any later SIGINT, so this second
-                # copy is harmless where the terminal already interrupted the whole process group.
+                interrupted = interrupt
+                # A worker interrupts itself once and ignores any later SIGINT or SIGTERM, so this second
+                # copy is harmless where the terminal (or the scheduler) already signalled every process.
                 for process in processes:
                     if process.is_alive() and process.pid is not None:
                         os.kill(process.pid, signal.SIGINT)
-                print(f"interrupted: waiting for {count} workers to save their work (Ctrl-C again stops them now)",
+                how = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+                print(f"{how}: waiting for {count} workers to save their work"
+                      + ("" if isinstance(interrupt, Terminated) else " (Ctrl-C again stops them now)"),
                       file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as interrupt:
+        interrupted = interrupted or interrupt
         for process in processes:
             if process.is_alive():
                 process.terminate()
@@ -252,7 +255,7 @@ def run_in_workers(
                 break
         messages.close()
     if interrupted:
-        raise KeyboardInterrupt
+        raise interrupted
     failed = [(i, process.exitcode) for i, process in enumerate(processes) if process.exitcode != 0]
     if failed:
         parts = []
@@ -268,9 +271,9 @@ def run_in_workers(
 
 
 def _interrupt_once(signum, frame) -> None:
-    # Later SIGINTs (the parent forwards one; the terminal may have sent one too) must not
-    # interrupt the checkpoint a first KeyboardInterrupt is saving.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Later SIGINTs or SIGTERMs (the parent forwards one; the terminal or the scheduler may have
+    # sent one too) must not interrupt the checkpoint a first KeyboardInterrupt is saving.
+    ignore_further_interrupts()
     raise KeyboardInterrupt
 
 
@@ -297,7 +300,11 @@ def _worker_main(target: Callable[..., Any], index: int, count: int, threads: Op
         if threads is not None:
             limit_cpu_threads(threads)
             print(f"{count_noun(threads, 'CPU thread')} (TensorFlow intra-op and inter-op)")
-        target(**kwargs)
+        with sigterm_as_interrupt():
+            target(**kwargs)
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        code = 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130

@@ -172,3 +172,55 @@ def test_each_worker_starts_with_its_gpus_in_its_environment(tmp_path, monkeypat
     workers.run_in_workers(runpy.run_path, jobs[:2], gpus=["4", "6"], echo=echoed.append)
     assert {line for line in echoed if "SEES" in line} == {"[worker 0/2] SEES 4 None", "[worker 1/2] SEES 6 None"}
     assert "[worker 0/2] GPU 4" in echoed
+
+
+def test_sigterm_from_a_scheduler_lets_every_worker_save_then_reraises_terminated(tmp_path, capsys):
+    # SLURM signals every process of the job: each worker and the parent get SIGTERM, and a worker
+    # must still finish saving when the parent forwards its own interrupt.
+    from highres3d.signals import Terminated, sigterm_as_interrupt
+
+    body = (
+        "import os, time\n"
+        "folder, index = {folder!r}, {index}\n"
+        "open(os.path.join(folder, f'started{{index}}'), 'w').write(str(os.getpid()))\n"
+        "try:\n"
+        "    while True:\n"
+        "        time.sleep(0.05)\n"
+        "except KeyboardInterrupt as stop:\n"
+        "    time.sleep(0.5)\n"
+        "    open(os.path.join(folder, f'saved{{index}}'), 'w').write(type(stop).__name__)\n"
+        "    raise\n"
+    )
+    jobs = _scripts(tmp_path, [body.format(folder=str(tmp_path), index=i) for i in range(2)])
+
+    def scheduler_terminates_the_job():
+        started = [tmp_path / f"started{i}" for i in range(2)]
+        while not all(p.exists() and p.read_text() for p in started):
+            time.sleep(0.05)
+        for path in started:
+            os.kill(int(path.read_text()), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    sender = threading.Thread(target=scheduler_terminates_the_job, daemon=True)
+    sender.start()
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        workers.run_in_workers(runpy.run_path, jobs, echo=lambda line: None)
+    sender.join(5)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone after the block
+    assert (tmp_path / "saved0").read_text() == (tmp_path / "saved1").read_text() == "Terminated"
+    err = capsys.readouterr().err
+    assert "terminated (SIGTERM): waiting for 2 workers to save their work" in err
+    assert "[worker 0/2] terminated (SIGTERM)" in err and "[worker 1/2] terminated (SIGTERM)" in err
+
+
+def test_a_worker_terminated_alone_is_named_with_its_exit_status(tmp_path):
+    # scancel of one process, or the kernel's OOM handling through a wrapper: the others carry on.
+    body = ("import os, signal, time\n"
+            "if {index} == 1:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(5)\n")
+    jobs = _scripts(tmp_path, [body.format(index=i) for i in range(2)])
+    with pytest.raises(WorkerError, match=r"worker 1/2 failed \(exit code 143\)") as caught:
+        workers.run_in_workers(runpy.run_path, jobs, echo=lambda line: None)
+    assert caught.value.failed == [(1, 143)]

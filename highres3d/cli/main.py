@@ -14,6 +14,7 @@ import sys
 
 from highres3d import __version__
 from highres3d.errors import Highres3dError
+from highres3d.signals import Terminated, sigterm_as_interrupt
 
 # Order here is the order shown by ``highres3d --help``.
 COMMAND_MODULES = [
@@ -60,12 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         # TensorFlow's C++ start-up chatter buries the messages users need.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except Highres3dError as err:
         if args.verbose:
             raise
         print(f"highres3d: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        # 128 + SIGTERM, the status schedulers and shells expect of a terminated process.
+        print("highres3d: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("highres3d: interrupted", file=sys.stderr)
         return 130

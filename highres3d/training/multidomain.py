@@ -314,8 +314,8 @@ class MultiDomainTrainer(Trainer):
                                 what="mean validation Dice"):
                     break
             return self._finish(model, state, best_saved=validating, bar=bar)
-        except KeyboardInterrupt:
-            self._interrupted(state, bar, start_iter, checkpoint)
+        except KeyboardInterrupt as interrupt:
+            self._interrupted(state, bar, start_iter, checkpoint, interrupt)
             raise
         finally:
             bar.close()

@@ -463,8 +463,8 @@ class Trainer:
                 if self._record(state, row, log, writer, checkpoint, scheduled or state.iteration == stop):
                     break
             return self._finish(model, state, best_saved=bool(self.val_volumes), bar=bar)
-        except KeyboardInterrupt:
-            self._interrupted(state, bar, start_iter, checkpoint)
+        except KeyboardInterrupt as interrupt:
+            self._interrupted(state, bar, start_iter, checkpoint, interrupt)
             raise
         finally:
             bar.close()
@@ -494,12 +494,16 @@ class Trainer:
             return True
         return False
 
-    def _interrupted(self, state: RunState, bar, start_iter: int, checkpoint: Callable[[], None]) -> None:
-        """Ctrl-C: checkpoint what is not on disk yet, say how to continue (the caller re-raises)."""
+    def _interrupted(self, state: RunState, bar, start_iter: int, checkpoint: Callable[[], None],
+                     interrupt: KeyboardInterrupt) -> None:
+        """Ctrl-C or SIGTERM: checkpoint what is not on disk yet, say how to continue (the caller re-raises)."""
+        from highres3d.signals import Terminated
+
         bar.close()
         if state.iteration > start_iter and state.iteration not in self.run.checkpoint_iterations(state):
             checkpoint()
-        self.echo(f"interrupted at iteration {state.iteration}; checkpoint saved, continue with --resume")
+        how = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        self.echo(f"{how} at iteration {state.iteration}; checkpoint saved, continue with --resume")
 
     def _finish(self, model, state: RunState, best_saved: bool, bar) -> TrainResult:
         """At the end of the run: the final model (and the best one, when no validation chose it).
