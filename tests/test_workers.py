@@ -208,10 +208,13 @@ def test_sigterm_from_a_scheduler_lets_every_worker_save_then_reraises_terminate
         workers.run_in_workers(runpy.run_path, jobs, echo=lambda line: None)
     sender.join(5)
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone after the block
-    assert (tmp_path / "saved0").read_text() == (tmp_path / "saved1").read_text() == "Terminated"
+    # A worker with both signals pending (its SIGTERM, the parent's SIGINT) sees the lower-numbered
+    # SIGINT first: either way it saves once and stops.
+    assert {(tmp_path / f"saved{i}").read_text() for i in range(2)} <= {"Terminated", "KeyboardInterrupt"}
     err = capsys.readouterr().err
     assert "terminated (SIGTERM): waiting for 2 workers to save their work" in err
-    assert "[worker 0/2] terminated (SIGTERM)" in err and "[worker 1/2] terminated (SIGTERM)" in err
+    for i in range(2):
+        assert f"[worker {i}/2] terminated (SIGTERM)" in err or f"[worker {i}/2] interrupted" in err
 
 
 def test_a_worker_terminated_alone_is_named_with_its_exit_status(tmp_path):
