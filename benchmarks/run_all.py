@@ -1,6 +1,6 @@
 """Run every CPU benchmark and write the figures to docs/performance.md.
 
-Runs ``samplers.py``, ``inference.py`` and ``model_step.py`` one after the
+Runs ``samplers.py``, ``inference.py``, ``infer_folder.py`` and ``model_step.py`` one after the
 other (never side by side), each with ``--json``, and renders one table:
 each figure with ours, the peers', the ratio, the target and whether it is
 met, under the commit and the date of the run.  The peers' interpreter comes
@@ -27,6 +27,9 @@ import tempfile
 from pathlib import Path
 
 import _peers  # benchmarks/_peers.py: this script's folder is sys.path[0]
+from infer_folder import MONAI as FOLDER_MONAI
+from infer_folder import OVERLAPPED as FOLDER_OVERLAPPED
+from infer_folder import SEQUENTIAL as FOLDER_SEQUENTIAL
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -117,6 +120,19 @@ def inference_rows(data: dict) -> list[list[str]]:
     return out
 
 
+def folder_rows(data: dict) -> list[list[str]]:
+    """Segmenting a folder with a GPU-fast model: overlapped I/O against one after another and MONAI's loop."""
+    rate = {r["method"]: r["subjects_s"] for r in data["rows"]}
+    ours = rate.get(FOLDER_OVERLAPPED)
+    out = []
+    for name, peer in (("MONAI Dataset + DataLoader(num_workers=2) + Invertd + SaveImaged", rate.get(FOLDER_MONAI)),
+                       ("one subject after another (before)", rate.get(FOLDER_SEQUENTIAL))):
+        ratio = ours / peer if ours and peer else None
+        out.append([f"subjects/s, {data['subjects']} {data['size']}-size BraTS subjects, model {data['model_seconds']} s "
+                    f"each (a GPU's share), overlapped vs {name}", fmt(ours, 2), fmt(peer, 2), fmt(ratio, 2), "-", "-"])
+    return out
+
+
 def model_rows(data: dict) -> list[list[str]]:
     """Training step and forward pass against MONAI's HighResNet, float32 and bfloat16."""
     peer = {(r["size"], r["batch"]): r for r in data.get("peer", [])}
@@ -166,7 +182,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
     parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"), help="where to write (default: %(default)s)")
-    parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: samplers,inference,model_step")
+    parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: samplers,inference,infer_folder,model_step")
     parser.add_argument("--keep", metavar="DIR", help="keep each benchmark's JSON here; a JSON already there is reused")
     _peers.add_arguments(parser)
     args = parser.parse_args()
@@ -183,6 +199,8 @@ def main() -> int:
         ("samplers", "Sampling and the input pipeline", "samplers.py", q, sampler_rows),
         ("inference", "Stitching (2×240×240×155, 96³ windows, trivial model)", "inference.py",
          ["--quick"] if args.quick else ["--reps", "3", "--rounds", "3"], inference_rows),
+        ("infer_folder", "Segmenting a folder (load, predict, restore, write)", "infer_folder.py",
+         q or ["--rounds", "3"], folder_rows),
         ("model_step", "HighResNet3D step vs MONAI HighResNet (float32 and bfloat16)", "model_step.py",
          q + ["--jit", "off", "--precision", "both"] + ([] if args.quick else ["--sizes", "32,64", "--batches", "1"]),
          model_rows),

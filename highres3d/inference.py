@@ -402,16 +402,35 @@ def predict_subject(
     keyword arguments override the latter.  Labels return to the original
     grid by nearest neighbour, probabilities by linear interpolation.
     """
-    from highres3d.data.preprocess import load_volume
-    from highres3d.io.nifti import to_original_grid
+    volume, load_s = _load_for_prediction(subject, config)
+    result, predict_s = _predict_loaded(
+        model, volume, config, probabilities=probabilities, tta_mirror=tta_mirror, whole_volume=whole_volume,
+        window_size=window_size, overlap=overlap, blend=blend, batch_size=batch_size, progress=progress,
+        precision=precision)
+    labels, probs, restore_s = _restore(result, volume.info, probabilities)
+    return SubjectPrediction(subject.id, labels, probs, volume.info,
+                             {"load": load_s, "predict": predict_s, "restore": restore_s})
 
-    inf = config.inference
-    whole = (inf.mode == "whole_volume") if whole_volume is None else whole_volume
+
+# The three stages of predict_subject, separate so that predict_subjects can overlap one subject's
+# loading and another's restoring and writing with the model's work on a third.
+def _load_for_prediction(subject, config):
+    """The subject's images preprocessed as in training, and the seconds it took."""
+    from highres3d.data.preprocess import load_volume
+
     t0 = time.perf_counter()
     # Prediction needs only the images: a label (and its mapping) is evaluation's business.
     images_only = dataclasses.replace(subject, label=None) if getattr(subject, "label", None) is not None else subject
     volume = load_volume(images_only, config.preprocessing, config.dataset.modalities, label_required=False)
-    t1 = time.perf_counter()
+    return volume, time.perf_counter() - t0
+
+
+def _predict_loaded(model, volume, config, *, probabilities: bool, tta_mirror, whole_volume, window_size, overlap, blend,
+                    batch_size, progress, precision):
+    """``predict_volume`` with the run's ``inference`` settings under the overrides given; and its seconds."""
+    inf = config.inference
+    whole = (inf.mode == "whole_volume") if whole_volume is None else whole_volume
+    t0 = time.perf_counter()
     result = predict_volume(
         model,
         volume.image,
@@ -424,18 +443,21 @@ def predict_subject(
         progress=progress,
         precision=precision or inf.precision,
     )
-    t2 = time.perf_counter()
+    return result, time.perf_counter() - t0
+
+
+def _restore(result: np.ndarray, info, probabilities: bool):
+    """Labels (and probabilities) back on the input's original grid, and the seconds it took."""
+    from highres3d.io.nifti import to_original_grid
+
+    t0 = time.perf_counter()
     if probabilities:
         labels = argmax_channels(result, np.uint8 if result.shape[-1] <= 256 else np.uint16)
-        probs = to_original_grid(result, volume.info, order=1)
+        probs = to_original_grid(result, info, order=1)
     else:
         labels, probs = result, None
-    labels = to_original_grid(labels, volume.info, order=0)
-    t3 = time.perf_counter()
-    return SubjectPrediction(
-        subject.id, labels, probs, volume.info,
-        {"load": t1 - t0, "predict": t2 - t1, "restore": t3 - t2},
-    )
+    labels = to_original_grid(labels, info, order=0)
+    return labels, probs, time.perf_counter() - t0
 
 
 def load_run(model_path: str | Path, config_path: Optional[str | Path] = None):
@@ -592,6 +614,12 @@ def predict_subjects(
     go on.  ``options`` go to :func:`predict_subject` (``tta_mirror``,
     ``whole_volume``, ``window_size``, ``overlap``, ``blend``, ``batch_size``,
     ``precision``).
+
+    The model works on one subject while a thread loads the next and another
+    restores and writes the previous one (as nnU-Net's background
+    preprocessing and export do): on a GPU the model's share of a subject is
+    under a second, less than reading and writing its files.  At most three
+    subjects are in memory at once.
     """
     from highres3d.io.nifti import save_like
     from highres3d.progress import Progress
@@ -601,39 +629,83 @@ def predict_subjects(
     result = FolderPrediction(output_dir)
     started = time.perf_counter()
     say = echo or (lambda text: None)
+    predict_options = _predict_options(options)  # a misspelt option stops here, not once per subject
     precision = options.get("precision") or config.inference.precision
     say(f"precision: {resolve_precision(precision)}" + (f" [auto: {native_bfloat16()[1]}]" if precision == "auto" else ""))
+
+    def fail(subject, err: BaseException) -> None:
+        result.failed.append((subject.id, f"{err.__class__.__name__}: {err}"))
+        say(f"{subject.id}: FAILED: {result.failed[-1][1]}")
+
+    def restore_and_write(prediction, info, seg_path: Path, prob_path: Path) -> tuple[float, float]:
+        labels, probs, restore_s = _restore(prediction, info, probabilities)
+        t0 = time.perf_counter()
+        save_like(labels, info, seg_path, dtype=labels.dtype, overwrite=True)
+        if probs is not None:
+            save_like(probs, info, prob_path, dtype="float32", overwrite=True)
+        return restore_s, time.perf_counter() - t0
+
+    def finish(subject, seg_path: Path, written, load_s: float, predict_s: float) -> None:
+        try:
+            restore_s, write_s = written.result()
+        except Exception as err:
+            fail(subject, err)
+        else:
+            result.written.append(subject.id)
+            say(f"{subject.id}: {load_s + predict_s + restore_s + write_s:.1f} s (load {load_s:.1f}, "
+                f"predict {predict_s:.1f}, restore {restore_s:.1f}, write {write_s:.1f}) -> {seg_path}")
+        progress.update()
+
     with Progress(len(subjects), "infer", unit="subjects", enabled=show_progress) as progress:
+        todo = []
         for subject in subjects:
-            seg_path = output_dir / f"{subject.id}{SEG_SUFFIX}"
-            prob_path = output_dir / f"{subject.id}{PROB_SUFFIX}"
-            wanted = [seg_path] + ([prob_path] if probabilities else [])
-            if not overwrite and all(p.exists() for p in wanted):
+            paths = (output_dir / f"{subject.id}{SEG_SUFFIX}", output_dir / f"{subject.id}{PROB_SUFFIX}")
+            if not overwrite and all(p.exists() for p in paths[: 2 if probabilities else 1]):
                 result.existing.append(subject.id)
                 progress.update()
-                continue
-            try:
-                t0 = time.perf_counter()
-                with progress.phase(f"segmenting {subject.id}"):
-                    prediction = predict_subject(model, subject, config, probabilities=probabilities, **options)
-                t1 = time.perf_counter()
-                with progress.phase(f"writing {subject.id}"):
-                    save_like(prediction.labels, prediction.info, seg_path, dtype=prediction.labels.dtype,
-                              overwrite=True)
-                    if prediction.probabilities is not None:
-                        save_like(prediction.probabilities, prediction.info, prob_path, dtype="float32",
-                                  overwrite=True)
-                t = prediction.seconds
-                result.written.append(subject.id)
-                say(f"{subject.id}: {time.perf_counter() - t0:.1f} s (load {t['load']:.1f}, predict {t['predict']:.1f}, "
-                    f"restore {t['restore']:.1f}, write {time.perf_counter() - t1:.1f}) -> {seg_path}")
-            except Exception as err:
-                # One bad subject must not cost the others their segmentations; Ctrl-C still stops the run.
-                result.failed.append((subject.id, f"{err.__class__.__name__}: {err}"))
-                say(f"{subject.id}: FAILED: {result.failed[-1][1]}")
-            progress.update()
+            else:
+                todo.append((subject, *paths))
+        # Leaving the block (Ctrl-C included) waits for the load and the write in flight: nothing is
+        # left half-written, and there is at most one of each.
+        with ThreadPoolExecutor(1, thread_name_prefix="highres3d-load") as loader, \
+                ThreadPoolExecutor(1, thread_name_prefix="highres3d-write") as writer:
+            loading = loader.submit(_load_for_prediction, todo[0][0], config) if todo else None
+            pending = None
+            for k, (subject, seg_path, prob_path) in enumerate(todo):
+                loaded = loading
+                loading = loader.submit(_load_for_prediction, todo[k + 1][0], config) if k + 1 < len(todo) else None
+                try:
+                    with progress.phase(f"segmenting {subject.id}"):
+                        volume, load_s = loaded.result()
+                        prediction, predict_s = _predict_loaded(model, volume, config, probabilities=probabilities,
+                                                                **predict_options)
+                except Exception as err:
+                    # One bad subject must not cost the others their segmentations; Ctrl-C still stops the run.
+                    fail(subject, err)
+                    progress.update()
+                    continue
+                if pending is not None:
+                    finish(*pending)
+                pending = (subject, seg_path, writer.submit(restore_and_write, prediction, volume.info, seg_path, prob_path),
+                           load_s, predict_s)
+                del prediction, volume
+            if pending is not None:
+                with progress.phase(f"writing {pending[0].id}"):
+                    finish(*pending)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _predict_options(options: dict) -> dict:
+    """:func:`predict_subject`'s keyword arguments (but ``probabilities``), defaults filled in, for :func:`_predict_loaded`."""
+    import inspect
+
+    defaults = {name: parameter.default for name, parameter in inspect.signature(predict_subject).parameters.items()
+                if parameter.kind is parameter.KEYWORD_ONLY and name != "probabilities"}
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    return {**defaults, **options}
 
 
 def predict_folder(

@@ -35,6 +35,7 @@ def test_quick_run_writes_the_page(tmp_path):
     assert "at commit `" in page and "Smoke run" in page
     assert "| stitching ms, overlap 0.5, gaussian" in page and "| ≤ 0.5 |" in page
     assert "blending alone" in page
+    assert "| subjects/s, 3 small-size BraTS subjects, model 0.1 s each (a GPU's share), overlapped vs" in page
     # the generated part is replaced, the notes below the marker are carried over once, after it
     assert "old generated table" not in page and page.count(notes) == 1
     assert page.index(run_all.NOTES_MARKER) < page.index(notes)
@@ -82,6 +83,13 @@ def test_sections_render_ours_peer_ratio_target_and_met():
              "peer": [{"size": 32, "batch": 1, "train": {"min_s": 2.0}, "forward": {"min_s": 0.5}}]}
     train, forward = run_all.model_rows(model)
     assert train[3:] == ["2.00", "≥ 1.0 (MONAI / ours)", "yes"] and forward[3] == "0.50"
+    folder = {"subjects": 6, "size": "full", "model_seconds": 0.5,
+              "rows": [{"method": run_all.FOLDER_SEQUENTIAL, "subjects_s": 0.8},
+                       {"method": run_all.FOLDER_OVERLAPPED, "subjects_s": 1.2},
+                       {"method": run_all.FOLDER_MONAI, "subjects_s": 1.5}]}
+    versus_monai, versus_before = run_all.folder_rows(folder)
+    assert versus_monai[1:4] == ["1.20", "1.50", "0.80"] and "MONAI" in versus_monai[0]
+    assert versus_before[1:4] == ["1.20", "0.80", "1.50"] and "6 full-size" in versus_before[0]
     page = run_all.render([("Sampling", "python benchmarks/samplers.py", rows)], "abc123", "2026-01-01 00:00 UTC", False)
     assert "| figure | ours | peer | ratio | target | met |" in page and "`abc123`" in page
 

@@ -312,3 +312,39 @@ def test_workers_segment_the_folder_like_one_process(input_dir, tmp_path, capsys
         cli("infer", "--model", run, "-i", input_dir, "-o", two, "--workers", "2", "--shard", "0/2")
     with pytest.raises(ConfigError, match="--workers 0"):
         cli("infer", "--model", run, "-i", input_dir, "-o", two, "--workers", "0")
+
+
+def test_the_next_subject_loads_while_the_model_works_and_results_are_unchanged(run_dir, input_dir, tmp_path,
+                                                                             monkeypatch):
+    import threading
+
+    import highres3d.inference as inference
+    from highres3d.inference import predict_folder
+
+    keras_model, cfg, _ = load_run(run_dir)
+    plain = predict_folder(keras_model, cfg, input_dir, tmp_path / "plain", echo=None, show_progress=False)
+    loads, real_load = [], inference._load_for_prediction
+    second_loading = threading.Event()
+
+    def load(subject, config):
+        loads.append(threading.current_thread().name)
+        if len(loads) == 2:
+            second_loading.set()
+        return real_load(subject, config)
+
+    waited = []
+
+    def model(batch):
+        # Without the overlap this wait would time out: the second subject loads only after the first is done.
+        waited.append(second_loading.wait(timeout=20))
+        return keras_model.predict_on_batch(batch)
+
+    monkeypatch.setattr(inference, "_load_for_prediction", load)
+    done = predict_folder(model, cfg, input_dir, tmp_path / "piped", echo=None, show_progress=False)
+    assert waited[0] is True and len(loads) == 3 and all(name.startswith("highres3d-load") for name in loads)
+    assert done.written == plain.written == sorted(AFFINES)
+    for name in plain.written:
+        np.testing.assert_array_equal(np.asarray(nib.load(str(done.segmentation(name))).dataobj),
+                                      np.asarray(nib.load(str(plain.segmentation(name))).dataobj))
+    with pytest.raises(TypeError, match="tta_mirro"):
+        predict_folder(keras_model, cfg, input_dir, tmp_path / "typo", echo=None, tta_mirro=True)
