@@ -227,7 +227,7 @@ def run_in_workers(
                 if not any(process.is_alive() for process in processes):
                     break
             except KeyboardInterrupt as interrupt:
-                if interrupted:
+                if interrupted is not None:
                     raise
                 interrupted = interrupt
                 # A worker interrupts itself once and ignores any later SIGINT or SIGTERM, so this second
@@ -254,7 +254,7 @@ def run_in_workers(
             except (queue_module.Empty, OSError, ValueError):
                 break
         messages.close()
-    if interrupted:
+    if interrupted is not None:
         raise interrupted
     failed = [(i, process.exitcode) for i, process in enumerate(processes) if process.exitcode != 0]
     if failed:
