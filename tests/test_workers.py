@@ -92,7 +92,7 @@ def test_ctrl_c_lets_every_worker_save_once_then_reraises(tmp_path, capsys):
         "    while True:\n"
         "        time.sleep(0.05)\n"
         "except KeyboardInterrupt:\n"
-        "    time.sleep(0.5)\n"
+        "    time.sleep(2.0)\n"  # long enough for the parent's own signal to land on a loaded machine
         "    open(os.path.join(folder, f'saved{{index}}'), 'w').close()\n"
         "    raise\n"
     )
@@ -187,7 +187,7 @@ def test_sigterm_from_a_scheduler_lets_every_worker_save_then_reraises_terminate
         "    while True:\n"
         "        time.sleep(0.05)\n"
         "except KeyboardInterrupt as stop:\n"
-        "    time.sleep(0.5)\n"
+        "    time.sleep(2.0)\n"  # long enough for the parent's own signal to land on a loaded machine
         "    open(os.path.join(folder, f'saved{{index}}'), 'w').write(type(stop).__name__)\n"
         "    raise\n"
     )
