@@ -7,6 +7,7 @@ under a second; tests/test_experiments.py runs real trainings in workers.
 import os
 import runpy
 import signal
+import sys
 import threading
 import time
 
@@ -82,21 +83,46 @@ def test_a_failing_worker_is_named_after_the_others_finish(tmp_path, capsys):
     assert "[worker 2/3] highres3d: error: training.lr: expected a number" in err
 
 
-def test_ctrl_c_lets_every_worker_save_once_then_reraises(tmp_path, capsys):
-    # Each worker "trains" until interrupted, then takes a while to "save its checkpoint".
+def _saving_workers(folder, count=2):
+    """Scripts of workers that "train" until interrupted, then take a while to "save their checkpoint".
+
+    Each writes ``started<i>`` (its pid) when running and ``saved<i>`` (the interrupt's type) when saved;
+    the save takes 2 s, long enough for the parent's own signal to land on a loaded machine.
+    """
     body = (
-        "import os, sys, time\n"
+        "import os, time\n"
         "folder, index = {folder!r}, {index}\n"
         "open(os.path.join(folder, f'started{{index}}'), 'w').write(str(os.getpid()))\n"
         "try:\n"
         "    while True:\n"
         "        time.sleep(0.05)\n"
-        "except KeyboardInterrupt:\n"
-        "    time.sleep(2.0)\n"  # long enough for the parent's own signal to land on a loaded machine
-        "    open(os.path.join(folder, f'saved{{index}}'), 'w').close()\n"
+        "except KeyboardInterrupt as stop:\n"
+        "    time.sleep(2.0)\n"
+        "    open(os.path.join(folder, f'saved{{index}}'), 'w').write(type(stop).__name__)\n"
         "    raise\n"
     )
-    jobs = _scripts(tmp_path, [body.format(folder=str(tmp_path), index=i) for i in range(2)])
+    return _scripts(folder, [body.format(folder=str(folder), index=i) for i in range(count)])
+
+
+@pytest.fixture()
+def signals_reach_this_process():
+    """SIGINT raises KeyboardInterrupt in this process and neither signal is blocked, for the test's duration.
+
+    The fresh-clone CI run saw the parent miss its SIGINT twice (its workers got theirs), in a pytest
+    worker that had run other test files first; it never happened here in isolation.  Whatever an
+    earlier test left, these tests need the defaults a terminal's process has; the state found is
+    printed, so a failure shows it.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
+    print(f"found: SIGINT handler {previous!r}, blocked signals {sorted(blocked)}", file=sys.stderr)
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_lets_every_worker_save_once_then_reraises(tmp_path, capsys, signals_reach_this_process):
+    jobs = _saving_workers(tmp_path)
 
     def press_ctrl_c():
         started = [tmp_path / f"started{i}" for i in range(2)]
@@ -174,24 +200,13 @@ def test_each_worker_starts_with_its_gpus_in_its_environment(tmp_path, monkeypat
     assert "[worker 0/2] GPU 4" in echoed
 
 
-def test_sigterm_from_a_scheduler_lets_every_worker_save_then_reraises_terminated(tmp_path, capsys):
+def test_sigterm_from_a_scheduler_lets_every_worker_save_then_reraises_terminated(tmp_path, capsys,
+                                                                                signals_reach_this_process):
     # SLURM signals every process of the job: each worker and the parent get SIGTERM, and a worker
     # must still finish saving when the parent forwards its own interrupt.
     from highres3d.signals import Terminated, sigterm_as_interrupt
 
-    body = (
-        "import os, time\n"
-        "folder, index = {folder!r}, {index}\n"
-        "open(os.path.join(folder, f'started{{index}}'), 'w').write(str(os.getpid()))\n"
-        "try:\n"
-        "    while True:\n"
-        "        time.sleep(0.05)\n"
-        "except KeyboardInterrupt as stop:\n"
-        "    time.sleep(2.0)\n"  # long enough for the parent's own signal to land on a loaded machine
-        "    open(os.path.join(folder, f'saved{{index}}'), 'w').write(type(stop).__name__)\n"
-        "    raise\n"
-    )
-    jobs = _scripts(tmp_path, [body.format(folder=str(tmp_path), index=i) for i in range(2)])
+    jobs = _saving_workers(tmp_path)
 
     def scheduler_terminates_the_job():
         started = [tmp_path / f"started{i}" for i in range(2)]
