@@ -138,6 +138,8 @@ def main() -> None:
     peers_python = _peers.resolve(args)
     import subprocess
 
+    import nibabel as nib
+
     from highres3d.config import load_config
     from highres3d.data.dataset import Dataset
     from highres3d.data.synth import synthesize_brats
@@ -177,8 +179,6 @@ def main() -> None:
         assert len(peer_files) == (len(subjects) if peers_python else 0), peer_files
         outs = sorted(scratch.glob("out-*"))  # ours; MONAI's resampling differs, so only its file count is checked
         for path in sorted(outs[0].iterdir()):
-            import nibabel as nib
-
             first = np.asarray(nib.load(str(path)).dataobj)
             assert all(np.array_equal(first, np.asarray(nib.load(str(o / path.name)).dataobj)) for o in outs[1:]), path
     floor = 1 / args.model_seconds if args.model_seconds else float("inf")

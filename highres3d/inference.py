@@ -81,8 +81,12 @@ def _cpu_has_bfloat16() -> bool:
     return False
 
 
-def _visible_gpus() -> list[tuple[str, Optional[tuple[int, int]]]]:
-    """(name, CUDA compute capability or None) of every GPU the Keras backend computes on."""
+def _backend_gpus() -> list[tuple[str, Optional[tuple[int, int]]]]:
+    """(name, CUDA compute capability or None) of every GPU the Keras backend computes on.
+
+    The backend's own view, capabilities included; :func:`highres3d.workers.visible_gpus` is the
+    other probe, which names the GPUs to deal out to workers without starting TensorFlow.
+    """
     import keras
 
     backend = keras.backend.backend()
@@ -125,7 +129,7 @@ def native_bfloat16() -> tuple[bool, str]:
     GPU; a V100 or T4 emulates it, however new the host's CPU.  Without a GPU,
     the CPU needs AVX512_BF16 or AMX (``lscpu``).
     """
-    gpus = _visible_gpus()
+    gpus = _backend_gpus()
     if gpus:
         def describe(name, capability):
             return f"{name} (compute capability {'.'.join(map(str, capability)) if capability else 'unknown'})"
@@ -630,7 +634,7 @@ def predict_subjects(
     started = time.perf_counter()
     say = echo or (lambda text: None)
     predict_options = _predict_options(options)  # a misspelt option stops here, not once per subject
-    precision = options.get("precision") or config.inference.precision
+    precision = predict_options["precision"] or config.inference.precision
     say(f"precision: {resolve_precision(precision)}" + (f" [auto: {native_bfloat16()[1]}]" if precision == "auto" else ""))
 
     def fail(subject, err: BaseException) -> None:

@@ -69,7 +69,7 @@ def test_precision_values():
 def test_auto_precision_follows_the_device_that_computes(monkeypatch, gpus, cpu_native, expected, reason):
     import highres3d.inference as inference
 
-    monkeypatch.setattr(inference, "_visible_gpus", lambda: gpus)
+    monkeypatch.setattr(inference, "_backend_gpus", lambda: gpus)
     monkeypatch.setattr(inference, "_cpu_has_bfloat16", lambda: cpu_native)
     assert resolve_precision("auto") == expected
     native, why = inference.native_bfloat16()
@@ -80,7 +80,7 @@ def test_no_gpu_is_seen_on_a_machine_without_one():
     # The probe itself (TensorFlow backend here): the CI machines have no GPU, so auto follows the CPU's flags.
     import highres3d.inference as inference
 
-    if inference._visible_gpus():
+    if inference._backend_gpus():
         pytest.skip("this machine has a GPU")
     assert resolve_precision("auto") == ("bfloat16" if inference._cpu_has_bfloat16() else "float32")
 
