@@ -36,6 +36,7 @@ import numpy as np
 
 from highres3d.aggregators.grid import GridAggregator, _thread_pool, argmax_channels
 from highres3d.errors import ConfigError, DataError
+from highres3d.memory import OutOfMemory, inference_advice, out_of_memory, out_of_memory_error
 from highres3d.samplers.grid import GridSampler
 
 __all__ = [
@@ -434,19 +435,31 @@ def _predict_loaded(model, volume, config, *, probabilities: bool, tta_mirror, w
     """``predict_volume`` with the run's ``inference`` settings under the overrides given; and its seconds."""
     inf = config.inference
     whole = (inf.mode == "whole_volume") if whole_volume is None else whole_volume
+    window = None if whole else tuple(window_size or inf.window_size)
+    batch_size = batch_size or inf.batch_size
+    precision = resolve_precision(precision or inf.precision)
     t0 = time.perf_counter()
-    result = predict_volume(
-        model,
-        volume.image,
-        None if whole else tuple(window_size or inf.window_size),
-        overlap=inf.overlap if overlap is None else overlap,
-        blend=blend or inf.blend,
-        batch_size=batch_size or inf.batch_size,
-        output="probabilities" if probabilities else "labels",
-        tta_mirror=inf.tta_mirror if tta_mirror is None else tta_mirror,
-        progress=progress,
-        precision=precision or inf.precision,
-    )
+    try:
+        result = predict_volume(
+            model,
+            volume.image,
+            window,
+            overlap=inf.overlap if overlap is None else overlap,
+            blend=blend or inf.blend,
+            batch_size=batch_size,
+            output="probabilities" if probabilities else "labels",
+            tta_mirror=inf.tta_mirror if tta_mirror is None else tta_mirror,
+            progress=progress,
+            precision=precision,
+        )
+    except Exception as err:
+        found = out_of_memory(err)
+        if found is None:
+            raise
+        shape = "x".join(map(str, volume.image.shape[:3]))
+        what = (f"the whole-volume pass over {shape} voxels" if window is None else
+                f"{'x'.join(map(str, window))} windows of a {shape} volume, batch {batch_size}, {precision}")
+        raise out_of_memory_error(what, found, inference_advice(window, batch_size, precision, found[0])) from err
     return result, time.perf_counter() - t0
 
 
@@ -637,7 +650,15 @@ def predict_subjects(
     precision = predict_options["precision"] or config.inference.precision
     say(f"precision: {resolve_precision(precision)}" + (f" [auto: {native_bfloat16()[1]}]" if precision == "auto" else ""))
 
+    advised = []
+
     def fail(subject, err: BaseException) -> None:
+        if isinstance(err, OutOfMemory):
+            # What to lower is said once; a folder of large subjects would repeat it for each.
+            result.failed.append((subject.id, str(err).splitlines()[0]))
+            say(f"{subject.id}: FAILED: {err if not advised else result.failed[-1][1]}")
+            advised.append(subject.id)
+            return
         result.failed.append((subject.id, f"{err.__class__.__name__}: {err}"))
         say(f"{subject.id}: FAILED: {result.failed[-1][1]}")
 

@@ -274,7 +274,11 @@ class MultiDomainTrainer(Trainer):
         bar = Progress(stop, "train", unit="windows", rate_scale=t.batch_size, start=start_iter,
                        enabled=self.show_progress)
 
+        phase = "step"  # where the loop is, for the message of an out-of-memory error
+
         def checkpoint():
+            nonlocal phase
+            phase = "checkpoint"
             log.flush()
             with bar.phase("saving a checkpoint"):
                 self.run.save_checkpoint(model, loop_variables, state, t.max_checkpoints)
@@ -282,6 +286,7 @@ class MultiDomainTrainer(Trainer):
         started = set()
         try:
             while state.iteration < stop:
+                phase = "step"
                 domain = domains[int(schedule[state.iteration])]
                 lr = scheduled_lr(t.lr_schedule, t.lr, state.iteration, t.max_iter)
                 optimizer.set_learning_rates(lr)
@@ -290,7 +295,10 @@ class MultiDomainTrainer(Trainer):
                       else bar.phase(f"{domain.name}: {FIRST_STEP_PHASE}")):
                     images, labels = next(domain.iterator)
                     loss = float(domain.train_step(images, labels))
+                if state.iteration == start_iter:
+                    self._report_peak_memory()
                 started.add(domain.name)
+                phase = "after the step"
                 if not math.isfinite(loss):
                     raise Highres3dError(
                         f"iteration {state.iteration + 1} ({domain.name}): the loss is {loss}; lower training.lr "
@@ -302,10 +310,12 @@ class MultiDomainTrainer(Trainer):
                        "wall_time": state.wall_time}
                 bar.update(status=f"{domain.name} loss {loss:.4f}")
                 if validating and state.iteration % t.validation_every == 0:
+                    phase = "validation"
                     with bar.phase(f"validating the windows of {count_noun(len(val_domains), 'dataset')}"):
                         row.update(self._validate_windows(domains))
                 scheduled = state.iteration % t.checkpoint_every == 0 or state.iteration == t.max_iter
                 if scheduled and validating:
+                    phase = "volume validation"
                     with bar.phase(f"validating {count_noun(sum(len(d.val_volumes) for d in val_domains), 'subject')} "
                                    f"of {count_noun(len(val_domains), 'dataset')}"):
                         row.update(self._validate_domain_volumes(domains))
@@ -316,6 +326,9 @@ class MultiDomainTrainer(Trainer):
             return self._finish(model, state, best_saved=validating, bar=bar)
         except KeyboardInterrupt as interrupt:
             self._interrupted(state, bar, start_iter, checkpoint, interrupt)
+            raise
+        except Exception as err:
+            self._raise_if_out_of_memory(err, state, bar, start_iter, checkpoint, phase)
             raise
         finally:
             bar.close()

@@ -78,8 +78,10 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-#: Config keys a run may be resumed with changed.
-RESUMABLE_CHANGES = ("training.max_iter", "training.strategy", "evaluation.splits")
+#: Config keys a run may be resumed with changed: they do not touch the window stream or the weights
+#: (the inference windows only decide how much memory the whole-subject validation needs).
+RESUMABLE_CHANGES = ("training.max_iter", "training.strategy", "evaluation.splits", "inference.window_size",
+                     "inference.batch_size")
 
 
 class RunFolder:
@@ -165,7 +167,8 @@ class RunFolder:
             raise Highres3dError(f"{self.config_path}: cannot read the run's config ({err})") from None
         differences = _differences(saved, yaml.safe_load(dump_config(cfg, relative_to=self.path)))
         # A longer max_iter continues a run, another strategy resumes it on other hardware, and what is
-        # evaluated after training does not touch the training.
+        # evaluated after training, or the windows validation segments subjects with, does not touch the
+        # training (smaller inference windows are the fix when that validation runs out of memory).
         differences = [key for key in differences if key not in RESUMABLE_CHANGES]
         if differences:
             raise Highres3dError(

@@ -32,6 +32,7 @@ from highres3d.data import histogram
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.data.preprocess import Volume, load_volume
 from highres3d.errors import DataError, Highres3dError
+from highres3d.memory import OutOfMemory, describe_peak, out_of_memory, out_of_memory_error, peak_memory, training_advice
 from highres3d.progress import count_noun
 from highres3d.training import cluster
 from highres3d.training.run import MetricsLog, RunFolder, RunState, WorkerRunFolder
@@ -347,7 +348,14 @@ class Trainer:
                 self.run.restore_loop_variables(self.run.latest_checkpoint(state), loop_variables)
 
         # Outside the strategy's scope: one copy of the volumes per machine, not one per replica.
-        resident = self._resident_volumes()
+        try:
+            resident = self._resident_volumes()
+        except Exception as err:
+            found = out_of_memory(err)
+            if found is None:
+                raise
+            raise out_of_memory_error("placing the training volumes on the device", found,
+                                      training_advice(cfg, "device cache", found[0])) from err
 
         def make_train_step(trainable, loss_fn):
             def step(batch):
@@ -402,7 +410,12 @@ class Trainer:
         average_statistics = (cluster.averager(strategy, model.non_trainable_weights)
                               if t.strategy == "multi_worker" else lambda: None)
 
+        # Where the loop is, for the message of an out-of-memory error (memory.TRAINING_PHASES).
+        phase = "step"
+
         def checkpoint():
+            nonlocal phase
+            phase = "checkpoint"
             log.flush()
             with bar.phase("saving a checkpoint"):
                 self.run.save_checkpoint(model, loop_variables, state, t.max_checkpoints)
@@ -430,9 +443,13 @@ class Trainer:
                               f"{sum(int(np.prod(v.shape)) for v in trainable):,} parameters trainable")
                 lr = scheduled_lr(t.lr_schedule, stage.lr, state.iteration + 1 - stage.first, stage.iterations)
                 optimizer.set_learning_rates(lr, stage.multipliers)
+                phase = "step"
                 with first_step:
                     batch = next(iterator)
                     loss = float(train_step(batch))
+                if state.iteration == start_iter:
+                    self._report_peak_memory()
+                phase = "after the step"
                 if not math.isfinite(loss):
                     raise Highres3dError(
                         f"iteration {state.iteration + 1}: the loss is {loss}; lower training.lr or check the data "
@@ -454,9 +471,11 @@ class Trainer:
                         images = np.moveaxis(images, 1, 4)
                     self.on_step(state.iteration, model, images, labels)
                 if validate:
+                    phase = "validation"
                     with bar.phase(f"validating {count_noun(len(validation[0]), 'window')}"):
                         row.update(self._validate(model, validation_loss, validation))
                 if scheduled and self.val_volumes:
+                    phase = "volume validation"
                     with bar.phase(f"validating {count_noun(len(self.val_volumes), 'subject')}"):
                         row["val_volume_dice"] = self._validate_volumes(model)
                         self._update_best(model, state, row["val_volume_dice"])
@@ -465,6 +484,9 @@ class Trainer:
             return self._finish(model, state, best_saved=bool(self.val_volumes), bar=bar)
         except KeyboardInterrupt as interrupt:
             self._interrupted(state, bar, start_iter, checkpoint, interrupt)
+            raise
+        except Exception as err:
+            self._raise_if_out_of_memory(err, state, bar, start_iter, checkpoint, phase)
             raise
         finally:
             bar.close()
@@ -504,6 +526,54 @@ class Trainer:
             checkpoint()
         how = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
         self.echo(f"{how} at iteration {state.iteration}; checkpoint saved, continue with --resume")
+
+    def _raise_if_out_of_memory(self, err: Exception, state: RunState, bar, start_iter: int,
+                                checkpoint: Callable[[], None], phase: str) -> None:
+        """When ``err`` is an out-of-memory error: raise the :class:`OutOfMemory` that says what to lower.
+
+        ``phase`` is where the loop was (:data:`highres3d.memory.TRAINING_PHASES`).  What a checkpoint can
+        keep is saved first.
+        """
+        found = out_of_memory(err)
+        if found is not None:
+            raise self._out_of_memory(state, bar, start_iter, checkpoint, found, phase) from err
+
+    def _out_of_memory(self, state: RunState, bar, start_iter: int, checkpoint: Callable[[], None],
+                       found: tuple[str, str], phase: str) -> OutOfMemory:
+        """The error that says what ran out of memory and what to lower; saves what a checkpoint can keep.
+
+        A step that failed may have updated some weights before the allocation that failed (TensorFlow
+        applies each variable's update as soon as its gradient exists), so only a failure after the
+        step, in validation, leaves weights that a checkpoint may keep.
+        """
+        bar.close()
+        what = {"step": f"the training step of iteration {state.iteration + 1}",
+                "validation": f"the window validation of iteration {state.iteration}",
+                "volume validation": f"the whole-subject validation of iteration {state.iteration}",
+                "checkpoint": f"saving the checkpoint of iteration {state.iteration}"}.get(
+                    phase, f"iteration {state.iteration}")
+        saved = self.run.checkpoint_iterations(state)
+        if phase not in ("step", "checkpoint") and state.iteration > start_iter and state.iteration not in saved:
+            checkpoint()
+            saved = self.run.checkpoint_iterations(state)
+        advice = training_advice(self.cfg, phase, found[0])
+        if phase == "step" and state.iteration > start_iter and found[0] != "host":
+            advice.append(f"iterations {start_iter + 1}..{state.iteration} fitted: another process may be using "
+                          "the GPU (nvidia-smi), or its memory fragmented (TF_GPU_ALLOCATOR=cuda_malloc_async)")
+        if saved:
+            after = (f"The run is saved up to iteration {saved[-1]} ({self.run.checkpoint_path(saved[-1])}); "
+                     "--resume continues it with its own config (inference.window_size and inference.batch_size "
+                     "may change), a smaller batch or window is a new run (--run-dir).")
+        else:
+            after = (f"No iteration of {self.run.shared_path} was saved; after the change start again "
+                     "(--overwrite reuses that folder).")
+        return out_of_memory_error(what, found, advice, after)
+
+    def _report_peak_memory(self) -> None:
+        """After the run's first step: how much each GPU held at the peak, the room a larger batch has."""
+        peaks = describe_peak(peak_memory())
+        if peaks:
+            self.echo(f"GPU memory at the peak of the first step: {peaks}")
 
     def _finish(self, model, state: RunState, best_saved: bool, bar) -> TrainResult:
         """At the end of the run: the final model (and the best one, when no validation chose it).

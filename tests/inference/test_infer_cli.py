@@ -348,3 +348,42 @@ def test_the_next_subject_loads_while_the_model_works_and_results_are_unchanged(
                                       np.asarray(nib.load(str(plain.segmentation(name))).dataobj))
     with pytest.raises(TypeError, match="tta_mirro"):
         predict_folder(keras_model, cfg, input_dir, tmp_path / "typo", echo=None, tta_mirro=True)
+
+
+def test_out_of_memory_names_what_to_lower_once_and_the_fix_works(run_dir, input_dir, tmp_path):
+    import tensorflow as tf
+
+    from highres3d.inference import predict_folder
+
+    keras_model, cfg, _ = load_run(run_dir)
+    limit = 16 ** 3  # voxels per call this "GPU" holds: one 16³ window, not the config's batch of 2
+
+    def model(batch):
+        if np.prod(batch.shape[:4]) > limit:
+            raise tf.errors.ResourceExhaustedError(None, None, (
+                f"OOM when allocating tensor with shape[{','.join(map(str, batch.shape))}] and type float on "
+                "/job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc\n [[{{node conv}}]]"))
+        return keras_model.predict_on_batch(batch)
+
+    said = []
+    failed = predict_folder(model, cfg, input_dir, tmp_path / "oom", echo=said.append, show_progress=False,
+                            precision="float32")
+    assert not failed.written and [sid for sid, _ in failed.failed] == sorted(AFFINES)
+    assert not list((tmp_path / "oom").iterdir())
+    for _, message in failed.failed:
+        assert message.startswith("out of memory on GPU:0 in 16x16x16 windows of a ")
+        assert message.endswith(", batch 2, float32 (OOM when allocating tensor with shape[2,16,16,16,2] and type "
+                                "float on /job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc).")
+    # What to lower is said with the first failure only, each setting with its value.
+    advice = [line for line in said if "--batch-size / inference.batch_size (2;" in line]
+    assert len(advice) == 1 and advice[0].startswith(f"{failed.failed[0][0]}: FAILED: out of memory")
+    assert "--window / inference.window_size (16x16x16;" in advice[0] and "--precision bfloat16" in advice[0]
+    said.clear()
+    whole = predict_folder(model, cfg, input_dir, tmp_path / "whole", echo=said.append, show_progress=False,
+                           whole_volume=True)
+    assert all(" in the whole-volume pass over " in message for _, message in whole.failed)
+    assert sum("--whole-volume (inference.mode: whole_volume) computes each subject in one pass" in line
+               for line in said) == 1
+    # The fix it names: one window per call fits.
+    fixed = predict_folder(model, cfg, input_dir, tmp_path / "fixed", echo=None, show_progress=False, batch_size=1)
+    assert fixed.ok and fixed.written == sorted(AFFINES)
