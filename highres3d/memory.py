@@ -1,4 +1,4 @@
-"""Running out of memory: recognising it on any backend, and a message that names the fix.
+"""Running out of memory: recognising it on any backend, foreseeing it on the host, and a message that names the fix.
 
 A device that runs out of memory raises its backend's own error
 (TensorFlow's ``ResourceExhaustedError``, ``RESOURCE_EXHAUSTED`` from XLA on
@@ -9,6 +9,14 @@ allocator's own line, and the settings the memory grows with, each with its
 current value.  A host out of memory (Python's ``MemoryError``) gets the same
 treatment, with the host's settings.
 
+The host's memory can be foreseen: volumes preprocessed into RAM all have a
+size known once the first is loaded.  A job that cannot hold them would
+otherwise be ended by the kernel's (or the scheduler's) OOM killer with one
+word, ``Killed``, after loading for minutes.  :class:`HostMemoryCheck` stops it
+after the first volume instead, and :func:`host_memory_available` counts the
+job's cgroup limit (what SLURM's ``--mem`` sets), not only the machine's
+free memory.
+
 :func:`peak_memory` tells how much each GPU held at its peak, so that the
 first training step that fits also shows how much room is left.
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from highres3d.errors import Highres3dError
@@ -165,3 +174,98 @@ def peak_memory() -> list[tuple[str, int]]:
 def describe_peak(peaks: Sequence[tuple[str, int]]) -> str:
     """One line of :func:`peak_memory`'s figures ("" when there are none)."""
     return ", ".join(f"{name} {peak / 2**30:.2f} GiB" for name, peak in peaks)
+
+
+# --------------------------------------------------------------------------- the host
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _stat(folder: Path, key: str) -> int:
+    found = re.search(rf"^{key} (\d+)$", _read(folder / "memory.stat") or "", re.MULTILINE)
+    return int(found.group(1)) if found else 0
+
+
+def host_memory_available(root: str | Path = "/") -> Optional[tuple[int, str]]:
+    """Bytes this process may still allocate on the host, and what sets that figure; None where unknown.
+
+    The smallest of the machine's available memory (``MemAvailable``) and, for
+    every memory cgroup of the process and its ancestors that has a limit
+    (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``: SLURM's
+    ``--mem``, a container's limit), the limit minus what the cgroup uses.
+    The page cache the cgroup can drop (``inactive_file``) does not count as
+    used: reading a dataset fills it.  ``root`` stands for ``/`` in tests.
+    """
+    root = Path(root)
+    found = []
+    meminfo = re.search(r"^MemAvailable:\s+(\d+) kB", _read(root / "proc/meminfo") or "", re.MULTILINE)
+    if meminfo:
+        found.append((int(meminfo.group(1)) * 1024, "the machine's available memory (MemAvailable)"))
+    for line in (_read(root / "proc/self/cgroup") or "").splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        if fields[1] == "":
+            base, limit_file, usage_file, inactive = root / "sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"
+        elif "memory" in fields[1].split(","):
+            base, limit_file, usage_file, inactive = (root / "sys/fs/cgroup/memory", "memory.limit_in_bytes",
+                                                      "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        parts = PurePosixPath(fields[2]).parts[1:]
+        for depth in range(len(parts), -1, -1):
+            folder = base.joinpath(*parts[:depth])
+            text = (_read(folder / limit_file) or "").strip()
+            if not text.isdigit() or int(text) >= 2**60:  # "max", absent, or v1's "no limit"
+                continue
+            limit, used = int(text), int((_read(folder / usage_file) or "0").strip() or 0)
+            free = max(0, limit - max(0, used - _stat(folder, inactive)))
+            found.append((free, f"the memory limit of this job's cgroup, {limit / 2**30:.1f} GiB ({limit_file})"))
+    return min(found) if found else None
+
+
+class HostMemoryCheck:
+    """Stops preprocessing into RAM as soon as the volumes still to load cannot fit in the host's memory.
+
+    Call :meth:`loaded` after each volume; the volumes to come are taken to be
+    as large as the mean of those loaded so far (a dataset's volumes share
+    their preprocessing, so its first tells the rest).
+
+    Args:
+        what: what is loaded, for the message (``"training"``).
+        total: the number of volumes to load, ``also`` included.
+        fix: the settings that load less, for the message.
+        available: a function giving :func:`host_memory_available`'s answer.
+    """
+
+    def __init__(self, what: str, total: int, fix: str, available=None) -> None:
+        self.what, self.total, self.fix = what, total, fix
+        self.available = available or (lambda: host_memory_available())
+        self.count = 0
+        self.nbytes = 0
+
+    def loaded(self, nbytes: int) -> None:
+        """Count one more loaded volume of ``nbytes``; raise :class:`OutOfMemory` when the rest cannot fit."""
+        self.count += 1
+        self.nbytes += int(nbytes)
+        left = self.total - self.count
+        if left <= 0:
+            return
+        found = self.available()
+        if found is None:
+            return
+        need = self.nbytes / self.count * left
+        free, source = found
+        if need > free:
+            gib = 2**30
+            raise OutOfMemory(
+                f"{self.what}: {self.total} preprocessed volumes need about {self.nbytes / self.count * self.total / gib:.1f} "
+                f"GiB in RAM ({self.nbytes / self.count / 2**20:.0f} MiB each, from the {self.count} loaded); the "
+                f"{left} still to load need {need / gib:.1f} GiB and this process may use {free / gib:.1f} GiB more "
+                f"({source}). Stopped before the system ends the job; {self.fix}",
+                allocator=f"{need / gib:.1f} GiB needed, {free / gib:.1f} GiB free", device="host")

@@ -38,6 +38,7 @@ import numpy as np
 from highres3d.config import Config, DatasetConfig
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.errors import DataError, Highres3dError
+from highres3d.memory import HostMemoryCheck
 from highres3d.progress import count_noun
 from highres3d.training.run import MetricsLog, RunState
 from highres3d.training.stages import scheduled_lr
@@ -166,9 +167,13 @@ class MultiDomainTrainer(Trainer):
             if not split_file.exists():
                 write_split_csv(dict(dataset.splits), split_file, overwrite=True)
             self.echo(f"{name}: spacing {list(dcfg.preprocessing.spacing)} mm, {dcfg.network.num_classes} classes")
+            # Per dataset: their volumes' sizes differ, and each dataset's first volume tells its own.
+            check = HostMemoryCheck(f"{name} training and validation", len(train_subjects) + len(val_subjects),
+                                    "multi-domain pretraining holds every volume in RAM: ask the scheduler for more "
+                                    "memory, or list fewer subjects in a split file (dataset.split.file)")
             train = load_volumes(train_subjects, dcfg, f"{name} training", self.echo, self.show_progress,
-                                 channel_major=True)
-            val = load_volumes(val_subjects, dcfg, f"{name} validation", self.echo, self.show_progress) \
+                                 channel_major=True, check=check)
+            val = load_volumes(val_subjects, dcfg, f"{name} validation", self.echo, self.show_progress, check=check) \
                 if val_subjects else []
             domains.append(_Domain(i, name, dcfg, train, val))
         return domains

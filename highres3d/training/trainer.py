@@ -32,7 +32,15 @@ from highres3d.data import histogram
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.data.preprocess import Volume, load_volume
 from highres3d.errors import DataError, Highres3dError
-from highres3d.memory import OutOfMemory, describe_peak, out_of_memory, out_of_memory_error, peak_memory, training_advice
+from highres3d.memory import (
+    HostMemoryCheck,
+    OutOfMemory,
+    describe_peak,
+    out_of_memory,
+    out_of_memory_error,
+    peak_memory,
+    training_advice,
+)
 from highres3d.progress import count_noun
 from highres3d.training import cluster
 from highres3d.training.run import MetricsLog, RunFolder, RunState, WorkerRunFolder
@@ -122,10 +130,12 @@ def training_volume(subject, cfg: Config) -> Volume:
 
 
 def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None],
-                 show_progress: Optional[bool] = None, channel_major: bool = False) -> list[Volume]:
+                 show_progress: Optional[bool] = None, channel_major: bool = False,
+                 check: Optional[HostMemoryCheck] = None) -> list[Volume]:
     """Preprocess subjects into RAM, reporting progress and the memory they take.
 
     ``channel_major``: each as :func:`training_volume` gives it, for the training pipeline.
+    ``check``: told of every volume, it stops the loading as soon as the rest cannot fit.
     """
     from highres3d.progress import track
 
@@ -133,6 +143,8 @@ def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None],
     start = time.perf_counter()
     for subject in track(subjects, f"preprocess {what}", unit="subjects", enabled=show_progress):
         volumes.append(training_volume(subject, cfg) if channel_major else labelled_volume(subject, cfg))
+        if check is not None:
+            check.loaded(volumes[-1].nbytes)
     total = sum(v.nbytes for v in volumes)
     echo(f"{what}: {len(volumes)} subjects preprocessed in {time.perf_counter() - start:.1f} s, "
          f"{total / 2**20:.1f} MiB in RAM")
@@ -245,14 +257,19 @@ class Trainer:
             chosen = {s.id: "training" for s in train_subjects}
             chosen.update({sid: split for sid, split in dataset.splits.items() if split != "training"})
             write_split_csv(chosen, self.run.path / "split.csv", overwrite=True)
-        if cfg.training.cache == "lazy":
+        lazy = cfg.training.cache == "lazy"
+        fewer = "a smaller dataset.split.validation_fraction (or a split file) holds fewer validation volumes"
+        check = HostMemoryCheck(
+            "validation" if lazy else "training and validation", len(val_subjects) + (0 if lazy else len(train_subjects)),
+            fewer if lazy else f"training.cache: lazy loads each training volume when the pipeline visits it; {fewer}")
+        if lazy:
             # Each volume is loaded when the pipeline visits it, so RAM holds only a few at a time.
             self.train_volumes = [functools.partial(training_volume, s, cfg) for s in train_subjects]
             self.echo(f"training: {len(train_subjects)} subjects, loaded lazily")
         else:
             self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo, self.show_progress,
-                                              channel_major=cfg.training.cache == "ram")
-        self.val_volumes = (load_volumes(val_subjects, cfg, "validation", self.echo, self.show_progress)
+                                              channel_major=cfg.training.cache == "ram", check=check)
+        self.val_volumes = (load_volumes(val_subjects, cfg, "validation", self.echo, self.show_progress, check=check)
                             if val_subjects else [])
 
     def _model(self, state: RunState):

@@ -13,7 +13,7 @@ import highres3d.training.trainer as trainer_module
 from highres3d.cli.main import main
 from highres3d.config import load_config
 from highres3d.data.synth import synthesize_brats
-from highres3d.memory import OutOfMemory, out_of_memory, peak_memory
+from highres3d.memory import HostMemoryCheck, OutOfMemory, host_memory_available, out_of_memory, peak_memory
 from highres3d.training import train
 
 TF_OOM = ("Graph execution error:\n\nDetected at node gradient_tape/conv_1/Conv3D defined at (most recent call last):\n"
@@ -146,3 +146,73 @@ def test_a_validation_out_of_memory_saves_the_iteration_and_a_smaller_window_res
     # Iteration 4's validation is not repeated: the resumed run goes on from iteration 5 and validates at 6.
     assert result.iterations == 6 and calls[2:] == [(24, 24, 24)]
     assert np.isfinite(result.best_score)
+
+
+GIB = 2**30
+
+
+def write_files(root, files):
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_host_memory_counts_the_jobs_cgroup_limit_and_not_its_page_cache(tmp_path):
+    meminfo = {"proc/meminfo": f"MemTotal: {64 * GIB // 1024} kB\nMemAvailable:   {16 * GIB // 1024} kB\n"}
+    # cgroup v2, as SLURM's --mem=8G sets it on the job (the step below it has no limit of its own).
+    job = "sys/fs/cgroup/system.slice/slurmstepd.scope/job_42"
+    v2 = tmp_path / "v2"
+    write_files(v2, {**meminfo, "proc/self/cgroup": "0::/system.slice/slurmstepd.scope/job_42/step_0\n",
+                     f"{job}/memory.max": f"{8 * GIB}\n", f"{job}/memory.current": f"{3 * GIB}\n",
+                     f"{job}/memory.stat": f"anon {2 * GIB}\ninactive_file {GIB}\n",
+                     f"{job}/step_0/memory.max": "max\n", f"{job}/step_0/memory.current": f"{3 * GIB}\n"})
+    assert host_memory_available(v2) == (6 * GIB, "the memory limit of this job's cgroup, 8.0 GiB (memory.max)")
+    # cgroup v1: the job's limit, under a root whose "no limit" is 2^63 rounded to pages.
+    v1 = tmp_path / "v1"
+    limits = "sys/fs/cgroup/memory"
+    write_files(v1, {**meminfo, "proc/self/cgroup": "5:cpuset:/slurm\n4:memory:/slurm/uid_1/job_7\n",
+                     f"{limits}/memory.limit_in_bytes": "9223372036854771712\n",
+                     f"{limits}/slurm/uid_1/job_7/memory.limit_in_bytes": f"{4 * GIB}\n",
+                     f"{limits}/slurm/uid_1/job_7/memory.usage_in_bytes": f"{GIB}\n"})
+    assert host_memory_available(v1) == (3 * GIB, "the memory limit of this job's cgroup, 4.0 GiB "
+                                                  "(memory.limit_in_bytes)")
+    # No limit below the machine's: its available memory; nothing readable (not Linux): unknown.
+    free = tmp_path / "free"
+    write_files(free, {**meminfo, "proc/self/cgroup": "0::/\n", "sys/fs/cgroup/memory.max": "max\n"})
+    assert host_memory_available(free) == (16 * GIB, "the machine's available memory (MemAvailable)")
+    assert host_memory_available(tmp_path / "nothing") is None
+
+
+def test_loading_stops_at_the_first_volume_when_the_rest_cannot_fit(data, tmp_path, monkeypatch):
+    import highres3d.memory as memory
+
+    check = HostMemoryCheck("training", 30, "use less", available=lambda: (10 * GIB, "test"))
+    for _ in range(30):
+        check.loaded(300 * 2**20)  # 30 x 300 MiB fit in 10 GiB
+    check = HostMemoryCheck("training", 100, "use less", available=lambda: (10 * GIB, "the test's limit"))
+    with pytest.raises(OutOfMemory, match=r"^training: 100 preprocessed volumes need about 29.3 GiB in RAM \(300 MiB "
+                                          r"each, from the 1 loaded\); the 99 still to load need 29.0 GiB and this "
+                                          r"process may use 10.0 GiB more \(the test's limit\)\. Stopped .*; use less$"):
+        check.loaded(300 * 2**20)
+
+    # A run whose volumes fit one and a half at a time: it stops after the first, before the run's first step.
+    real_volume, loads, budget = trainer_module.training_volume, [], []
+
+    def training_volume(subject, cfg):
+        loads.append(subject.id)
+        volume = real_volume(subject, cfg)
+        budget.append(int(volume.nbytes * 1.5))
+        return volume
+
+    monkeypatch.setattr(trainer_module, "training_volume", training_volume)
+    monkeypatch.setattr(memory, "host_memory_available", lambda: (budget[0], "the test's limit"))
+    with pytest.raises(OutOfMemory) as caught:
+        train(load_config("demo/brats.yaml", overrides=TINY, data_root=data), tmp_path / "ram", echo=lambda *_: None)
+    assert len(loads) == 1
+    message = str(caught.value)
+    assert message.startswith("training and validation: 3 preprocessed volumes need about")
+    assert "training.cache: lazy loads each training volume" in message and "validation_fraction" in message
+    # The fix it names: lazily loaded training volumes leave only the validation volume in RAM.
+    lazy = train(load_config("demo/brats.yaml", overrides=TINY + ["training.cache=lazy", "training.max_iter=2"],
+                             data_root=data), tmp_path / "lazy", echo=lambda *_: None)
+    assert lazy.iterations == 2
