@@ -295,11 +295,17 @@ class TrainingConfig:
     max_checkpoints: int = _field(5, "checkpoints kept (the best model is always kept)", _positive)
     patience: int = _field(0, "stop after this many whole-volume validations without a better Dice (0 = never)", _non_negative)
     seed: int = _field(0, "seed of initialisation, sampling and augmentation")
-    cache: Literal["ram", "lazy", "device"] = _field("ram", "keep preprocessed volumes in memory, reload them (lazy), or hold the training volumes on the accelerator (device: the pipeline sends window positions only; needs augmentation.device accelerator)")
+    cache: Literal["ram", "lazy", "device", "disk"] = _field("ram", "keep preprocessed volumes in memory, reload them (lazy), hold the training volumes on the accelerator (device: the pipeline sends window positions only; needs augmentation.device accelerator), or preprocess them once into training.cache_dir and memory-map them (disk)")
+    cache_dir: Optional[Path] = _field(None, "training.cache disk: the folder of preprocessed volumes, shared by every run and job with the same preprocessing (null: preprocessed_volumes/ in training.output_dir)", path=True)
     shuffle_buffer: int = _field(32, "windows in the shuffle buffer", _positive)
     mixed_precision: Union[bool, MixedPrecisionName] = _field(False, "compute in float16 (with loss scaling) or bfloat16 (no loss scaling, so per-group learning rates work) with float32 weights; false: float32; true: float16 (older configs)")
     strategy: Literal["default", "mirrored", "multi_worker"] = _field("default", "tf.distribute strategy")
     output_dir: Path = _field(Path("runs"), "folder where run folders are created", path=True)
+
+    @property
+    def preprocessed_dir(self) -> Path:
+        """Where ``training.cache: disk`` keeps the preprocessed volumes."""
+        return Path(self.cache_dir) if self.cache_dir is not None else Path(self.output_dir) / "preprocessed_volumes"
 
     @property
     def compute_dtype(self) -> str:
@@ -541,7 +547,7 @@ def _check_device_cache(cfg: Config) -> None:
                           "there too: set augmentation.device to 'accelerator' (or training.cache to 'ram')")
     if cfg.datasets:
         raise ConfigError("training.cache: 'device' is not supported by multi-domain pretraining ('datasets'); "
-                          "use 'ram' or 'lazy'")
+                          "use 'ram', 'disk' or 'lazy'")
 
 
 def _check_class_lists(cfg: Config) -> None:

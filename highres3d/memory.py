@@ -107,7 +107,8 @@ def training_advice(cfg, phase: str, device: str) -> list[str]:
     if device == "host":
         advice = []
         if t.cache == "ram":
-            advice.append("training.cache: ram keeps every preprocessed volume in memory; lazy reloads them instead")
+            advice.append("training.cache: ram keeps every preprocessed volume in memory; disk memory-maps them "
+                          "(preprocessed once), lazy preprocesses each at every visit")
         advice.append(f"training.shuffle_buffer ({t.shuffle_buffer} windows held ahead of the step)")
         return advice
     if phase == "device cache":

@@ -303,8 +303,18 @@ def memory_estimate(
     buffered_windows: int = 0,
 ) -> int:
     """Bytes the pipeline holds: volumes in RAM + windows in the shuffle buffer + batches in flight."""
-    held = sum(int(v.image.nbytes) + int(v.label.nbytes) for v in volumes if not _is_loader(v))
+    from highres3d.data.cache import on_disk
+
+    # Memory-mapped volumes (training.cache: disk) live in the page cache, which the system reclaims.
+    held = sum(int(v.image.nbytes) + int(v.label.nbytes) for v in volumes
+               if not _is_loader(v) and not on_disk(v.image))
     return held + window_bytes * (buffered_windows + batch_size * in_flight_batches)
+
+
+def _memory_mapped(volumes) -> bool:
+    from highres3d.data.cache import on_disk
+
+    return bool(volumes) and all(on_disk(v.image) for v in volumes)
 
 
 def _gb(n: int) -> str:
@@ -418,7 +428,7 @@ def make_training_dataset(
         where = (
             f"{cycle_length} volumes loaded at a time + {shuffle_buffer} buffered windows"
             if source.lazy
-            else f"{len(source)} volumes in RAM"
+            else f"{len(source)} volumes " + ("memory-mapped" if _memory_mapped(source.volumes) else "in RAM")
         )
         echo(
             f"highres3d pipeline: ~{_gb(held)} ({where}, ~{in_flight} batches of {batch_size} x "

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import numpy as np
 
 from highres3d.config import Config, DatasetConfig
+from highres3d.data.cache import VolumeCache
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.errors import DataError, Highres3dError
 from highres3d.memory import HostMemoryCheck
@@ -168,11 +169,14 @@ class MultiDomainTrainer(Trainer):
                 write_split_csv(dict(dataset.splits), split_file, overwrite=True)
             self.echo(f"{name}: spacing {list(dcfg.preprocessing.spacing)} mm, {dcfg.network.num_classes} classes")
             # Per dataset: their volumes' sizes differ, and each dataset's first volume tells its own.
-            check = HostMemoryCheck(f"{name} training and validation", len(train_subjects) + len(val_subjects),
-                                    "multi-domain pretraining holds every volume in RAM: ask the scheduler for more "
-                                    "memory, or list fewer subjects in a split file (dataset.split.file)")
+            disk = dcfg.training.cache == "disk"
+            check = HostMemoryCheck(f"{name} {'validation' if disk else 'training and validation'}",
+                                    len(val_subjects) + (0 if disk else len(train_subjects)),
+                                    ("" if disk else "training.cache: disk memory-maps the training volumes, "
+                                     "preprocessed once; ") + "or list fewer subjects in a split file (dataset.split.file)")
             train = load_volumes(train_subjects, dcfg, f"{name} training", self.echo, self.show_progress,
-                                 channel_major=True, check=check)
+                                 channel_major=True, check=None if disk else check,
+                                 cache=VolumeCache(dcfg.training.preprocessed_dir, self.echo) if disk else None)
             val = load_volumes(val_subjects, dcfg, f"{name} validation", self.echo, self.show_progress, check=check) \
                 if val_subjects else []
             domains.append(_Domain(i, name, dcfg, train, val))

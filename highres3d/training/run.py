@@ -79,9 +79,10 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 #: Config keys a run may be resumed with changed: they do not touch the window stream or the weights
-#: (the inference windows only decide how much memory the whole-subject validation needs).
+#: (where the volumes are held gives the same windows; the inference windows only decide how much
+#: memory the whole-subject validation needs).
 RESUMABLE_CHANGES = ("training.max_iter", "training.strategy", "evaluation.splits", "inference.window_size",
-                     "inference.batch_size")
+                     "inference.batch_size", "training.cache", "training.cache_dir")
 
 
 class RunFolder:

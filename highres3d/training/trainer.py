@@ -29,6 +29,7 @@ import numpy as np
 
 from highres3d.config import Config, SamplerConfig
 from highres3d.data import histogram
+from highres3d.data.cache import VolumeCache
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.data.preprocess import Volume, load_volume
 from highres3d.errors import DataError, Highres3dError
@@ -131,23 +132,29 @@ def training_volume(subject, cfg: Config) -> Volume:
 
 def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None],
                  show_progress: Optional[bool] = None, channel_major: bool = False,
-                 check: Optional[HostMemoryCheck] = None) -> list[Volume]:
+                 check: Optional[HostMemoryCheck] = None, cache: Optional[VolumeCache] = None) -> list[Volume]:
     """Preprocess subjects into RAM, reporting progress and the memory they take.
 
     ``channel_major``: each as :func:`training_volume` gives it, for the training pipeline.
     ``check``: told of every volume, it stops the loading as soon as the rest cannot fit.
+    ``cache``: the volumes come memory-mapped from it (``training.cache: disk``; channel-major),
+    preprocessed into it first where missing.
     """
     from highres3d.progress import track
 
     volumes = []
     start = time.perf_counter()
     for subject in track(subjects, f"preprocess {what}", unit="subjects", enabled=show_progress):
+        if cache is not None:
+            volumes.append(cache.volume(subject, cfg, functools.partial(training_volume, subject, cfg)))
+            continue
         volumes.append(training_volume(subject, cfg) if channel_major else labelled_volume(subject, cfg))
         if check is not None:
             check.loaded(volumes[-1].nbytes)
     total = sum(v.nbytes for v in volumes)
+    where = f"memory-mapped ({cache.describe()})" if cache is not None else "in RAM"
     echo(f"{what}: {len(volumes)} subjects preprocessed in {time.perf_counter() - start:.1f} s, "
-         f"{total / 2**20:.1f} MiB in RAM")
+         f"{total / 2**20:.1f} MiB {where}")
     return volumes
 
 
@@ -257,12 +264,17 @@ class Trainer:
             chosen = {s.id: "training" for s in train_subjects}
             chosen.update({sid: split for sid, split in dataset.splits.items() if split != "training"})
             write_split_csv(chosen, self.run.path / "split.csv", overwrite=True)
-        lazy = cfg.training.cache == "lazy"
+        in_ram = cfg.training.cache in ("ram", "device")
         fewer = "a smaller dataset.split.validation_fraction (or a split file) holds fewer validation volumes"
         check = HostMemoryCheck(
-            "validation" if lazy else "training and validation", len(val_subjects) + (0 if lazy else len(train_subjects)),
-            fewer if lazy else f"training.cache: lazy loads each training volume when the pipeline visits it; {fewer}")
-        if lazy:
+            "training and validation" if in_ram else "validation",
+            len(val_subjects) + (len(train_subjects) if in_ram else 0),
+            f"training.cache: disk memory-maps the training volumes, preprocessed once (lazy preprocesses each at "
+            f"every visit); {fewer}" if in_ram else fewer)
+        if cfg.training.cache == "disk":
+            self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo, self.show_progress,
+                                              cache=VolumeCache(cfg.training.preprocessed_dir, self.echo))
+        elif cfg.training.cache == "lazy":
             # Each volume is loaded when the pipeline visits it, so RAM holds only a few at a time.
             self.train_volumes = [functools.partial(training_volume, s, cfg) for s in train_subjects]
             self.echo(f"training: {len(train_subjects)} subjects, loaded lazily")

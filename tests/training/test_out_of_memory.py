@@ -211,7 +211,7 @@ def test_loading_stops_at_the_first_volume_when_the_rest_cannot_fit(data, tmp_pa
     assert len(loads) == 1
     message = str(caught.value)
     assert message.startswith("training and validation: 3 preprocessed volumes need about")
-    assert "training.cache: lazy loads each training volume" in message and "validation_fraction" in message
+    assert "training.cache: disk memory-maps the training volumes" in message and "validation_fraction" in message
     # The fix it names: lazily loaded training volumes leave only the validation volume in RAM.
     lazy = train(load_config("demo/brats.yaml", overrides=TINY + ["training.cache=lazy", "training.max_iter=2"],
                              data_root=data), tmp_path / "lazy", echo=lambda *_: None)

@@ -1,0 +1,112 @@
+"""training.cache: disk: volumes preprocessed once, memory-mapped, exact, shared across runs, never stale."""
+import csv
+import os
+
+import numpy as np
+import pytest
+
+import highres3d.training.trainer as trainer_module
+from highres3d.config import load_config
+from highres3d.data.cache import VolumeCache, entry_key, on_disk
+from highres3d.data.dataset import Dataset
+from highres3d.data.pipeline import memory_estimate
+from highres3d.data.synth import synthesize_brats
+from highres3d.samplers.base import is_channel_major
+from highres3d.training import train
+from highres3d.training.trainer import load_volumes, training_volume
+
+TINY = [
+    "sampler.window_size=[16,16,16]", "network.width_multiplier=0.25", "training.max_iter=3", "training.batch_size=2",
+    "training.validation_every=100", "training.checkpoint_every=100", "training.validation_windows=2",
+    "inference.window_size=[32,32,32]", "augmentation.device=cpu", "augmentation.rotation_degrees=10",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("brats")
+    synthesize_brats(root, 4, size="small", seed=11)
+    return root
+
+
+def config(data, *extra):
+    return load_config("demo/brats.yaml", overrides=TINY + list(extra), data_root=data)
+
+
+def losses(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def test_an_entry_gives_back_the_volume_it_was_made_from_memory_mapped_read_only(data, tmp_path):
+    cfg = config(data)
+    subject = Dataset.from_config(cfg.dataset).split("training")[0]
+    made = training_volume(subject, cfg)
+    cache = VolumeCache(tmp_path / "cache", echo=None)
+    first = cache.volume(subject, cfg, lambda: made)
+    again = cache.volume(subject, cfg, lambda: pytest.fail("a cached subject is not preprocessed again"))
+    assert (cache.hits, cache.misses) == (1, 1)
+    for volume in (first, again):
+        np.testing.assert_array_equal(volume.image, made.image)
+        np.testing.assert_array_equal(volume.label, made.label)
+        assert volume.image.shape == made.image.shape and is_channel_major(volume.image, contiguous=True)
+        assert on_disk(volume.image) and on_disk(volume.label) and not on_disk(made.image)
+        with pytest.raises(ValueError, match="read-only"):
+            volume.image[0, 0, 0, 0] = 1.0
+        info = volume.info
+        np.testing.assert_array_equal(info.working_affine, made.info.working_affine)
+        np.testing.assert_array_equal(info.original_affine, made.info.original_affine)
+        np.testing.assert_array_equal(info.transform, made.info.transform)
+        assert (info.path, info.orientation, info.original_shape, info.working_shape, info.zoom) == (
+            made.info.path, made.info.orientation, made.info.original_shape, made.info.working_shape, made.info.zoom)
+        assert info.header.binaryblock == made.info.header.binaryblock
+    # The pipeline's memory estimate counts what is in RAM: the page cache of a mapped volume is the system's.
+    assert memory_estimate([first], 0, 1, 0) == 0 and memory_estimate([made], 0, 1, 0) == made.nbytes
+    # Another job that wrote the same entry first: its entry is kept, nothing half-written is left.
+    cache._write(cache.folder / entry_key(subject, cfg), made)
+    assert sorted(p.name for p in cache.folder.iterdir()) == [entry_key(subject, cfg)]
+    # Anything the preprocessing reads names another entry.
+    assert entry_key(subject, config(data, "preprocessing.normalisation=none")) != entry_key(subject, cfg)
+    assert entry_key(subject, config(data, "dataset.modalities=[T2,T1]")) != entry_key(subject, cfg)
+
+
+def test_a_disk_cached_run_trains_like_ram_resumes_one_and_later_runs_preprocess_only_what_changed(data, tmp_path, monkeypatch):
+    in_ram = train(config(data), tmp_path / "ram", echo=lambda *_: None)
+    cache = tmp_path / "cache"
+    said, made = [], []
+    real = trainer_module.training_volume
+
+    def counted(subject, cfg):
+        made.append(subject.id)
+        return real(subject, cfg)
+
+    monkeypatch.setattr(trainer_module, "training_volume", counted)
+    disk = config(data, "training.cache=disk", f"training.cache_dir={cache}")
+    # A run started with the volumes in RAM, resumed from the disk cache (say, on a node with less memory).
+    train(config(data), tmp_path / "disk", stop_after=1, echo=lambda *_: None)
+    made.clear()
+    train(disk, tmp_path / "disk", resume=True, echo=said.append)
+    # The same arrays, so the same windows and the same loss curve.
+    np.testing.assert_allclose(losses(tmp_path / "disk"), losses(in_ram.run_dir), rtol=1e-5)
+    trained = len(made)
+    assert trained >= 2 and any(f"0 from the cache, {trained} preprocessed into it ({cache})" in line for line in said)
+
+
+    # The next run (another config of a grid, a resumed job) preprocesses nothing.
+    made.clear()
+    subjects = Dataset.from_config(disk.dataset).split("training")
+    assert len(subjects) == trained
+    load_volumes(subjects, disk, "training", said.append, cache=VolumeCache(cache, said.append))
+    assert made == [] and f"{trained} from the cache, 0 preprocessed" in said[-1]
+
+    # A changed file is preprocessed again; an unreadable entry is made again.
+    touched = subjects[0].images["T1"]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    broken = cache / entry_key(subjects[1], disk) / "image.npy"
+    broken.write_bytes(broken.read_bytes()[:100])
+    said.clear()
+    again = load_volumes(subjects, disk, "training", said.append, cache=VolumeCache(cache, said.append))
+    assert sorted(made) == sorted(s.id for s in subjects[:2]) and all(on_disk(v.image) for v in again)
+    assert f"unreadable cache entry of {subjects[1].id}" in said[0]
+    assert not list(cache.glob(".*.part"))
+    assert config(data).training.preprocessed_dir.name == "preprocessed_volumes"
