@@ -1,6 +1,6 @@
 """Run every CPU benchmark and write the figures to docs/performance.md.
 
-Runs ``samplers.py``, ``inference.py``, ``infer_folder.py`` and ``model_step.py`` one after the
+Runs ``samplers.py``, ``inference.py``, ``infer_folder.py``, ``disk_cache.py`` and ``model_step.py`` one after the
 other (never side by side), each with ``--json``, and renders one table:
 each figure with ours, the peers', the ratio, the target and whether it is
 met, under the commit and the date of the run.  The peers' interpreter comes
@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import _peers  # benchmarks/_peers.py: this script's folder is sys.path[0]
+import disk_cache
 from infer_folder import MONAI as FOLDER_MONAI
 from infer_folder import OVERLAPPED as FOLDER_OVERLAPPED
 from infer_folder import SEQUENTIAL as FOLDER_SEQUENTIAL
@@ -133,6 +134,35 @@ def folder_rows(data: dict) -> list[list[str]]:
     return out
 
 
+def cache_rows(data: dict) -> list[list[str]]:
+    """Making the training volumes ready: the disk cache against preprocessing at every start and MONAI's PersistentDataset."""
+    rows = {r["method"]: r for r in data["rows"]}
+
+    def seconds(name):
+        return rows[name]["seconds"] if name in rows else None
+
+    what = f"{data['subjects']} {data['size']}-size BraTS subjects (T1+T2+label)"
+    out = []
+    for ours, peer, label in (
+            (disk_cache.DISK_READ, disk_cache.MONAI_LATER, "later runs: memory-mapped and read once vs "
+                                                           "PersistentDataset's load"),
+            (disk_cache.DISK_LATER, disk_cache.MONAI_LATER, "later runs: memory-mapped (read as windows are cut) vs "
+                                                            "PersistentDataset's load"),
+            (disk_cache.DISK_FIRST, disk_cache.MONAI_FIRST, "first run: preprocessed and written vs PersistentDataset's "
+                                                            "first pass"),
+            (disk_cache.DISK_LATER, disk_cache.RAM, "later runs vs training.cache: ram (preprocessed at every start)")):
+        a, b = seconds(ours), seconds(peer)
+        peer_cell = fmt(b * 1e3, 1) + (" (ours, ram)" if peer == disk_cache.RAM else "") if b is not None else "-"
+        out.append([f"ms per subject to make ready, {what}, {label}", fmt(a * 1e3 if a is not None else None, 1),
+                    peer_cell, fmt(b / a if a and b else None, 1) + ("x faster" if a and b else ""), "-", "-"])
+    mapped, in_ram = rows.get(disk_cache.WINDOWS_MAPPED), rows.get(disk_cache.WINDOWS_RAM)
+    if mapped and in_ram:
+        out.append(["class-weighted 96³ windows/s, one subject memory-mapped vs in RAM (ours)", fmt(mapped["windows_s"]),
+                    fmt(in_ram["windows_s"]) + " (ours, RAM)", fmt(mapped["windows_s"] / in_ram["windows_s"], 2), "-",
+                    "-"])
+    return out
+
+
 def model_rows(data: dict) -> list[list[str]]:
     """Training step and forward pass against MONAI's HighResNet, float32 and bfloat16."""
     peer = {(r["size"], r["batch"]): r for r in data.get("peer", [])}
@@ -182,7 +212,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
     parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"), help="where to write (default: %(default)s)")
-    parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: samplers,inference,infer_folder,model_step")
+    parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out: samplers,inference,infer_folder,disk_cache,model_step")
     parser.add_argument("--keep", metavar="DIR", help="keep each benchmark's JSON here; a JSON already there is reused")
     _peers.add_arguments(parser)
     args = parser.parse_args()
@@ -201,6 +231,8 @@ def main() -> int:
          ["--quick"] if args.quick else ["--reps", "3", "--rounds", "3"], inference_rows),
         ("infer_folder", "Segmenting a folder (load, predict, restore, write)", "infer_folder.py",
          q or ["--rounds", "3"], folder_rows),
+        ("disk_cache", "Training volumes made ready (training.cache: disk)", "disk_cache.py",
+         q or ["--rounds", "2"], cache_rows),
         ("model_step", "HighResNet3D step vs MONAI HighResNet (float32 and bfloat16)", "model_step.py",
          q + ["--jit", "off", "--precision", "both"] + ([] if args.quick else ["--sizes", "32,64", "--batches", "1"]),
          model_rows),

@@ -36,6 +36,8 @@ def test_quick_run_writes_the_page(tmp_path):
     assert "| stitching ms, overlap 0.5, gaussian" in page and "| ≤ 0.5 |" in page
     assert "blending alone" in page
     assert "| subjects/s, 3 small-size BraTS subjects, model 0.1 s each (a GPU's share), overlapped vs" in page
+    assert "| ms per subject to make ready, 3 small-size BraTS subjects (T1+T2+label), later runs: memory-mapped and" in page
+    assert "| class-weighted 96³ windows/s, one subject memory-mapped vs in RAM (ours) |" in page
     # the generated part is replaced, the notes below the marker are carried over once, after it
     assert "old generated table" not in page and page.count(notes) == 1
     assert page.index(run_all.NOTES_MARKER) < page.index(notes)
@@ -75,6 +77,17 @@ def test_sections_render_ours_peer_ratio_target_and_met():
                            "alone": 0.05}],
                  "peers": {"rows": [{"method": "MONAI swi", "overlap": 0.5, "mode": "gaussian", "total": 0.2,
                                      "stitch": 0.1}]}}
+    cache = {"subjects": 6, "size": "full", "rows": [
+        {"method": run_all.disk_cache.RAM, "seconds": 0.5}, {"method": run_all.disk_cache.DISK_FIRST, "seconds": 0.6},
+        {"method": run_all.disk_cache.DISK_LATER, "seconds": 0.002}, {"method": run_all.disk_cache.MONAI_LATER,
+                                                                      "seconds": 0.3},
+        {"method": run_all.disk_cache.DISK_READ, "seconds": 0.03},
+        {"method": run_all.disk_cache.WINDOWS_RAM, "windows_s": 800}, {"method": run_all.disk_cache.WINDOWS_MAPPED,
+                                                                       "windows_s": 760}]}
+    read, later, first, against_ram, windows = run_all.cache_rows(cache)
+    assert read[1:4] == ["30.0", "300.0", "10.0x faster"]
+    assert later[1:4] == ["2.0", "300.0", "150.0x faster"] and first[1:4] == ["600.0", "-", "-"]
+    assert against_ram[2:4] == ["500.0 (ours, ram)", "250.0x faster"] and windows[1:4] == ["760", "800 (ours, RAM)", "0.95"]
     stitching = run_all.inference_rows(inference)[0]
     assert stitching[1:] == ["100", "100", "1.00", "≤ 0.5", "no"]
     assert "blending alone 50 ms = 0.50 of MONAI's" in stitching[0]

@@ -65,12 +65,12 @@ class VolumeCache:
 
     Args:
         folder: the cache folder, created when missing; any number of runs and jobs may share it.
-        echo: where a rebuilt (unreadable) entry is reported.
+        echo: where a rebuilt (unreadable) entry is reported (None: nowhere).
     """
 
-    def __init__(self, folder: str | os.PathLike, echo: Callable[[str], None] = print) -> None:
+    def __init__(self, folder: str | os.PathLike, echo: Optional[Callable[[str], None]] = print) -> None:
         self.folder = Path(folder)
-        self.echo = echo
+        self.echo = echo or (lambda text: None)
         self.hits = 0
         self.misses = 0
 
