@@ -40,6 +40,7 @@ _ALLOCATOR_LINE = re.compile(
     r"|(?:CUDA )?out of memory\. Tried to allocate[^\n(]*)",  # torch
     re.IGNORECASE,
 )
+_ABOUT_MEMORY = re.compile(r"\bOOM\b|out of memory|allocat|memory", re.IGNORECASE)
 _DEVICE = re.compile(r"device:(GPU|CPU|TPU):(\d+)|\((GPU) (\d+);")
 
 
@@ -67,7 +68,8 @@ def out_of_memory(err: BaseException) -> Optional[tuple[str, str]]:
         text = str(current)
         if isinstance(current, MemoryError):
             return "host", _allocator_line(text) or "MemoryError"
-        if type(current).__name__ in OUT_OF_MEMORY_ERRORS or "RESOURCE_EXHAUSTED" in text:
+        # Resource exhaustion that is not memory (gRPC's "message larger than max" between workers) is left alone.
+        if (type(current).__name__ in OUT_OF_MEMORY_ERRORS or "RESOURCE_EXHAUSTED" in text) and _ABOUT_MEMORY.search(text):
             found = _DEVICE.search(text)
             device = "the device"
             if found:

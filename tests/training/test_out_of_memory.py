@@ -53,7 +53,9 @@ def test_every_backends_out_of_memory_error_is_recognised_and_nothing_else():
     host = MemoryError("Unable to allocate 3.1 GiB for an array with shape (240, 240, 155, 96) and data type float32")
     assert out_of_memory(host) == ("host", str(host))
     for other in (ValueError("shape mismatch"), RuntimeError("CUDA error: device-side assert triggered"),
-                  tf.errors.InvalidArgumentError(None, None, "Incompatible shapes")):
+                  tf.errors.InvalidArgumentError(None, None, "Incompatible shapes"),
+                  tf.errors.ResourceExhaustedError(None, None, "Received message larger than max (9 vs. 4)"),
+                  XlaRuntimeError("RESOURCE_EXHAUSTED: Received message larger than max")):
         assert out_of_memory(other) is None
 
 
