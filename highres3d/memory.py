@@ -22,6 +22,7 @@ first training step that fits also shows how much room is left.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -232,6 +233,18 @@ def host_memory_available(root: str | Path = "/") -> Optional[tuple[int, str]]:
     return min(found) if found else None
 
 
+#: Set by :func:`highres3d.workers.run_in_workers` in each worker: how many share this machine's memory.
+WORKERS_ENV = "HIGHRES3D_WORKER_PROCESSES"
+
+
+def worker_processes() -> int:
+    """How many worker processes of one command share this machine's memory (1 outside workers)."""
+    try:
+        return max(1, int(os.environ.get(WORKERS_ENV, "1")))
+    except ValueError:
+        return 1
+
+
 class HostMemoryCheck:
     """Stops preprocessing into RAM as soon as the volumes still to load cannot fit in the host's memory.
 
@@ -264,6 +277,10 @@ class HostMemoryCheck:
             return
         need = self.nbytes / self.count * left
         free, source = found
+        sharing = worker_processes()
+        if sharing > 1:
+            # Every worker of the machine loads its own volumes at the same time, so each counts on its share.
+            free, source = free // sharing, f"a 1/{sharing} share, for {sharing} worker processes, of {source}"
         if need > free:
             gib = 2**30
             raise OutOfMemory(

@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from highres3d.errors import ConfigError, Highres3dError, WorkerError
+from highres3d.memory import WORKERS_ENV
 from highres3d.progress import count_noun
 from highres3d.signals import Terminated, ignore_further_interrupts, sigterm_as_interrupt
 
@@ -297,6 +298,7 @@ def _worker_main(target: Callable[..., Any], index: int, count: int, threads: Op
             print(f"GPU {os.environ['CUDA_VISIBLE_DEVICES']}"
                   + (f" (shared with other workers; memory {'grows as needed' if growth else 'not grown'})"
                      if shared else ""))
+        os.environ[WORKERS_ENV] = str(count)  # each worker counts on its share of the host's memory
         if threads is not None:
             limit_cpu_threads(threads)
             print(f"{count_noun(threads, 'CPU thread')} (TensorFlow intra-op and inter-op)")

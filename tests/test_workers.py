@@ -185,18 +185,19 @@ def test_without_an_allocation_the_gpus_nvidia_smi_lists_are_used(monkeypatch, t
 def test_each_worker_starts_with_its_gpus_in_its_environment(tmp_path, monkeypatch):
     # A user's own memory-growth choice stands; the GPU share is always the worker's own.
     monkeypatch.setenv("TF_FORCE_GPU_ALLOW_GROWTH", "false")
+    # Each also knows how many workers share the machine's memory (highres3d.memory.HostMemoryCheck).
     body = ("import os\nprint('SEES', os.environ.get('CUDA_VISIBLE_DEVICES'), "
-            "os.environ.get('TF_FORCE_GPU_ALLOW_GROWTH'))\n")
+            "os.environ.get('TF_FORCE_GPU_ALLOW_GROWTH'), os.environ.get('HIGHRES3D_WORKER_PROCESSES'))\n")
     jobs = _scripts(tmp_path, [body] * 3)
     echoed = []
     workers.run_in_workers(runpy.run_path, jobs, gpus=["4", "6"], echo=echoed.append)
     assert {line for line in echoed if "SEES" in line} == {
-        "[worker 0/3] SEES 4 false", "[worker 1/3] SEES 6 false", "[worker 2/3] SEES 4 false"}
+        "[worker 0/3] SEES 4 false 3", "[worker 1/3] SEES 6 false 3", "[worker 2/3] SEES 4 false 3"}
     assert "[worker 1/3] GPU 6 (shared with other workers; memory not grown)" in echoed
     echoed.clear()
     monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH")
     workers.run_in_workers(runpy.run_path, jobs[:2], gpus=["4", "6"], echo=echoed.append)
-    assert {line for line in echoed if "SEES" in line} == {"[worker 0/2] SEES 4 None", "[worker 1/2] SEES 6 None"}
+    assert {line for line in echoed if "SEES" in line} == {"[worker 0/2] SEES 4 None 2", "[worker 1/2] SEES 6 None 2"}
     assert "[worker 0/2] GPU 4" in echoed
 
 

@@ -191,6 +191,12 @@ def test_loading_stops_at_the_first_volume_when_the_rest_cannot_fit(data, tmp_pa
     check = HostMemoryCheck("training", 30, "use less", available=lambda: (10 * GIB, "test"))
     for _ in range(30):
         check.loaded(300 * 2**20)  # 30 x 300 MiB fit in 10 GiB
+    # Worker processes of one command (experiment --workers 2) each count on their share.
+    monkeypatch.setenv("HIGHRES3D_WORKER_PROCESSES", "2")
+    check = HostMemoryCheck("training", 30, "use less", available=lambda: (10 * GIB, "MemAvailable"))
+    with pytest.raises(OutOfMemory, match=r"may use 5.0 GiB more \(a 1/2 share, for 2 worker processes, of MemAvailable\)"):
+        check.loaded(300 * 2**20)
+    monkeypatch.delenv("HIGHRES3D_WORKER_PROCESSES")
     check = HostMemoryCheck("training", 100, "use less", available=lambda: (10 * GIB, "the test's limit"))
     with pytest.raises(OutOfMemory, match=r"^training: 100 preprocessed volumes need about 29.3 GiB in RAM \(300 MiB "
                                           r"each, from the 1 loaded\); the 99 still to load need 29.0 GiB and this "
