@@ -245,12 +245,53 @@ def worker_processes() -> int:
         return 1
 
 
+#: Where the volumes of each ``training.cache`` mode are held: does it keep the training volumes in RAM?
+TRAINING_VOLUMES_IN_RAM = {"ram": True, "device": True, "disk": False, "lazy": False}
+
+
+def host_memory_fix(cache: str) -> str:
+    """What holds fewer preprocessed volumes in RAM, for a run with ``training.cache: cache``."""
+    fewer = "a smaller dataset.split.validation_fraction (or a split file) holds fewer validation volumes"
+    if TRAINING_VOLUMES_IN_RAM.get(cache, True):
+        return (f"training.cache: disk memory-maps the training volumes, preprocessed once (lazy preprocesses each at "
+                f"every visit); {fewer}")
+    return fewer
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes for a message: GiB from 1 GiB up, MiB below."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def require_host_memory(head: str, need: float, fix: str, available=None) -> None:
+    """Raise :class:`OutOfMemory` when ``need`` more bytes will not fit in what this process may still use.
+
+    The message is ``head`` (e.g. "training: 300 preprocessed volumes need"), the figures, and ``fix``.
+    ``available`` stands for :func:`host_memory_available` (tests); nothing is raised where it is unknown.
+    """
+    found = (available or host_memory_available)()
+    if found is None:
+        return
+    free, source = found
+    sharing = worker_processes()
+    if sharing > 1:
+        # Every worker of the machine loads its own volumes at the same time, so each counts on its share.
+        free, source = free // sharing, f"a 1/{sharing} share, for {sharing} worker processes, of {source}"
+    if need > free:
+        raise OutOfMemory(
+            f"{head} {format_bytes(need)} and this process may use {format_bytes(free)} more ({source}). "
+            f"Stopped before the system ends the job; {fix}",
+            allocator=f"{format_bytes(need)} needed, {format_bytes(free)} free", device="host")
+
+
 class HostMemoryCheck:
     """Stops preprocessing into RAM as soon as the volumes still to load cannot fit in the host's memory.
 
     Call :meth:`loaded` after each volume; the volumes to come are taken to be
     as large as the mean of those loaded so far (a dataset's volumes share
-    their preprocessing, so its first tells the rest).
+    their preprocessing, so its first tells the rest).  ``data check`` (run
+    before training) reckons the same from the files' headers; this is the
+    count of what preprocessing really made.
 
     Args:
         what: what is loaded, for the message (``"training"``).
@@ -260,8 +301,7 @@ class HostMemoryCheck:
     """
 
     def __init__(self, what: str, total: int, fix: str, available=None) -> None:
-        self.what, self.total, self.fix = what, total, fix
-        self.available = available or (lambda: host_memory_available())
+        self.what, self.total, self.fix, self.available = what, total, fix, available
         self.count = 0
         self.nbytes = 0
 
@@ -272,20 +312,8 @@ class HostMemoryCheck:
         left = self.total - self.count
         if left <= 0:
             return
-        found = self.available()
-        if found is None:
-            return
-        need = self.nbytes / self.count * left
-        free, source = found
-        sharing = worker_processes()
-        if sharing > 1:
-            # Every worker of the machine loads its own volumes at the same time, so each counts on its share.
-            free, source = free // sharing, f"a 1/{sharing} share, for {sharing} worker processes, of {source}"
-        if need > free:
-            gib = 2**30
-            raise OutOfMemory(
-                f"{self.what}: {self.total} preprocessed volumes need about {self.nbytes / self.count * self.total / gib:.1f} "
-                f"GiB in RAM ({self.nbytes / self.count / 2**20:.0f} MiB each, from the {self.count} loaded); the "
-                f"{left} still to load need {need / gib:.1f} GiB and this process may use {free / gib:.1f} GiB more "
-                f"({source}). Stopped before the system ends the job; {self.fix}",
-                allocator=f"{need / gib:.1f} GiB needed, {free / gib:.1f} GiB free", device="host")
+        each = self.nbytes / self.count
+        require_host_memory(
+            f"{self.what}: {self.total} preprocessed volumes need about {format_bytes(each * self.total)} in RAM "
+            f"({format_bytes(each)} each, from the {self.count} loaded); the {left} still to load need",
+            each * left, self.fix, self.available)

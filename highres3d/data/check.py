@@ -14,6 +14,7 @@ from highres3d.data.dataset import SPLITS, Dataset, Subject
 from highres3d.data.preprocess import as_label_values, map_labels
 from highres3d.errors import DataError, Highres3dError
 from highres3d.io.nifti import Grid, check_same_grid, read_nifti, spacing_of, working_shape
+from highres3d.memory import TRAINING_VOLUMES_IN_RAM, format_bytes, host_memory_fix, require_host_memory
 from highres3d.progress import track
 
 
@@ -29,6 +30,14 @@ class CheckReport:
     label_counts: Counter = field(default_factory=Counter)
     class_counts: Counter = field(default_factory=Counter)
     subjects_checked: int = 0
+    #: Bytes each checked subject will take in RAM once preprocessed (float32 channels, uint8 label).
+    working_bytes: dict[str, int] = field(default_factory=dict)
+
+    def bytes_in(self, splits: Sequence[str]) -> tuple[int, int]:
+        """(subjects, bytes) of the checked subjects of ``splits`` once preprocessed."""
+        chosen = [n for sid, n in self.working_bytes.items()
+                  if self.dataset is not None and self.dataset.splits.get(sid, "training") in splits]
+        return len(chosen), sum(chosen)
 
     @property
     def ok(self) -> bool:
@@ -46,6 +55,13 @@ class CheckReport:
         lines.append("  shapes: " + _fmt_counter(self.shapes, lambda s: "x".join(map(str, s))))
         lines.append("  spacings (mm): " + _fmt_counter(self.spacings, lambda s: "x".join(f"{v:g}" for v in s)))
         lines.append("  orientations: " + _fmt_counter(self.orientations, str))
+        if self.working_bytes and self.dataset is not None:
+            parts = []
+            for name in SPLITS:
+                count, nbytes = self.bytes_in((name,))
+                if count:
+                    parts.append(f"{name} {format_bytes(nbytes)} ({count})")
+            lines.append("  preprocessed, in RAM (float32 images, uint8 labels): " + ", ".join(parts))
         total = sum(self.label_counts.values())
         if total:
             from highres3d.reporting import Table
@@ -88,7 +104,8 @@ def check_subject(subject: Subject, cfg: Config, report: CheckReport) -> None:
             grid = Grid.of(path, data, img)
             if reference is None:
                 reference = grid
-                _record_grid(grid, cfg, report)
+                working = _record_grid(grid, cfg, report)
+                report.working_bytes[subject.id] = int(np.prod(working)) * (4 * len(cfg.dataset.modalities) + 1)
             else:
                 check_same_grid(grid, reference, pp.affine_tolerance)
             if path == subject.label:
@@ -97,7 +114,7 @@ def check_subject(subject: Subject, cfg: Config, report: CheckReport) -> None:
             report.problems.append(str(err))
 
 
-def _record_grid(grid: Grid, cfg: Config, report: CheckReport) -> None:
+def _record_grid(grid: Grid, cfg: Config, report: CheckReport) -> tuple[int, int, int]:
     report.shapes[tuple(grid.shape)] += 1
     report.spacings[tuple(round(v, 3) for v in spacing_of(grid.affine))] += 1
     report.orientations["".join(nib.aff2axcodes(grid.affine))] += 1
@@ -108,6 +125,7 @@ def _record_grid(grid: Grid, cfg: Config, report: CheckReport) -> None:
             f"{grid.path}: working-space shape {working} is smaller than the training window {tuple(window)}; "
             "use sampler.edge_policy: pad or a smaller sampler.window_size"
         )
+    return working
 
 
 def _check_label(path, data: np.ndarray, cfg: Config, report: CheckReport) -> None:
@@ -171,4 +189,10 @@ def require_valid_data(cfg: Config, *, subset: Optional[int] = None, splits: Seq
             f"{listed}\nFix them (or set dataset.missing: skip to leave out subjects with missing files) and run again; "
             "'highres3d data check CONFIG' prints the full report."
         )
+    # The volumes training will hold in RAM, from the headers: a job that cannot hold them stops here,
+    # before anything is created, instead of being killed by the system after preprocessing for minutes.
+    held = [s for s in splits if s == "validation" or TRAINING_VOLUMES_IN_RAM.get(cfg.training.cache, True)]
+    count, need = report.bytes_in(held)
+    require_host_memory(f"{' and '.join(held)}: {count} preprocessed volumes (working-space shapes from the files' "
+                        "headers) need", need, host_memory_fix(cfg.training.cache))
     return report.dataset

@@ -34,9 +34,11 @@ from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.data.preprocess import Volume, load_volume
 from highres3d.errors import DataError, Highres3dError
 from highres3d.memory import (
+    TRAINING_VOLUMES_IN_RAM,
     HostMemoryCheck,
     OutOfMemory,
     describe_peak,
+    host_memory_fix,
     out_of_memory,
     out_of_memory_error,
     peak_memory,
@@ -264,13 +266,10 @@ class Trainer:
             chosen = {s.id: "training" for s in train_subjects}
             chosen.update({sid: split for sid, split in dataset.splits.items() if split != "training"})
             write_split_csv(chosen, self.run.path / "split.csv", overwrite=True)
-        in_ram = cfg.training.cache in ("ram", "device")
-        fewer = "a smaller dataset.split.validation_fraction (or a split file) holds fewer validation volumes"
-        check = HostMemoryCheck(
-            "training and validation" if in_ram else "validation",
-            len(val_subjects) + (len(train_subjects) if in_ram else 0),
-            f"training.cache: disk memory-maps the training volumes, preprocessed once (lazy preprocesses each at "
-            f"every visit); {fewer}" if in_ram else fewer)
+        in_ram = TRAINING_VOLUMES_IN_RAM[cfg.training.cache]
+        check = HostMemoryCheck("training and validation" if in_ram else "validation",
+                                len(val_subjects) + (len(train_subjects) if in_ram else 0),
+                                host_memory_fix(cfg.training.cache))
         if cfg.training.cache == "disk":
             self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo, self.show_progress,
                                               cache=VolumeCache(cfg.training.preprocessed_dir, self.echo))

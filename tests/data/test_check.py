@@ -101,6 +101,8 @@ def test_cli_exit_codes_and_summary(dataset, tmp_path, capsys):
     assert main(["data", "check", str(make_config(clean))]) == 0
     out = capsys.readouterr().out
     assert "no problems found" in out and "classes after mapping" in out
+    # What training will hold in RAM: 20³ voxels x (2 float32 channels + a uint8 label) a subject.
+    assert "preprocessed, in RAM (float32 images, uint8 labels): training 0.1 MiB (2)\n" in out
 
 
 def test_cli_config_commands(tmp_path, capsys):

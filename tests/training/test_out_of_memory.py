@@ -12,8 +12,9 @@ import tensorflow as tf
 import highres3d.training.trainer as trainer_module
 from highres3d.cli.main import main
 from highres3d.config import load_config
+from highres3d.data.dataset import Dataset
 from highres3d.data.synth import synthesize_brats
-from highres3d.memory import HostMemoryCheck, OutOfMemory, host_memory_available, out_of_memory, peak_memory
+from highres3d.memory import HostMemoryCheck, OutOfMemory, format_bytes, host_memory_available, out_of_memory, peak_memory
 from highres3d.training import train
 
 TF_OOM = ("Graph execution error:\n\nDetected at node gradient_tape/conv_1/Conv3D defined at (most recent call last):\n"
@@ -198,29 +199,38 @@ def test_loading_stops_at_the_first_volume_when_the_rest_cannot_fit(data, tmp_pa
         check.loaded(300 * 2**20)
     monkeypatch.delenv("HIGHRES3D_WORKER_PROCESSES")
     check = HostMemoryCheck("training", 100, "use less", available=lambda: (10 * GIB, "the test's limit"))
-    with pytest.raises(OutOfMemory, match=r"^training: 100 preprocessed volumes need about 29.3 GiB in RAM \(300 MiB "
+    with pytest.raises(OutOfMemory, match=r"^training: 100 preprocessed volumes need about 29.3 GiB in RAM \(300.0 MiB "
                                           r"each, from the 1 loaded\); the 99 still to load need 29.0 GiB and this "
                                           r"process may use 10.0 GiB more \(the test's limit\)\. Stopped .*; use less$"):
         check.loaded(300 * 2**20)
 
-    # A run whose volumes fit one and a half at a time: it stops after the first, before the run's first step.
-    real_volume, loads, budget = trainer_module.training_volume, [], []
+    # A run whose volumes fit one and a half at a time.
+    real_volume, loads = trainer_module.training_volume, []
 
     def training_volume(subject, cfg):
         loads.append(subject.id)
-        volume = real_volume(subject, cfg)
-        budget.append(int(volume.nbytes * 1.5))
-        return volume
+        return real_volume(subject, cfg)
 
+    cfg = load_config("demo/brats.yaml", overrides=TINY, data_root=data)
+    each = real_volume(Dataset.from_config(cfg.dataset).split("training")[0], cfg).nbytes
     monkeypatch.setattr(trainer_module, "training_volume", training_volume)
-    monkeypatch.setattr(memory, "host_memory_available", lambda: (budget[0], "the test's limit"))
+    monkeypatch.setattr(memory, "host_memory_available", lambda: (int(each * 1.5), "the test's limit"))
+    # The data check, from the files' headers, stops it before anything is created.
     with pytest.raises(OutOfMemory) as caught:
-        train(load_config("demo/brats.yaml", overrides=TINY, data_root=data), tmp_path / "ram", echo=lambda *_: None)
-    assert len(loads) == 1
+        train(cfg, tmp_path / "ram", echo=lambda *_: None)
+    assert not loads and not (tmp_path / "ram").exists()
     message = str(caught.value)
-    assert message.startswith("training and validation: 3 preprocessed volumes need about")
+    assert message.startswith(f"training and validation: 3 preprocessed volumes (working-space shapes from the files' "
+                              f"headers) need {format_bytes(3 * each)} and this process may use")
     assert "training.cache: disk memory-maps the training volumes" in message and "validation_fraction" in message
-    # The fix it names: lazily loaded training volumes leave only the validation volume in RAM.
-    lazy = train(load_config("demo/brats.yaml", overrides=TINY + ["training.cache=lazy", "training.max_iter=2"],
-                             data_root=data), tmp_path / "lazy", echo=lambda *_: None)
-    assert lazy.iterations == 2
+    # Without the check, loading stops after the first volume: the rest is reckoned from it.
+    with pytest.raises(OutOfMemory) as caught:
+        train(cfg, tmp_path / "unchecked", check_data=False, echo=lambda *_: None)
+    assert len(loads) == 1
+    assert str(caught.value).startswith(f"training and validation: 3 preprocessed volumes need about "
+                                        f"{format_bytes(3 * each)} in RAM ({format_bytes(each)} each, from the 1 loaded)")
+    # The fix it names: training volumes memory-mapped from the disk cache leave only the validation volume in RAM.
+    cached = train(load_config("demo/brats.yaml", overrides=TINY + ["training.cache=disk", "training.max_iter=2",
+                                                                      f"training.cache_dir={tmp_path / 'cache'}"],
+                               data_root=data), tmp_path / "disk", echo=lambda *_: None)
+    assert cached.iterations == 2
