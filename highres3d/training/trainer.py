@@ -590,8 +590,8 @@ class Trainer:
                           "the GPU (nvidia-smi), or its memory fragmented (TF_GPU_ALLOCATOR=cuda_malloc_async)")
         if saved:
             after = (f"The run is saved up to iteration {saved[-1]} ({self.run.checkpoint_path(saved[-1])}); "
-                     "--resume continues it with its own config (inference.window_size and inference.batch_size "
-                     "may change), a smaller batch or window is a new run (--run-dir).")
+                     "--resume continues it with its own config (inference.window_size, inference.batch_size and "
+                     "training.cache may change), a smaller batch or window is a new run (--run-dir).")
         else:
             after = (f"No iteration of {self.run.shared_path} was saved; after the change start again "
                      "(--overwrite reuses that folder).")
