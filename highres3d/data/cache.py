@@ -46,15 +46,18 @@ FORMAT = 1
 def entry_key(subject, cfg) -> str:
     """The hash that names ``subject``'s entry under ``cfg``'s preprocessing."""
     pre = cfg.preprocessing
+    settings = dataclasses.asdict(pre)
     landmarks = None
     if pre.histogram.enabled:
         landmarks = hashlib.sha256(Path(pre.histogram.ref_file).read_bytes()).hexdigest()
+        # What the landmarks are counts, not where the run keeps them: runs with the same landmarks share entries.
+        settings["histogram"].pop("ref_file")
     files = []
     for path in subject.files:
         resolved = Path(path).resolve()
         stat = resolved.stat()
         files.append([str(resolved), stat.st_size, stat.st_mtime_ns])
-    what = {"format": FORMAT, "preprocessing": dataclasses.asdict(pre), "landmarks": landmarks,
+    what = {"format": FORMAT, "preprocessing": settings, "landmarks": landmarks,
             "modalities": list(cfg.dataset.modalities), "num_classes": cfg.network.num_classes, "files": files,
             "id": subject.id}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -16,7 +16,7 @@ from highres3d.training import train
 from highres3d.training.trainer import load_volumes, training_volume
 
 TINY = [
-    "sampler.window_size=[16,16,16]", "network.width_multiplier=0.25", "training.max_iter=3", "training.batch_size=2",
+    "sampler.window_size=[16,16,16]", "network.width_multiplier=0.25", "training.max_iter=2", "training.batch_size=2",
     "training.validation_every=100", "training.checkpoint_every=100", "training.validation_windows=2",
     "inference.window_size=[32,32,32]", "augmentation.device=cpu", "augmentation.rotation_degrees=10",
 ]
@@ -68,6 +68,15 @@ def test_an_entry_gives_back_the_volume_it_was_made_from_memory_mapped_read_only
     # Anything the preprocessing reads names another entry.
     assert entry_key(subject, config(data, "preprocessing.normalisation=none")) != entry_key(subject, cfg)
     assert entry_key(subject, config(data, "dataset.modalities=[T2,T1]")) != entry_key(subject, cfg)
+    # Histogram landmarks count by what they are, not by which run folder keeps them.
+    landmarks = [tmp_path / "run_a" / "landmarks.txt", tmp_path / "run_b" / "landmarks.txt"]
+    for path, text in zip(landmarks + [tmp_path / "other.txt"], ["T1 0 1 2\n", "T1 0 1 2\n", "T1 0 1 3\n"]):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    keys = [entry_key(subject, config(data, "preprocessing.histogram.enabled=true",
+                                      f"preprocessing.histogram.ref_file={path}"))
+            for path in landmarks + [tmp_path / "other.txt"]]
+    assert keys[0] == keys[1] != keys[2] and keys[0] != entry_key(subject, cfg)
 
 
 def test_a_disk_cached_run_trains_like_ram_resumes_one_and_later_runs_preprocess_only_what_changed(data, tmp_path, monkeypatch):
