@@ -105,7 +105,11 @@ def _shape(size: Sequence[int]) -> str:
 
 
 def training_advice(cfg, phase: str, device: str) -> list[str]:
-    """What to lower when ``phase`` of a training run (see :data:`TRAINING_PHASES`) ran out of memory on ``device``."""
+    """What to lower when ``phase`` of a training run ran out of memory on ``device``.
+
+    ``phase``: ``"step"``, ``"validation"`` (windows), ``"volume validation"`` (whole subjects),
+    ``"checkpoint"``, ``"device cache"`` (placing the volumes on the device) or ``"after the step"``.
+    """
     t = cfg.training
     if device == "host":
         advice = []
@@ -134,10 +138,6 @@ def training_advice(cfg, phase: str, device: str) -> list[str]:
     if t.cache == "device":
         advice.append("training.cache: device holds every training volume on the device; ram frees that memory")
     return advice
-
-
-#: Where in a training run memory can run out, as :func:`training_advice` reads it.
-TRAINING_PHASES = ("step", "validation", "volume validation", "checkpoint", "device cache")
 
 
 def inference_advice(window_size: Optional[Sequence[int]], batch_size: int, precision: str, device: str) -> list[str]:

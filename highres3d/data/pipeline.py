@@ -66,6 +66,7 @@ import tensorflow as tf
 
 from highres3d.augment.affine import AffineAugmentation
 from highres3d.errors import ConfigError, DataError
+from highres3d.memory import format_bytes
 from highres3d.samplers.base import WindowSampler, crop
 
 __all__ = ["crop_geometry", "make_training_dataset", "make_validation_dataset", "memory_estimate", "to_channels_last"]
@@ -317,10 +318,6 @@ def _memory_mapped(volumes) -> bool:
     return bool(volumes) and all(on_disk(v.image) for v in volumes)
 
 
-def _gb(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def crop_geometry(sampler: WindowSampler, augmentation: Optional[AffineAugmentation],
                   augment_on: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """``(crop_size, margin)`` of what the pipeline delivers: the window, or for on-device
@@ -431,7 +428,7 @@ def make_training_dataset(
             else f"{len(source)} volumes " + ("memory-mapped" if _memory_mapped(source.volumes) else "in RAM")
         )
         echo(
-            f"highres3d pipeline: ~{_gb(held)} ({where}, ~{in_flight} batches of {batch_size} x "
+            f"highres3d pipeline: ~{format_bytes(held)} ({where}, ~{in_flight} batches of {batch_size} x "
             f"{'x'.join(map(str, out_size))} windows in flight)"
         )
 
@@ -533,7 +530,7 @@ def make_validation_dataset(
     cutter = _Cutter(source, size, in_channels, lab_dtype, None, (0, 0, 0), (int(seed), 0, 0))
     if echo is not None:
         window_bytes = int(np.prod(size)) * (4 * in_channels + lab_dtype.itemsize)
-        echo(f"highres3d validation pipeline: ~{_gb(memory_estimate(volumes, window_bytes, batch_size, 4))}")
+        echo(f"highres3d validation pipeline: ~{format_bytes(memory_estimate(volumes, window_bytes, batch_size, 4))}")
     ids = np.arange(len(source), dtype=np.int64)[shard_index::num_shards]
     image_shape = (None,) + size + (in_channels,)
     if not source.lazy:

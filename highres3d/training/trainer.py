@@ -38,6 +38,7 @@ from highres3d.memory import (
     HostMemoryCheck,
     OutOfMemory,
     describe_peak,
+    format_bytes,
     host_memory_fix,
     out_of_memory,
     out_of_memory_error,
@@ -438,7 +439,7 @@ class Trainer:
         average_statistics = (cluster.averager(strategy, model.non_trainable_weights)
                               if t.strategy == "multi_worker" else lambda: None)
 
-        # Where the loop is, for the message of an out-of-memory error (memory.TRAINING_PHASES).
+        # Where the loop is, for the message of an out-of-memory error (memory.training_advice).
         phase = "step"
 
         def checkpoint():
@@ -559,8 +560,8 @@ class Trainer:
                                 checkpoint: Callable[[], None], phase: str) -> None:
         """When ``err`` is an out-of-memory error: raise the :class:`OutOfMemory` that says what to lower.
 
-        ``phase`` is where the loop was (:data:`highres3d.memory.TRAINING_PHASES`).  What a checkpoint can
-        keep is saved first.
+        ``phase`` is where the loop was (see :func:`highres3d.memory.training_advice`).  What a checkpoint
+        can keep is saved first.
         """
         found = out_of_memory(err)
         if found is not None:
@@ -665,7 +666,7 @@ class Trainer:
         """``training.cache: device``: the training volumes, copied to the accelerator once (else None)."""
         if self.cfg.training.cache != "device":
             return None
-        from highres3d.data.pipeline import _gb, crop_geometry
+        from highres3d.data.pipeline import crop_geometry
         from highres3d.data.resident import ResidentVolumes
 
         cfg = self.cfg
@@ -673,7 +674,7 @@ class Trainer:
         crop_size, margin = crop_geometry(sampler, self._augmentation(), "device")
         resident = ResidentVolumes(self.train_volumes, crop_size, margin, sampler.pad_value, sampler.label_pad_value)
         self.echo(f"training: {count_noun(len(self.train_volumes), 'volume')} held on the device "
-                  f"({_gb(resident.nbytes)} on its first device); the pipeline sends window positions only")
+                  f"({format_bytes(resident.nbytes)} on its first device); the pipeline sends window positions only")
         return resident
 
     def _device_augmentation(self):
