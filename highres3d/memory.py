@@ -245,16 +245,27 @@ def worker_processes() -> int:
         return 1
 
 
-#: Where the volumes of each ``training.cache`` mode are held: does it keep the training volumes in RAM?
-TRAINING_VOLUMES_IN_RAM = {"ram": True, "device": True, "disk": False, "lazy": False}
+def volumes_in_ram(cache: str, split: str) -> bool:
+    """Whether a run with ``training.cache: cache`` holds the preprocessed volumes of ``split`` in RAM.
+
+    ``disk`` memory-maps both splits; ``lazy`` preprocesses a training volume at
+    every visit but keeps the validation volumes, which every validation reads
+    whole; ``ram`` and ``device`` hold both (``device`` copies the training
+    volumes to the accelerator from there).
+    """
+    if cache == "disk":
+        return False
+    return split != "training" or cache != "lazy"
 
 
 def host_memory_fix(cache: str) -> str:
     """What holds fewer preprocessed volumes in RAM, for a run with ``training.cache: cache``."""
     fewer = "a smaller dataset.split.validation_fraction (or a split file) holds fewer validation volumes"
-    if TRAINING_VOLUMES_IN_RAM.get(cache, True):
-        return (f"training.cache: disk memory-maps the training volumes, preprocessed once (lazy preprocesses each at "
-                f"every visit); {fewer}")
+    if volumes_in_ram(cache, "training"):
+        return ("training.cache: disk memory-maps the training and validation volumes, preprocessed once (lazy "
+                f"preprocesses each training volume at every visit); {fewer}")
+    if volumes_in_ram(cache, "validation"):
+        return f"training.cache: disk memory-maps the validation volumes too; {fewer}"
     return fewer
 
 

@@ -64,7 +64,7 @@ def entry_key(subject, cfg) -> str:
 
 
 class VolumeCache:
-    """The preprocessed training volumes under one folder (see the module docstring).
+    """The preprocessed training and validation volumes under one folder (see the module docstring).
 
     Args:
         folder: the cache folder, created when missing; any number of runs and jobs may share it.

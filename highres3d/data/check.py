@@ -14,7 +14,7 @@ from highres3d.data.dataset import SPLITS, Dataset, Subject
 from highres3d.data.preprocess import as_label_values, map_labels
 from highres3d.errors import DataError, Highres3dError
 from highres3d.io.nifti import Grid, check_same_grid, read_nifti, spacing_of, working_shape
-from highres3d.memory import TRAINING_VOLUMES_IN_RAM, format_bytes, host_memory_fix, require_host_memory
+from highres3d.memory import format_bytes, host_memory_fix, require_host_memory, volumes_in_ram
 from highres3d.progress import track
 
 
@@ -191,8 +191,9 @@ def require_valid_data(cfg: Config, *, subset: Optional[int] = None, splits: Seq
         )
     # The volumes training will hold in RAM, from the headers: a job that cannot hold them stops here,
     # before anything is created, instead of being killed by the system after preprocessing for minutes.
-    held = [s for s in splits if s == "validation" or TRAINING_VOLUMES_IN_RAM.get(cfg.training.cache, True)]
+    held = [s for s in splits if volumes_in_ram(cfg.training.cache, s)]
     count, need = report.bytes_in(held)
-    require_host_memory(f"{' and '.join(held)}: {count} preprocessed volumes (working-space shapes from the files' "
-                        "headers) need", need, host_memory_fix(cfg.training.cache))
+    if held:
+        require_host_memory(f"{' and '.join(held)}: {count} preprocessed volumes (working-space shapes from the files' "
+                            "headers) need", need, host_memory_fix(cfg.training.cache))
     return report.dataset

@@ -36,10 +36,9 @@ from typing import Any, Optional
 import numpy as np
 
 from highres3d.config import Config, DatasetConfig
-from highres3d.data.cache import VolumeCache
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.errors import DataError, Highres3dError
-from highres3d.memory import HostMemoryCheck
+from highres3d.memory import HostMemoryCheck, host_memory_fix, volumes_in_ram
 from highres3d.progress import count_noun
 from highres3d.training.run import MetricsLog, RunState
 from highres3d.training.stages import scheduled_lr
@@ -52,7 +51,7 @@ from highres3d.training.trainer import (
     build_loss,
     build_optimizer,
     build_sampler,
-    load_volumes,
+    load_split,
     volume_dice,
 )
 
@@ -169,16 +168,15 @@ class MultiDomainTrainer(Trainer):
                 write_split_csv(dict(dataset.splits), split_file, overwrite=True)
             self.echo(f"{name}: spacing {list(dcfg.preprocessing.spacing)} mm, {dcfg.network.num_classes} classes")
             # Per dataset: their volumes' sizes differ, and each dataset's first volume tells its own.
-            disk = dcfg.training.cache == "disk"
-            check = HostMemoryCheck(f"{name} {'validation' if disk else 'training and validation'}",
-                                    len(val_subjects) + (0 if disk else len(train_subjects)),
-                                    ("" if disk else "training.cache: disk memory-maps the training volumes, "
-                                     "preprocessed once; ") + "or list fewer subjects in a split file (dataset.split.file)")
-            train = load_volumes(train_subjects, dcfg, f"{name} training", self.echo, self.show_progress,
-                                 channel_major=True, check=None if disk else check,
-                                 cache=VolumeCache(dcfg.training.preprocessed_dir, self.echo) if disk else None)
-            val = load_volumes(val_subjects, dcfg, f"{name} validation", self.echo, self.show_progress, check=check) \
-                if val_subjects else []
+            held = [split for split, subjects in (("training", train_subjects), ("validation", val_subjects))
+                    if subjects and volumes_in_ram(dcfg.training.cache, split)]
+            check = HostMemoryCheck(f"{name} {' and '.join(held)}",
+                                    len(val_subjects) + len(train_subjects) * ("training" in held),
+                                    host_memory_fix(dcfg.training.cache))
+            train = load_split(train_subjects, dcfg, "training", f"{name} training", self.echo, self.show_progress,
+                               check)
+            val = load_split(val_subjects, dcfg, "validation", f"{name} validation", self.echo, self.show_progress,
+                             check)
             domains.append(_Domain(i, name, dcfg, train, val))
         return domains
 

@@ -34,7 +34,6 @@ from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.data.preprocess import Volume, load_volume
 from highres3d.errors import DataError, Highres3dError
 from highres3d.memory import (
-    TRAINING_VOLUMES_IN_RAM,
     HostMemoryCheck,
     OutOfMemory,
     describe_peak,
@@ -44,6 +43,7 @@ from highres3d.memory import (
     out_of_memory_error,
     peak_memory,
     training_advice,
+    volumes_in_ram,
 )
 from highres3d.progress import count_noun
 from highres3d.training import cluster
@@ -161,6 +161,28 @@ def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None],
     return volumes
 
 
+def load_split(subjects, cfg: Config, split: str, what: str, echo: Callable[[str], None],
+               show_progress: Optional[bool] = None, check: Optional[HostMemoryCheck] = None) -> list:
+    """The volumes of one split (``training`` or ``validation``), kept where ``training.cache`` says.
+
+    ``disk``: memory-mapped from ``training.cache_dir``; ``lazy`` training:
+    zero-argument loaders the pipeline calls at each visit; otherwise in RAM
+    (training volumes channel-major, see :func:`training_volume`), ``check``
+    told of each one.  See :func:`highres3d.memory.volumes_in_ram`.
+    """
+    cache = cfg.training.cache
+    if not subjects:
+        return []
+    if cache == "disk":
+        return load_volumes(subjects, cfg, what, echo, show_progress,
+                            cache=VolumeCache(cfg.training.preprocessed_dir, echo))
+    if cache == "lazy" and split == "training":
+        echo(f"{what}: {count_noun(len(subjects), 'subject')}, loaded lazily")
+        return [functools.partial(training_volume, s, cfg) for s in subjects]
+    return load_volumes(subjects, cfg, what, echo, show_progress, channel_major=split == "training" and cache == "ram",
+                        check=check)
+
+
 def volume_dice(prediction: np.ndarray, volume: Volume, num_classes: int) -> float:
     """Mean foreground Dice of a working-space prediction: whole-volume validation's score.
 
@@ -267,22 +289,12 @@ class Trainer:
             chosen = {s.id: "training" for s in train_subjects}
             chosen.update({sid: split for sid, split in dataset.splits.items() if split != "training"})
             write_split_csv(chosen, self.run.path / "split.csv", overwrite=True)
-        in_ram = TRAINING_VOLUMES_IN_RAM[cfg.training.cache]
-        check = HostMemoryCheck("training and validation" if in_ram else "validation",
-                                len(val_subjects) + (len(train_subjects) if in_ram else 0),
+        held = [split for split, subjects in (("training", train_subjects), ("validation", val_subjects))
+                if subjects and volumes_in_ram(cfg.training.cache, split)]
+        check = HostMemoryCheck(" and ".join(held), len(val_subjects) + len(train_subjects) * ("training" in held),
                                 host_memory_fix(cfg.training.cache))
-        if cfg.training.cache == "disk":
-            self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo, self.show_progress,
-                                              cache=VolumeCache(cfg.training.preprocessed_dir, self.echo))
-        elif cfg.training.cache == "lazy":
-            # Each volume is loaded when the pipeline visits it, so RAM holds only a few at a time.
-            self.train_volumes = [functools.partial(training_volume, s, cfg) for s in train_subjects]
-            self.echo(f"training: {len(train_subjects)} subjects, loaded lazily")
-        else:
-            self.train_volumes = load_volumes(train_subjects, cfg, "training", self.echo, self.show_progress,
-                                              channel_major=cfg.training.cache == "ram", check=check)
-        self.val_volumes = (load_volumes(val_subjects, cfg, "validation", self.echo, self.show_progress, check=check)
-                            if val_subjects else [])
+        self.train_volumes = load_split(train_subjects, cfg, "training", "training", self.echo, self.show_progress, check)
+        self.val_volumes = load_split(val_subjects, cfg, "validation", "validation", self.echo, self.show_progress, check)
 
     def _model(self, state: RunState):
         import keras

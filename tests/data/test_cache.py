@@ -33,6 +33,13 @@ def config(data, *extra):
     return load_config("demo/brats.yaml", overrides=TINY + list(extra), data_root=data)
 
 
+def validation(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = [{k: float(v) for k, v in row.items() if k.startswith("val_") and v} for row in csv.DictReader(handle)]
+    assert any(rows), f"{run_dir}: no validation was logged"
+    return [row[k] for row in rows for k in sorted(row)]
+
+
 def losses(run_dir):
     with open(run_dir / "metrics.csv", newline="") as handle:
         return [float(row["loss"]) for row in csv.DictReader(handle)]
@@ -95,16 +102,21 @@ def test_a_disk_cached_run_trains_like_ram_resumes_one_and_later_runs_preprocess
     train(config(data), tmp_path / "disk", stop_after=1, echo=lambda *_: None)
     made.clear()
     train(disk, tmp_path / "disk", resume=True, echo=said.append)
-    # The same arrays, so the same windows and the same loss curve.
+    # The same arrays, so the same windows, the same loss curve and the same validation.
     np.testing.assert_allclose(losses(tmp_path / "disk"), losses(in_ram.run_dir), rtol=1e-5)
-    trained = len(made)
-    assert trained >= 2 and any(f"0 from the cache, {trained} preprocessed into it ({cache})" in line for line in said)
-
+    np.testing.assert_allclose(validation(tmp_path / "disk"), validation(in_ram.run_dir), rtol=1e-5)
+    subjects = Dataset.from_config(disk.dataset).split("training")
+    checked = Dataset.from_config(disk.dataset).split("validation")
+    trained = len(subjects)
+    assert trained >= 2 and checked and len(made) == trained + len(checked)
+    # Both splits memory-mapped: nothing but the pipeline's buffers in RAM.
+    assert any(f"training: {trained} subjects" in line and f"0 from the cache, {trained} preprocessed into it ({cache})"
+               in line for line in said)
+    assert any(line.startswith(f"validation: {len(checked)} subject") and "memory-mapped (0 from the cache" in line
+               for line in said)
 
     # The next run (another config of a grid, a resumed job) preprocesses nothing.
     made.clear()
-    subjects = Dataset.from_config(disk.dataset).split("training")
-    assert len(subjects) == trained
     load_volumes(subjects, disk, "training", said.append, cache=VolumeCache(cache, said.append))
     assert made == [] and f"{trained} from the cache, 0 preprocessed" in said[-1]
 
