@@ -1,5 +1,8 @@
-"""``highres3d data check|landmarks``: validate a dataset; learn histogram-standardisation landmarks."""
+"""``highres3d data check|landmarks|cache``: validate a dataset; learn histogram-standardisation landmarks;
+show and prune the preprocessed volumes of ``training.cache: disk``."""
 from __future__ import annotations
+
+import time
 
 from highres3d.cli.common import add_config_arguments, load_config_from_args
 
@@ -23,6 +26,27 @@ def register(subparsers) -> None:
                            help="landmark file to write (default: preprocessing.histogram.ref_file)")
     landmarks.add_argument("--overwrite", action="store_true", help="replace an existing landmark file")
     landmarks.set_defaults(func=run_landmarks)
+    cache = sub.add_parser(
+        "cache",
+        help="show the preprocessed volumes of training.cache: disk (training.cache_dir) and remove those no run uses",
+    )
+    add_config_arguments(cache, positional=True)
+    cache.add_argument("--prune-unused", type=float, metavar="DAYS",
+                       help="remove the entries no run has read for DAYS days (0: all), and temporary folders "
+                            "of killed jobs a day old")
+    cache.add_argument("--dry-run", action="store_true", help="with --prune-unused: list what would go, remove nothing")
+    cache.set_defaults(func=run_cache)
+
+
+def _domain_configs(cfg):
+    """``cfg``, or with ``datasets:`` one config per dataset at the working spacing training will use."""
+    if not cfg.datasets:
+        return [cfg]
+    from highres3d.data.dataset import Dataset
+    from highres3d.training.multidomain import domain_configs, resolve_spacings
+
+    # Each dataset's median spacing unless given, as training resolves it.
+    return domain_configs(resolve_spacings(cfg, [Dataset.from_config(c.dataset) for c in domain_configs(cfg)]))
 
 
 def run_check(args) -> int:
@@ -30,13 +54,8 @@ def run_check(args) -> int:
 
     cfg = load_config_from_args(args)
     if cfg.datasets:
-        from highres3d.data.dataset import Dataset
-        from highres3d.training.multidomain import domain_configs, resolve_spacings
-
-        # Each dataset at the working spacing training will use (its median spacing unless given).
-        resolved = resolve_spacings(cfg, [Dataset.from_config(c.dataset) for c in domain_configs(cfg)])
         ok = True
-        for domain in domain_configs(resolved):
+        for domain in _domain_configs(cfg):
             report = check_dataset(domain, require_labels=not args.no_labels)
             print(f"== {domain.dataset.name} (spacing {list(domain.preprocessing.spacing)} mm)\n{report.summary()}")
             ok = ok and report.ok
@@ -73,4 +92,41 @@ def run_landmarks(args) -> int:
     print(f"landmarks of {len(subjects)} training subjects (cutoff {cfg.preprocessing.histogram.cutoff}):")
     print(histogram.format_landmarks(learned))
     print(f"written to {target}")
+    return 0
+
+
+def run_cache(args) -> int:
+    from highres3d.data import cache
+    from highres3d.errors import ConfigError, Highres3dError
+    from highres3d.memory import format_bytes
+
+    cfg = load_config_from_args(args)
+    folder = cfg.training.preprocessed_dir
+    if args.prune_unused is not None:
+        removed, kept = cache.prune(folder, args.prune_unused, dry_run=args.dry_run)
+        gone = [e for e in removed if not e.partial]
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{folder}: {verb} {len(gone)} {'entry' if len(gone) == 1 else 'entries'} "
+              f"({format_bytes(sum(e.nbytes for e in gone))}) not read for {args.prune_unused:g} days"
+              f"{f' and {len(removed) - len(gone)} temporary folder(s)' if len(removed) > len(gone) else ''}; "
+              f"kept {len(kept)} ({format_bytes(sum(e.nbytes for e in kept))})")
+        for entry in removed if args.dry_run else []:
+            what = "temporary folder" if entry.partial else f"subject {entry.subject_id}"
+            print(f"  {entry.path.name}  {what}, {format_bytes(entry.nbytes)}, last read {entry.idle(time.time())} ago")
+        if args.dry_run:
+            print("nothing was removed (--dry-run)")
+        return 0
+    if args.dry_run:
+        raise ConfigError("--dry-run goes with --prune-unused DAYS")
+    wanted, note = {}, None
+    try:
+        for domain in _domain_configs(cfg):
+            wanted.update(cache.subject_keys(domain))
+    except Highres3dError as err:
+        wanted, note = None, f"  which subjects of this config are cached: unknown ({err})"
+    print(cache.summary(folder, wanted))
+    if note:
+        print(note)
+    if cfg.training.cache != "disk":
+        print(f"  (this config has training.cache: {cfg.training.cache}; --set training.cache=disk uses this folder)")
     return 0

@@ -19,6 +19,13 @@ The entry holds ``image.npy`` (channel-major ``(C, X, Y, Z)`` float32),
 ``label.npy`` (uint8) and ``info.json`` + ``header.bin`` (the
 :class:`~highres3d.io.nifti.SpatialInfo`); no pickle, so a shared cache folder
 cannot run code.  An entry that cannot be read is preprocessed again.
+
+Nothing is deleted by training: a run touches each entry it reads, and
+:func:`prune` (``highres3d data cache CONFIG --prune-unused DAYS``) removes
+the entries no run has read for that long, and the temporary folders of jobs
+killed while writing.  An entry is renamed before it is deleted, so a run
+reading the folder meanwhile finds it whole or not at all (and makes it again);
+a run that has already mapped it keeps reading it.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import io
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +49,9 @@ from highres3d.io.nifti import SpatialInfo
 
 #: Changes whenever the layout of an entry changes, so older entries are never read.
 FORMAT = 1
+#: A temporary folder this old was left by a killed job (preprocessing one subject takes seconds to minutes).
+PARTIAL_STALE_S = 24 * 3600
+_DAY_S = 24 * 3600
 
 
 def entry_key(subject, cfg) -> str:
@@ -61,6 +72,19 @@ def entry_key(subject, cfg) -> str:
             "modalities": list(cfg.dataset.modalities), "num_classes": cfg.network.num_classes, "files": files,
             "id": subject.id}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def subject_keys(cfg) -> dict[str, str]:
+    """Entry key -> subject id of the training and validation subjects of ``cfg`` (one dataset)."""
+    from highres3d.data.dataset import Dataset
+
+    hist = cfg.preprocessing.histogram
+    if hist.enabled and not (hist.ref_file and Path(hist.ref_file).is_file()):
+        raise Highres3dError(f"preprocessing.histogram.ref_file {hist.ref_file}: not there yet, and the entries "
+                             "depend on its landmarks (a run learns them into its folder: name that file)")
+    dataset = Dataset.from_config(cfg.dataset)
+    return {entry_key(subject, cfg): subject.id
+            for split in ("training", "validation") for subject in dataset.split(split)}
 
 
 class VolumeCache:
@@ -88,6 +112,7 @@ class VolumeCache:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 self.hits += 1
+                _touch(entry)
                 return volume
         self._write(entry, preprocess())
         self.misses += 1
@@ -106,6 +131,8 @@ class VolumeCache:
             if volume.label is not None:
                 np.save(temporary / "label.npy", np.ascontiguousarray(volume.label))
             _write_info(temporary, volume.info)
+            # Read only by the listing (highres3d data cache): which subject a hash-named folder holds.
+            (temporary / "subject.txt").write_text(str(volume.subject_id))
             try:
                 temporary.rename(entry)
             except OSError:
@@ -121,6 +148,142 @@ class VolumeCache:
     def describe(self) -> str:
         """What the loading did, for the log."""
         return f"{self.hits} from the cache, {self.misses} preprocessed into it ({self.folder})"
+
+
+def _touch(entry: Path) -> None:
+    # Its modification time is its last use, which prune() goes by; a read-only shared cache keeps the old one.
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    """One folder of a cache: an entry (``partial`` False) or a job's temporary folder."""
+
+    path: Path
+    nbytes: int
+    #: When a run last read it (seconds since the epoch); for a temporary folder, when it was started.
+    last_used: float
+    partial: bool
+    #: The subject it holds ("?" where not recorded).
+    subject_id: str = "?"
+
+    def idle_days(self, now: float) -> float:
+        return max(0.0, now - self.last_used) / _DAY_S
+
+    def idle(self, now: float) -> str:
+        """How long no run has read it, for a message."""
+        days = self.idle_days(now)
+        return f"{days * 24:.0f} h" if days < 1 else f"{days:.0f} days"
+
+
+def list_entries(folder: str | os.PathLike) -> list[CacheEntry]:
+    """The entries and temporary folders under ``folder``, least recently used first (none if it is missing)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        partial = path.name.startswith(".") and path.name.endswith((".part", ".removing"))
+        if not path.is_dir() or not (partial or _is_key(path.name)):
+            continue  # not the cache's: left alone
+        try:
+            nbytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            last_used = path.stat().st_mtime
+            subject = (path / "subject.txt").read_text().strip() if (path / "subject.txt").is_file() else "?"
+        except OSError:
+            continue  # removed meanwhile by another job
+        found.append(CacheEntry(path, nbytes, last_used, partial, subject))
+    return sorted(found, key=lambda e: (e.last_used, e.path.name))
+
+
+def _is_key(name: str) -> bool:
+    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+
+
+def prune(folder: str | os.PathLike, unused_days: float, dry_run: bool = False,
+          now: Optional[float] = None) -> tuple[list[CacheEntry], list[CacheEntry]]:
+    """Remove the entries no run has read for ``unused_days`` days, and stale temporary folders.
+
+    A temporary folder is stale after :data:`PARTIAL_STALE_S` (a job still
+    writing it is younger).  Returns ``(removed, kept)``; with ``dry_run``,
+    what would be removed, and nothing is.
+    """
+    if not (unused_days >= 0):
+        raise Highres3dError(f"--prune-unused: expected a number of days >= 0, got {unused_days}")
+    now = time.time() if now is None else now
+    removed, kept = [], []
+    for entry in list_entries(folder):
+        if entry.partial:
+            # A folder being removed is nobody's; one being written is, until it is a day old.
+            stale = entry.path.name.endswith(".removing") or now - entry.last_used >= PARTIAL_STALE_S
+        else:
+            stale = entry.idle_days(now) >= unused_days
+        if not stale:
+            kept.append(entry)
+            continue
+        if not dry_run:
+            try:
+                _remove(entry.path)
+            except OSError as err:
+                raise Highres3dError(f"{entry.path}: cannot remove it ({err}); "
+                                     f"{len(removed)} removed before it") from None
+        removed.append(entry)
+    return removed, kept
+
+
+#: The age buckets of :func:`summary`: (upper bound in days, label).
+_AGES = ((1, "within a day"), (7, "1-7 days ago"), (30, "7-30 days ago"), (float("inf"), "over 30 days ago"))
+
+
+def summary(folder: str | os.PathLike, wanted: Optional[dict[str, str]] = None, now: Optional[float] = None) -> str:
+    """What ``folder`` holds, for ``highres3d data cache``.
+
+    ``wanted``: entry key -> subject id of the subjects a config trains and
+    validates on; the summary says how many of them are cached.
+    """
+    from highres3d.memory import format_bytes
+    from highres3d.progress import count_noun
+
+    now = time.time() if now is None else now
+    found = list_entries(folder)
+    entries = [e for e in found if not e.partial]
+    partial = [e for e in found if e.partial]
+    lines = [f"{folder}: {len(entries)} {'entry' if len(entries) == 1 else 'entries'}, "
+             f"{format_bytes(sum(e.nbytes for e in entries))}"]
+    if entries:
+        counts, start = [], 0.0
+        for limit, label in _AGES:
+            n = sum(start <= e.idle_days(now) < limit for e in entries)
+            if n:
+                counts.append(f"{n} {label}")
+            start = limit
+        lines.append(f"  last read by a run: {', '.join(counts)} (least recently {entries[0].idle(now)} ago)")
+    if wanted is not None:
+        by_key = {e.path.name: e for e in entries}
+        cached = [by_key[key] for key in wanted if key in by_key]
+        missing = sorted(sid for key, sid in wanted.items() if key not in by_key)
+        line = (f"  this config's subjects: {len(cached)} of {len(wanted)} cached "
+                f"({format_bytes(sum(e.nbytes for e in cached))})")
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            line += f"; not yet preprocessed: {shown} (the next run with training.cache: disk makes them)"
+        lines.append(line)
+    if partial:
+        lines.append(f"  {count_noun(len(partial), 'temporary folder')} of jobs writing or killed while writing "
+                     f"({format_bytes(sum(e.nbytes for e in partial))}; --prune-unused removes those a day old)")
+    return "\n".join(lines)
+
+
+def _remove(path: Path) -> None:
+    # Renamed first: a run looking for the entry meanwhile finds it whole or not at all.
+    if not path.name.startswith("."):
+        doomed = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.removing")
+        path.rename(doomed)
+        path = doomed
+    shutil.rmtree(path)
 
 
 def _write_info(folder: Path, info: SpatialInfo) -> None:

@@ -156,7 +156,7 @@ def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None],
             check.loaded(volumes[-1].nbytes)
     total = sum(v.nbytes for v in volumes)
     where = f"memory-mapped ({cache.describe()})" if cache is not None else "in RAM"
-    echo(f"{what}: {len(volumes)} subjects preprocessed in {time.perf_counter() - start:.1f} s, "
+    echo(f"{what}: {count_noun(len(volumes), 'subject')} preprocessed in {time.perf_counter() - start:.1f} s, "
          f"{total / 2**20:.1f} MiB {where}")
     return volumes
 

@@ -1,5 +1,6 @@
 """training.cache: disk: volumes preprocessed once, memory-mapped, exact, shared across runs, never stale."""
 import csv
+import functools
 import os
 
 import numpy as np
@@ -131,3 +132,58 @@ def test_a_disk_cached_run_trains_like_ram_resumes_one_and_later_runs_preprocess
     assert f"unreadable cache entry of {subjects[1].id}" in said[0]
     assert not list(cache.glob(".*.part"))
     assert config(data).training.preprocessed_dir.name == "preprocessed_volumes"
+
+
+def test_data_cache_shows_what_is_cached_and_prunes_only_what_no_run_has_read(data, tmp_path, capsys):
+    import time
+
+    from highres3d.cli.main import main
+
+    folder = tmp_path / "cache"
+    flags = ["demo/brats.yaml", "--data-root", str(data), "--set", "training.cache=disk",
+             "--set", f"training.cache_dir={folder}"]
+    cfg = config(data, "training.cache=disk", f"training.cache_dir={folder}")
+    subjects = Dataset.from_config(cfg.dataset).split("training")
+    wanted = subjects + Dataset.from_config(cfg.dataset).split("validation")
+    cache = VolumeCache(folder, echo=None)
+    old, new = (cache.volume(s, cfg, functools.partial(training_volume, s, cfg)) for s in subjects[:2])
+    entry = {s.id: folder / entry_key(s, cfg) for s in subjects[:2]}
+    days_ago = time.time() - 40 * 86400
+    for path in entry.values():
+        os.utime(path, (days_ago, days_ago))
+    # A run reading an entry makes it recent; the other stays 40 days unread.
+    cache.volume(subjects[1], cfg, lambda: pytest.fail("cached"))
+    # Temporary folders: of a job killed while writing, of one writing now, of a removal cut short.
+    killed, writing, removing = (folder / f".{digit * 32}.1234abcd.{end}"
+                                 for digit, end in (("1", "part"), ("2", "part"), ("3", "removing")))
+    for path in (killed, writing, removing, folder / "notes"):
+        path.mkdir()
+    os.utime(killed, (days_ago, days_ago))
+
+    assert main(["data", "cache"] + flags) == 0
+    shown = capsys.readouterr().out
+    assert f"{folder}: 2 entries" in shown
+    assert "last read by a run: 1 within a day, 1 over 30 days ago (least recently 40 days ago)" in shown
+    missing = sorted(s.id for s in wanted[2:])
+    assert f"this config's subjects: 2 of {len(wanted)} cached" in shown and ", ".join(missing[:5]) in shown
+    assert "3 temporary folders" in shown
+
+    assert main(["data", "cache", "--prune-unused", "30", "--dry-run"] + flags) == 0
+    shown = capsys.readouterr().out
+    assert "would remove 1 entry" in shown and "nothing was removed" in shown
+    assert f"{entry[subjects[0].id].name}  subject {subjects[0].id}, " in shown and "temporary folder" in shown
+    assert all(path.is_dir() for path in (*entry.values(), killed, writing, removing))
+
+    assert main(["data", "cache", "--prune-unused", "30"] + flags) == 0
+    assert "removed 1 entry" in capsys.readouterr().out
+    left = sorted(p.name for p in folder.iterdir())
+    # The recent entry, a job's fresh temporary folder and what is not the cache's stay.
+    assert left == sorted([entry[subjects[1].id].name, writing.name, "notes"])
+    np.testing.assert_array_equal(cache.volume(subjects[1], cfg, lambda: pytest.fail("kept")).image, new.image)
+    remade = cache.volume(subjects[0], cfg, functools.partial(training_volume, subjects[0], cfg))
+    np.testing.assert_array_equal(remade.image, old.image)
+
+    assert main(["data", "cache", "--prune-unused", "-1"] + flags) == 2
+    assert "--prune-unused: expected a number of days >= 0, got -1" in capsys.readouterr().err
+    assert main(["data", "cache", "--dry-run"] + flags) == 2
+    assert "--dry-run goes with --prune-unused" in capsys.readouterr().err
