@@ -24,7 +24,9 @@ Rows (one thread unless stated):
     $HIGHRES3D_PEERS_PYTHON (see benchmarks/README.md; re-runs this file
     there with --section peers and reads its JSON): MONAI RandCropByLabelClassesd
     (indices per call, and with ClassesToIndicesd), RandAffined, TorchIO
-    LabelSampler and RandomAffine.
+    LabelSampler and RandomAffine; and the class-weighted batches of 4 their
+    training loops get (TorchIO Queue + DataLoader, MONAI DataLoader with 2
+    workers), beside our tf.data pipeline's.
 
 The copy floors, our samplers and the peers' samplers (MONAI with
 ClassesToIndicesd, TorchIO LabelSampler) are measured in --rounds rounds
@@ -483,6 +485,7 @@ def peers(path: str, quick: bool, sampling_only: bool = False) -> list[dict]:
     print("torchio sampler done", file=sys.stderr, flush=True)
     if sampling_only:
         return rows
+    rows += peer_pipelines(subject, label_sampler, with_indices, quick)
 
     # Augmentation peers work on pre-cut windows, i.e. their augmentation cost alone.
     pool = [next(patches) for _ in range(8)]
@@ -512,12 +515,73 @@ def peers(path: str, quick: bool, sampling_only: bool = False) -> list[dict]:
     return rows
 
 
+def peer_pipelines(subject, label_sampler, with_indices, quick: bool) -> list[dict]:
+    """Class-weighted batches of 4 as the peers' training loops get them, next to our tf.data pipeline.
+
+    TorchIO: ``Queue`` + ``DataLoader``, its documented patch pipeline; the
+    queue cuts the patches in the main process (its ``num_workers`` load
+    subjects, and this one is already in memory, so 0).  MONAI:
+    ``RandCropByLabelClassesd(num_samples=4)`` with cached indices in a
+    ``DataLoader`` with 2 worker processes, one batch per item.  Both stack the
+    windows into a contiguous batch, as ours does.  The queue reloads the
+    subject every ``samples_per_volume`` patches and its LabelSampler then
+    builds the probability map again (its setup, ~0.1 s here); 64 patches per
+    load is generous to it (TorchIO's examples use fewer).
+    """
+    import torchio as tio
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import RandCropByLabelClassesd
+    from torch.utils.data import DataLoader as TorchLoader
+
+    batch = 4
+    n_batches = 6 if quick else 40
+    reps = 2 if quick else 3
+
+    def endless(make):
+        while True:
+            yield from make()
+
+    def delivered(it) -> tuple[float, float, float]:
+        for _ in range(3):
+            next(it)
+        rates = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(n_batches):
+                images, labels = next(it)
+                assert images.shape[0] == batch and images.is_contiguous() and labels.is_contiguous()
+            rates.append(batch * n_batches / (time.perf_counter() - t0))
+        return spread(rates)
+
+    rows = []
+    queue = tio.Queue(tio.SubjectsDataset([subject]), max_length=64, samples_per_volume=64, sampler=label_sampler,
+                      num_workers=0)
+    loader = TorchLoader(queue, batch_size=batch, num_workers=0)
+    batches = ((b["image"][tio.DATA], b["label"][tio.DATA]) for b in endless(lambda: loader))
+    rows.append(dict(method=f"TorchIO Queue(LabelSampler) + DataLoader, batches of {batch}",
+                     windows_s=delivered(batches), kind="peer_pipeline"))
+    crop = RandCropByLabelClassesd(
+        keys=["image", "label"], label_key="label", spatial_size=(W, W, W), ratios=[1, 1], num_classes=2,
+        num_samples=batch, indices_key="label_cls_indices",
+    )
+    monai_loader = DataLoader(Dataset([with_indices] * 100_000, transform=crop), batch_size=1, num_workers=2,
+                              persistent_workers=True)
+    batches = ((b["image"].as_tensor(), b["label"].as_tensor()) for b in monai_loader)
+    rows.append(dict(method=f"MONAI RandCropByLabelClassesd(num_samples={batch}) + DataLoader(num_workers=2)",
+                     windows_s=delivered(batches), kind="peer_pipeline"))
+    del batches, monai_loader
+    print("peer pipelines done", file=sys.stderr, flush=True)
+    return rows
+
+
 # --------------------------------------------------------------------------- report
 def table(rows: list[dict]) -> str:
     # The target compares with the faster of the two layouts' copy floors.
     floor = max(r["windows_s"][0] for r in rows if "memory-copy floor" in r["method"])
     peer_aug = [r["windows_s"][0] for r in rows if r.get("kind") == "peer_augment"]
     best_peer_aug = max(peer_aug) if peer_aug else None
+    ours_batches = next((r["windows_s"][0] for r in rows if r.get("kind") == "pipeline"
+                         and r["method"].startswith("tf.data pipeline, 2 cores, plain")), None)
     lines = []
     header = ("method", "setup ms", "windows/s median [min-max]", "vs fastest floor", "note")
     body = []
@@ -529,6 +593,8 @@ def table(rows: list[dict]) -> str:
             note = f"{med / best_peer_aug:.2f}x the faster peer (target >= 2x)"
         elif r.get("kind") in ("pipeline", "augmented", "wait"):
             note = r["note"]
+        elif r.get("kind") == "peer_pipeline" and ours_batches:
+            note = f"ours (tf.data, 2 cores) {ours_batches / med:.2f}x"
         elif r.get("kind") == "sampler" and "ClassWeighted" in r["method"]:
             note = "target >= 90 % of the fastest floor, setup <= 20 ms"
         body.append((r["method"], setup, f"{med:.1f} [{lo:.1f}-{hi:.1f}]", f"{100 * med / floor:.0f} %", note))
