@@ -537,17 +537,25 @@ def _cross_checks(cfg: Config) -> None:
 
 
 def _check_device_cache(cfg: Config) -> None:
-    """``training.cache: device`` cuts windows in the training step, so the step must also resample them."""
-    if cfg.training.cache != "device":
-        return
+    if cfg.training.cache == "device":
+        problem = device_cache_problem(cfg)
+        if problem:
+            raise ConfigError(problem)
+
+
+def device_cache_problem(cfg: Config) -> Optional[str]:
+    """Why ``cfg`` could not use ``training.cache: device`` (None: it could, whatever its cache is now).
+
+    ``device`` cuts windows in the training step, so the step must also resample them.
+    """
     from highres3d.augment.affine import AffineAugmentation  # NumPy only
 
     if not AffineAugmentation.from_config(cfg.augmentation).is_identity and cfg.augmentation.device != "accelerator":
-        raise ConfigError("training.cache: 'device' cuts the windows on the accelerator, so augmentation must run "
-                          "there too: set augmentation.device to 'accelerator' (or training.cache to 'ram')")
+        return ("training.cache: 'device' cuts the windows on the accelerator, so augmentation must run "
+                "there too: set augmentation.device to 'accelerator' (or training.cache to 'ram')")
     if cfg.datasets:
-        raise ConfigError("training.cache: 'device' is not supported by multi-domain pretraining ('datasets'); "
-                          "use 'ram', 'disk' or 'lazy'")
+        return "training.cache: 'device' is not supported by multi-domain pretraining ('datasets'); use 'ram', 'disk' or 'lazy'"
+    return None
 
 
 def _check_class_lists(cfg: Config) -> None:

@@ -40,6 +40,7 @@ from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.errors import DataError, Highres3dError
 from highres3d.memory import HostMemoryCheck, host_memory_fix, volumes_in_ram
 from highres3d.progress import count_noun
+from highres3d.training.input_wait import InputWait
 from highres3d.training.run import MetricsLog, RunState
 from highres3d.training.stages import scheduled_lr
 from highres3d.training.trainer import (
@@ -291,6 +292,7 @@ class MultiDomainTrainer(Trainer):
                 self.run.save_checkpoint(model, loop_variables, state, t.max_checkpoints)
 
         started = set()
+        input_wait = InputWait()
         try:
             while state.iteration < stop:
                 phase = "step"
@@ -300,8 +302,13 @@ class MultiDomainTrainer(Trainer):
                 # Each head's first step fills its window pipeline and traces its step.
                 with (contextlib.nullcontext() if domain.name in started
                       else bar.phase(f"{domain.name}: {FIRST_STEP_PHASE}")):
+                    before = time.perf_counter()
                     images, labels = next(domain.iterator)
+                    fetched = time.perf_counter()
                     loss = float(domain.train_step(images, labels))
+                timed = domain.name in started
+                if timed:
+                    input_wait.add(fetched - before, time.perf_counter() - fetched)
                 if state.iteration == start_iter:
                     self._report_peak_memory()
                 started.add(domain.name)
@@ -315,7 +322,10 @@ class MultiDomainTrainer(Trainer):
                 state.wall_time = wall_before + time.perf_counter() - clock
                 row = {"loss": loss, "lr": lr, "dataset": domain.index + 1, f"loss_{domain.name}": loss,
                        "wall_time": state.wall_time}
-                bar.update(status=f"{domain.name} loss {loss:.4f}")
+                if timed:
+                    row.update(input_wait_s=input_wait.waits[-1], step_s=input_wait.steps[-1])
+                bar.update(status=" | ".join(text for text in (f"{domain.name} loss {loss:.4f}", input_wait.status())
+                                             if text))
                 if validating and state.iteration % t.validation_every == 0:
                     phase = "validation"
                     with bar.phase(f"validating the windows of {count_noun(len(val_domains), 'dataset')}"):
@@ -330,7 +340,9 @@ class MultiDomainTrainer(Trainer):
                 if self._record(state, row, log, writer, checkpoint, scheduled or state.iteration == stop,
                                 what="mean validation Dice"):
                     break
-            return self._finish(model, state, best_saved=validating, bar=bar)
+            result = self._finish(model, state, best_saved=validating, bar=bar)
+            self._report_input_wait(input_wait, bar)
+            return result
         except KeyboardInterrupt as interrupt:
             self._interrupted(state, bar, start_iter, checkpoint, interrupt)
             raise

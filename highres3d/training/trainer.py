@@ -47,6 +47,7 @@ from highres3d.memory import (
 )
 from highres3d.progress import count_noun
 from highres3d.training import cluster
+from highres3d.training.input_wait import InputWait
 from highres3d.training.run import MetricsLog, RunFolder, RunState, WorkerRunFolder
 from highres3d.training.stages import STAGE_SEED_STRIDE, resolve_stages, scheduled_lr, stage_at, write_stage_plan
 
@@ -453,6 +454,7 @@ class Trainer:
 
         # Where the loop is, for the message of an out-of-memory error (memory.training_advice).
         phase = "step"
+        input_wait = InputWait()
 
         def checkpoint():
             nonlocal phase
@@ -465,7 +467,9 @@ class Trainer:
             while state.iteration < stop:
                 # A stage's first step builds its window pipeline and traces its step: often the longest wait.
                 first_step = contextlib.ExitStack()
+                timed = True  # the input wait of every step but these first ones
                 if stage is None or state.iteration + 1 > stage.last:
+                    timed = False
                     stage = stage_at(stages, state.iteration)
                     first_step.enter_context(bar.phase(
                         (f"stage {stage.index + 1}: " if len(stages) > 1 else "") + FIRST_STEP_PHASE))
@@ -486,8 +490,12 @@ class Trainer:
                 optimizer.set_learning_rates(lr, stage.multipliers)
                 phase = "step"
                 with first_step:
+                    before = time.perf_counter()
                     batch = next(iterator)
+                    fetched = time.perf_counter()
                     loss = float(train_step(batch))
+                if timed:
+                    input_wait.add(fetched - before, time.perf_counter() - fetched)
                 if state.iteration == start_iter:
                     self._report_peak_memory()
                 phase = "after the step"
@@ -499,7 +507,9 @@ class Trainer:
                 state.iteration += 1
                 state.wall_time = wall_before + time.perf_counter() - clock
                 row = {"loss": loss, "lr": lr, "stage": stage.index + 1, "wall_time": state.wall_time}
-                bar.update(status=f"loss {loss:.4f}")
+                if timed:
+                    row.update(input_wait_s=input_wait.waits[-1], step_s=input_wait.steps[-1])
+                bar.update(status=" | ".join(text for text in (f"loss {loss:.4f}", input_wait.status()) if text))
                 validate = validation is not None and state.iteration % t.validation_every == 0
                 scheduled = state.iteration % t.checkpoint_every == 0 or state.iteration == t.max_iter
                 if validate or scheduled or state.iteration == stop:
@@ -522,7 +532,9 @@ class Trainer:
                         self._update_best(model, state, row["val_volume_dice"])
                 if self._record(state, row, log, writer, checkpoint, scheduled or state.iteration == stop):
                     break
-            return self._finish(model, state, best_saved=bool(self.val_volumes), bar=bar)
+            result = self._finish(model, state, best_saved=bool(self.val_volumes), bar=bar)
+            self._report_input_wait(input_wait, bar)
+            return result
         except KeyboardInterrupt as interrupt:
             self._interrupted(state, bar, start_iter, checkpoint, interrupt)
             raise
@@ -609,6 +621,13 @@ class Trainer:
             after = (f"No iteration of {self.run.shared_path} was saved; after the change start again "
                      "(--overwrite reuses that folder).")
         return out_of_memory_error(what, found, advice, after)
+
+    def _report_input_wait(self, input_wait: InputWait, bar) -> None:
+        """At the end of the run, after the progress line: how long the steps waited for input, and the fixes."""
+        bar.close()
+        said = input_wait.summary(self.cfg)
+        if said:
+            self.echo(said)
 
     def _report_peak_memory(self) -> None:
         """After the run's first step: how much each GPU held at the peak, the room a larger batch has."""
