@@ -6,6 +6,7 @@
       config.yaml          the resolved config (every default filled in)
       split.csv            the subjects of each split (NiftyNet format)
       state.json           iteration, best score, checkpoints (rewritten atomically)
+      sessions.json        each start and resume: when, command, host and job, CPUs, GPUs, versions
       metrics.csv          every logged scalar, one row per logged iteration (with its stage)
       stages.csv           the training stages: iterations, freeze, sampler, rates, loss of each
       checkpoints/iter_000150.keras   model + optimizer state, last ``max_checkpoints`` kept
@@ -27,6 +28,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -48,6 +50,7 @@ FINAL_MODEL = "model.keras"
 SPLIT_FILE = "split.csv"
 CHECKPOINT_DIR = "checkpoints"
 STAGES_FILE = "stages.csv"
+SESSIONS_FILE = "sessions.json"
 
 
 class RunExistsError(Highres3dError):
@@ -141,7 +144,9 @@ class RunFolder:
         if self.exists():
             if resume:
                 self._check_same_config(cfg)
-                return self.load_state()
+                state = self.load_state()
+                self.record_session(state)
+                return state
             if not overwrite:
                 raise RunExistsError(
                     f"{self.path}: a run already exists here; pass --resume to continue it, "
@@ -156,7 +161,33 @@ class RunFolder:
                           + dump_config(cfg, relative_to=self.path))
         state = RunState()
         self.save_state(state)
+        self.record_session(state)
         return state
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """The sessions recorded in ``sessions.json``, oldest first (see :mod:`highres3d.environment`)."""
+        path = self.path / SESSIONS_FILE
+        if not path.exists():
+            return []
+        return json.loads(path.read_text())
+
+    def record_session(self, state: RunState) -> None:
+        """Append this process's session, starting at ``state.iteration``, to ``sessions.json``."""
+        from highres3d import environment
+
+        path = self.path / SESSIONS_FILE
+        try:
+            sessions = self.sessions()
+            if not isinstance(sessions, list):
+                raise ValueError("not a list")
+        except (OSError, ValueError) as err:
+            # A damaged record must not stop a run; it is kept beside the new one, never overwritten.
+            kept = path.with_name(f"{SESSIONS_FILE}.unreadable-{uuid.uuid4().hex[:8]}")
+            path.rename(kept)
+            print(f"warning: {path}: unreadable ({err}); kept as {kept.name}, a new record started", file=sys.stderr)
+            sessions = []
+        sessions.append(environment.describe(state.iteration))
+        write_text_atomic(path, json.dumps(sessions, indent=1) + "\n")
 
     def _check_same_config(self, cfg: Config) -> None:
         """A run may only be resumed with its own config, up to the keys of :data:`RESUMABLE_CHANGES`."""

@@ -1,6 +1,7 @@
 """``highres3d train``: run folder, checkpoints, best model, resume, transfer with freezing."""
 import csv
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import pytest
 from highres3d.config import load_config
 from highres3d.data.synth import synthesize_brats
 from highres3d.training import train
-from highres3d.training.run import RunExistsError
+from highres3d.training.run import RunExistsError, RunFolder, RunState
 
 TINY = [
     "sampler.window_size=[16,16,16]",
@@ -47,7 +48,7 @@ def test_run_folder_is_complete_and_self_contained(data, tmp_path):
     run_dir = tmp_path / "run"
     result = train(tiny_config(data), run_dir, echo=lambda *_: None)
     assert result.iterations == 6
-    for name in ("config.yaml", "state.json", "metrics.csv", "best.keras", "model.keras", "split.csv"):
+    for name in ("config.yaml", "state.json", "metrics.csv", "best.keras", "model.keras", "split.csv", "sessions.json"):
         assert (run_dir / name).exists(), name
     assert any((run_dir / "tensorboard").iterdir())
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.keras"))
@@ -69,7 +70,7 @@ def test_run_folder_is_complete_and_self_contained(data, tmp_path):
 
 
 @pytest.mark.parametrize("device, stop", [("cpu", 3), ("accelerator", 4)])
-def test_resume_gives_the_same_loss_curve(data, tmp_path, device, stop):
+def test_resume_gives_the_same_loss_curve(data, tmp_path, device, stop, monkeypatch):
     extra = ["augmentation.rotation_degrees=10", "augmentation.scaling_percent=10", f"augmentation.device={device}",
              "training.cache=lazy"]
     cfg = tiny_config(data, *extra)
@@ -80,9 +81,27 @@ def test_resume_gives_the_same_loss_curve(data, tmp_path, device, stop):
     first = train(cfg, split, stop_after=stop, echo=lambda *_: None)
     assert first.iterations == stop
     assert json.loads((split / "state.json").read_text())["checkpoints"][-1] == f"iter_{stop:06d}.keras"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # resumed by another job
     train(cfg, split, resume=True, echo=lambda *_: None)
     np.testing.assert_allclose(losses(split), losses(full), rtol=1e-4, atol=1e-6)
     assert len(losses(split)) == 6
+    # Each start and resume is on record: from which iteration, in which job, with which software.
+    sessions = RunFolder(split).sessions()
+    assert [s["from_iteration"] for s in sessions] == [0, stop]
+    assert "SLURM_JOB_ID" not in sessions[0]["scheduler"] and sessions[1]["scheduler"]["SLURM_JOB_ID"] == "4242"
+    assert sessions[1]["packages"]["numpy"] == np.__version__ and sessions[1]["host"] == socket.gethostname()
+    assert sessions[1]["cpus_usable"] >= 1 and sessions[1]["gpus"] == [] and sessions[1]["python"]
+
+
+def test_a_damaged_session_record_is_kept_aside_and_a_new_one_started(tmp_path, capsys):
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / "sessions.json").write_text("{half written")
+    run.record_session(RunState(iteration=7))
+    assert [s["from_iteration"] for s in run.sessions()] == [7]
+    kept = list(run.path.glob("sessions.json.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_text() == "{half written"
+    assert f"kept as {kept[0].name}" in capsys.readouterr().err
 
 
 def test_volumes_on_the_device_train_exactly_like_volumes_in_ram(data, tmp_path):
