@@ -38,7 +38,6 @@ import numpy as np
 from highres3d.config import Config, DatasetConfig
 from highres3d.data.dataset import Dataset, write_split_csv
 from highres3d.errors import DataError, Highres3dError
-from highres3d.memory import HostMemoryCheck, host_memory_fix, volumes_in_ram
 from highres3d.progress import count_noun
 from highres3d.training.input_wait import InputWait
 from highres3d.training.run import MetricsLog, RunState
@@ -52,6 +51,7 @@ from highres3d.training.trainer import (
     build_loss,
     build_optimizer,
     build_sampler,
+    host_memory_check,
     load_split,
     volume_dice,
 )
@@ -169,11 +169,7 @@ class MultiDomainTrainer(Trainer):
                 write_split_csv(dict(dataset.splits), split_file, overwrite=True)
             self.echo(f"{name}: spacing {list(dcfg.preprocessing.spacing)} mm, {dcfg.network.num_classes} classes")
             # Per dataset: their volumes' sizes differ, and each dataset's first volume tells its own.
-            held = [split for split, subjects in (("training", train_subjects), ("validation", val_subjects))
-                    if subjects and volumes_in_ram(dcfg.training.cache, split)]
-            check = HostMemoryCheck(f"{name} {' and '.join(held)}",
-                                    len(val_subjects) + len(train_subjects) * ("training" in held),
-                                    host_memory_fix(dcfg.training.cache))
+            check = host_memory_check(dcfg, train_subjects, val_subjects, name)
             train = load_split(train_subjects, dcfg, "training", f"{name} training", self.echo, self.show_progress,
                                check)
             val = load_split(val_subjects, dcfg, "validation", f"{name} validation", self.echo, self.show_progress,

@@ -162,6 +162,15 @@ def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None],
     return volumes
 
 
+def host_memory_check(cfg: Config, train_subjects, val_subjects, name: str = "") -> HostMemoryCheck:
+    """The check of the volumes :func:`load_split` will hold in RAM (``name``: a dataset's, for multi-domain)."""
+    held = [split for split, subjects in (("training", train_subjects), ("validation", val_subjects))
+            if subjects and volumes_in_ram(cfg.training.cache, split)]
+    return HostMemoryCheck(f"{name} {' and '.join(held)}".strip(),
+                           len(val_subjects) * ("validation" in held) + len(train_subjects) * ("training" in held),
+                           host_memory_fix(cfg.training.cache))
+
+
 def load_split(subjects, cfg: Config, split: str, what: str, echo: Callable[[str], None],
                show_progress: Optional[bool] = None, check: Optional[HostMemoryCheck] = None) -> list:
     """The volumes of one split (``training`` or ``validation``), kept where ``training.cache`` says.
@@ -290,10 +299,7 @@ class Trainer:
             chosen = {s.id: "training" for s in train_subjects}
             chosen.update({sid: split for sid, split in dataset.splits.items() if split != "training"})
             write_split_csv(chosen, self.run.path / "split.csv", overwrite=True)
-        held = [split for split, subjects in (("training", train_subjects), ("validation", val_subjects))
-                if subjects and volumes_in_ram(cfg.training.cache, split)]
-        check = HostMemoryCheck(" and ".join(held), len(val_subjects) + len(train_subjects) * ("training" in held),
-                                host_memory_fix(cfg.training.cache))
+        check = host_memory_check(cfg, train_subjects, val_subjects)
         self.train_volumes = load_split(train_subjects, cfg, "training", "training", self.echo, self.show_progress, check)
         self.val_volumes = load_split(val_subjects, cfg, "validation", "validation", self.echo, self.show_progress, check)
 
