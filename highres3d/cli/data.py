@@ -106,7 +106,7 @@ def run_cache(args) -> int:
         removed, kept = cache.prune(folder, args.prune_unused, dry_run=args.dry_run)
         gone = [e for e in removed if not e.partial]
         verb = "would remove" if args.dry_run else "removed"
-        print(f"{folder}: {verb} {len(gone)} {'entry' if len(gone) == 1 else 'entries'} "
+        print(f"{folder}: {verb} {cache.count_entries(len(gone))} "
               f"({format_bytes(sum(e.nbytes for e in gone))}) not read for {args.prune_unused:g} days"
               f"{f' and {len(removed) - len(gone)} temporary folder(s)' if len(removed) > len(gone) else ''}; "
               f"kept {len(kept)} ({format_bytes(sum(e.nbytes for e in kept))})")

@@ -199,6 +199,11 @@ def list_entries(folder: str | os.PathLike) -> list[CacheEntry]:
     return sorted(found, key=lambda e: (e.last_used, e.path.name))
 
 
+def count_entries(n: int) -> str:
+    """``n`` entries, for a message."""
+    return f"{n} {'entry' if n == 1 else 'entries'}"
+
+
 def _is_key(name: str) -> bool:
     return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
 
@@ -251,7 +256,7 @@ def summary(folder: str | os.PathLike, wanted: Optional[dict[str, str]] = None, 
     found = list_entries(folder)
     entries = [e for e in found if not e.partial]
     partial = [e for e in found if e.partial]
-    lines = [f"{folder}: {len(entries)} {'entry' if len(entries) == 1 else 'entries'}, "
+    lines = [f"{folder}: {count_entries(len(entries))}, "
              f"{format_bytes(sum(e.nbytes for e in entries))}"]
     if entries:
         counts, start = [], 0.0
