@@ -55,6 +55,40 @@ def describe(from_iteration: int = 0) -> dict[str, Any]:
     }
 
 
+def require_usable_gpus(what: str) -> None:
+    """Stop ``what`` when this job has NVIDIA GPUs that TensorFlow cannot use.
+
+    TensorFlow then runs on the CPU, tens of times slower, and says so only in
+    a log line that ``TF_CPP_MIN_LOG_LEVEL`` (set by the CLI) hides: the job
+    would take days where hours were booked.  The job's GPUs are those of
+    :func:`highres3d.workers.visible_gpus` (the scheduler's
+    ``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``).  Hiding them
+    (``CUDA_VISIBLE_DEVICES=-1``) runs on the CPU on purpose.
+    """
+    from highres3d.workers import visible_gpus
+
+    given = visible_gpus()
+    if not given:
+        return
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return
+    from highres3d.errors import Highres3dError
+
+    where = (f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in os.environ
+             else "nvidia-smi -L")
+    if not tf.test.is_built_with_cuda():
+        why = "this TensorFlow was built without CUDA: pip install 'tensorflow[and-cuda]' (Linux)"
+    else:
+        why = ("TensorFlow could not load the CUDA driver or libraries: nvidia-smi shows the driver, and "
+               "TF_CPP_MIN_LOG_LEVEL=0 python -c \"import tensorflow as tf; print(tf.config.list_physical_devices('GPU'))\" "
+               "prints what TensorFlow could not load")
+    raise Highres3dError(f"{what}: this job has {len(given)} GPU(s) ({where}) but TensorFlow sees none, so it would "
+                         f"run on the CPU, tens of times slower; {why}. To run on the CPU on purpose, hide the GPUs: "
+                         "CUDA_VISIBLE_DEVICES=-1")
+
+
 def _version(name: str) -> Optional[str]:
     try:
         return metadata.version(name)

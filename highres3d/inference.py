@@ -638,10 +638,12 @@ def predict_subjects(
     under a second, less than reading and writing its files.  At most three
     subjects are in memory at once.
     """
+    from highres3d.environment import require_usable_gpus
     from highres3d.io.nifti import save_like
     from highres3d.progress import Progress
 
     output_dir = Path(output_dir)
+    require_usable_gpus(f"infer into {output_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
     result = FolderPrediction(output_dir)
     started = time.perf_counter()

@@ -342,6 +342,10 @@ class Trainer:
     def fit(self) -> TrainResult:
         import keras
 
+        from highres3d.environment import require_usable_gpus
+
+        # Before the data check and preprocessing: a job that booked GPUs must not find out hours later.
+        require_usable_gpus(f"train {self.run.shared_path}")
         previous_policy = keras.mixed_precision.global_policy()
         try:
             return self._fit()

@@ -11,6 +11,7 @@ import pytest
 
 from highres3d.config import load_config
 from highres3d.data.synth import synthesize_brats
+from highres3d.errors import Highres3dError
 from highres3d.training import train
 from highres3d.training.run import RunExistsError, RunFolder, RunState
 
@@ -191,6 +192,7 @@ import sys, tensorflow as tf
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 from highres3d.config import load_config
+from highres3d.errors import Highres3dError
 from highres3d.training import train
 cfg = load_config("demo/brats.yaml", overrides=sys.argv[3:], data_root=sys.argv[1])
 result = train(cfg, sys.argv[2], echo=print)
@@ -276,3 +278,27 @@ def test_progress_lines_continue_while_validation_blocks(data, tmp_path, capsys,
     # The phase ends with the validation; the final line has none.
     assert lines[-1].startswith("train: 2/2 (100%) loss") and "validating" not in lines[-1]
 
+
+
+def test_a_job_with_gpus_tensorflow_cannot_use_stops_before_anything_is_done(data, tmp_path, monkeypatch):
+    """Silently on the CPU is the failure a GPU job must not have: the scheduler gave GPU 0, TensorFlow sees none."""
+    import tensorflow as tf
+
+    from highres3d.environment import require_usable_gpus
+    from highres3d.inference import predict_subjects
+
+    assert not tf.config.list_physical_devices("GPU")  # this test needs a machine without a usable GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(Highres3dError) as caught:
+        train(tiny_config(data), tmp_path / "run", echo=lambda *_: None)
+    message = str(caught.value)
+    assert message.startswith(f"train {tmp_path / 'run'}: this job has 1 GPU(s) (CUDA_VISIBLE_DEVICES=0) but "
+                              "TensorFlow sees none, so it would run on the CPU")
+    assert "CUDA_VISIBLE_DEVICES=-1" in message and not (tmp_path / "run").exists()
+    with pytest.raises(Highres3dError, match="infer into .*: this job has 1 GPU"):
+        predict_subjects(None, tiny_config(data), [], tmp_path / "out", echo=None)
+    assert not (tmp_path / "out").exists()
+    # GPUs hidden on purpose, or none given: the CPU it is.
+    for hidden in ("-1", ""):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        require_usable_gpus("train")
