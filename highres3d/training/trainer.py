@@ -48,6 +48,7 @@ from highres3d.memory import (
 from highres3d.progress import count_noun
 from highres3d.training import cluster
 from highres3d.training.input_wait import InputWait
+from highres3d.training.lock import RunLock
 from highres3d.training.run import MetricsLog, RunFolder, RunState, WorkerRunFolder
 from highres3d.training.stages import STAGE_SEED_STRIDE, resolve_stages, scheduled_lr, stage_at, write_stage_plan
 
@@ -347,8 +348,11 @@ class Trainer:
         # Before the data check and preprocessing: a job that booked GPUs must not find out hours later.
         require_usable_gpus(f"train {self.run.shared_path}")
         previous_policy = keras.mixed_precision.global_policy()
+        # The chief alone writes the run folder, so it alone holds its lock.
+        lock = contextlib.nullcontext() if isinstance(self.run, WorkerRunFolder) else RunLock(self.run.path, self.echo)
         try:
-            return self._fit()
+            with lock:
+                return self._fit()
         except Exception as err:
             if self.cfg.training.strategy != "multi_worker" or not cluster.is_worker_failure(err):
                 raise
