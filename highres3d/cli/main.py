@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "highres3d.cli.data",
     "highres3d.cli.show",
     "highres3d.cli.train",
+    "highres3d.cli.status",
     "highres3d.cli.cluster",
     "highres3d.cli.experiment",
     "highres3d.cli.infer",

@@ -105,13 +105,15 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                holder = self._holder()
-                stale = self._stale(holder)
+                holder = read_holder(self.path)
+                if not holder:
+                    continue  # released meanwhile
+                stale = stale_reason(holder)
                 if stale is None:
                     raise self._locked(holder) from None
-                if self._holder() != holder:
+                if read_holder(self.path) != holder:
                     continue  # touched or replaced meanwhile: judged again
-                self.echo(f"{self.run_path}: taking over the lock of {_describe(holder)} ({stale})")
+                self.echo(f"{self.run_path}: taking over the lock of {describe_holder(holder)} ({stale})")
                 try:
                     self.path.unlink()
                 except FileNotFoundError:
@@ -121,7 +123,7 @@ class RunLock:
                 handle.write(self._mine + "\n")
             break
         else:
-            raise self._locked(self._holder())
+            raise self._locked(read_holder(self.path))
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="highres3d-run-lock", daemon=True)
         self._thread.start()
@@ -145,42 +147,48 @@ class RunLock:
             except OSError:
                 pass  # removed by hand: nothing to keep alive
 
-    def _holder(self) -> dict:
-        try:
-            holder = json.loads(self.path.read_text())
-            holder["touched"] = self.path.stat().st_mtime
-            return holder
-        except FileNotFoundError:
-            return {"touched": 0.0}  # released meanwhile: stale at once
-        except (OSError, ValueError):
-            # Unreadable (being written, or damaged): judged by its age alone.
-            try:
-                return {"touched": self.path.stat().st_mtime}
-            except OSError:
-                return {"touched": 0.0}
-
-    def _stale(self, holder: dict) -> Optional[str]:
-        """Why the holder's lock is stale, or None while it may still be training."""
-        idle = time.time() - holder.get("touched", 0.0)
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-                and not _alive(holder["pid"]):
-            return "that process is gone"
-        if holder.get("job") and holder.get("job") == _job() and holder.get("attempt", 0) < _attempt():
-            return f"an earlier attempt of this job {holder['job']}, requeued"
-        if idle >= STALE_S:
-            return f"not touched for {idle / 60:.0f} minutes"
-        return None
-
     def _locked(self, holder: dict) -> RunLocked:
         idle = time.time() - holder.get("touched", 0.0)
         return RunLocked(
-            f"{self.run_path}: {_describe(holder)} is training this run (lock {self.path}, touched {idle:.0f} s ago); "
+            f"{self.run_path}: {describe_holder(holder)} is training this run (lock {self.path}, touched {idle:.0f} s ago); "
             f"two trainers in one folder would mix their checkpoints. Wait for it, stop it, or train elsewhere "
             f"(--run-dir). If it is gone, the lock goes stale {STALE_S / 60:.0f} minutes after its last touch, or "
             "remove the file.")
 
 
-def _describe(holder: dict) -> str:
+def read_holder(path: Path) -> dict:
+    """The record in lock file ``path``, with ``touched`` (its modification time); ``{}`` without a lock."""
+    try:
+        holder = json.loads(path.read_text())
+        holder["touched"] = path.stat().st_mtime
+        return holder
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        # Unreadable (being written, or damaged): judged by its age alone.
+        try:
+            return {"touched": path.stat().st_mtime}
+        except OSError:
+            return {}
+
+
+def stale_reason(holder: dict) -> Optional[str]:
+    """Why a lock's holder is gone, or None while it may still be training (see the module docstring)."""
+    if not holder:
+        return "released"
+    idle = time.time() - holder.get("touched", 0.0)
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+            and not _alive(holder["pid"]):
+        return "that process is gone"
+    if holder.get("job") and holder.get("job") == _job() and holder.get("attempt", 0) < _attempt():
+        return f"an earlier attempt of this job {holder['job']}, requeued"
+    if idle >= STALE_S:
+        return f"not touched for {idle / 60:.0f} minutes"
+    return None
+
+
+def describe_holder(holder: dict) -> str:
+    """``process 4711 on node17 (job 88123) since ...``, for a message."""
     what = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
     if holder.get("job"):
         what += f" (job {holder['job']})"

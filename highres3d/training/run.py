@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -164,6 +165,26 @@ class RunFolder:
         self.record_session(state)
         return state
 
+    def status(self) -> RunStatus:
+        """Where this run stands: its state, its config's ``max_iter``, its last session, its lock."""
+        import yaml
+
+        from highres3d.training.lock import lock_path, read_holder, stale_reason
+
+        state = self.load_state()
+        try:
+            max_iter = int(yaml.safe_load(self.config_path.read_text())["training"]["max_iter"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+            max_iter = None
+        try:
+            sessions = self.sessions()
+        except (OSError, ValueError):
+            sessions = []
+        holder = read_holder(lock_path(self.path))
+        return RunStatus(self.path, state.iteration, max_iter, state.finished, state.stopped_early, state.best_score,
+                         state.best_iteration, state.wall_time, sessions[-1] if sessions else None, holder,
+                         stale_reason(holder) if holder else None)
+
     def sessions(self) -> list[dict[str, Any]]:
         """The sessions recorded in ``sessions.json``, oldest first (see :mod:`highres3d.environment`)."""
         path = self.path / SESSIONS_FILE
@@ -278,6 +299,51 @@ class RunFolder:
         if not path.exists():
             raise Highres3dError(f"{path}: the run's newest checkpoint is missing; the run cannot be resumed")
         return path
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """Where one run stands, for ``highres3d status`` (see :meth:`RunFolder.status`)."""
+
+    path: Path
+    iteration: int
+    max_iter: Optional[int]
+    finished: bool
+    stopped_early: bool
+    best_score: Optional[float]
+    best_iteration: Optional[int]
+    wall_time: float
+    #: The newest record of ``sessions.json`` (None for runs from before it existed).
+    last_session: Optional[dict]
+    #: The lock's record (``{}`` when nobody holds it) and, when its holder is gone, why.
+    lock: dict
+    lock_stale: Optional[str]
+
+    @property
+    def training_now(self) -> bool:
+        return bool(self.lock) and self.lock_stale is None
+
+    def describe(self) -> str:
+        """One line: what the run is doing or how it ended, and what to do next."""
+        from highres3d.training.lock import describe_holder
+
+        if self.training_now:
+            idle = time.time() - self.lock.get("touched", 0.0)
+            return f"training now: {describe_holder(self.lock)}, alive {idle:.0f} s ago"
+        if self.finished:
+            return "stopped early (patience)" if self.stopped_early else "finished"
+        text = f"stopped at iteration {self.iteration}; --resume continues it"
+        if self.lock:
+            text += f" (its lock is stale: {self.lock_stale})"
+        return text
+
+
+def find_runs(root: str | os.PathLike) -> list[Path]:
+    """The run folders at or under ``root`` (folders with a run state), sorted."""
+    root = Path(root)
+    if (root / STATE_FILE).is_file():
+        return [root]
+    return sorted(p.parent for p in root.rglob(STATE_FILE) if CHECKPOINT_DIR not in p.relative_to(root).parts)
 
 
 class WorkerRunFolder(RunFolder):

@@ -9,6 +9,7 @@ import time
 import pytest
 
 import highres3d.training.lock as lock_module
+from highres3d.cli.main import main
 from highres3d.config import load_config
 from highres3d.data.synth import synthesize_brats
 from highres3d.training import train
@@ -38,13 +39,19 @@ def other_process():
     proc.wait()
 
 
-def test_a_live_holder_stops_a_second_trainer_before_anything_is_touched(tmp_path, other_process):
+def test_a_live_holder_stops_a_second_trainer_before_anything_is_touched(tmp_path, other_process, capsys):
     synthesize_brats(tmp_path / "brats", 3, size="small", seed=2)
     cfg = load_config("demo/brats.yaml", overrides=TINY, data_root=tmp_path / "brats")
     run_dir = tmp_path / "runs" / "brats"
     run_dir.mkdir(parents=True)
-    (run_dir / "state.json").write_text("the holder's")
+    holders = json.dumps({"iteration": 3, "checkpoints": []})
+    (run_dir / "state.json").write_text(holders)
     hold(run_dir, other_process, job="77")
+    # highres3d status names who trains it.
+    assert main(["status", str(tmp_path / "runs")]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"brats: iteration 3, no validation yet; training now: process {other_process} on {socket.gethostname()} "
+        "(job 77) since 2026-12-03T10:00:00+00:00, alive ")
     for options in (dict(resume=True), dict(overwrite=True)):
         with pytest.raises(RunLocked) as caught:
             train(cfg, run_dir, echo=lambda *_: None, **options)
@@ -53,16 +60,24 @@ def test_a_live_holder_stops_a_second_trainer_before_anything_is_touched(tmp_pat
                                   "2026-12-03T10:00:00+00:00 is training this run")
         assert "--run-dir" in message and str(lock_path(run_dir)) in message
     # --overwrite did not delete the folder from under the holder.
-    assert (run_dir / "state.json").read_text() == "the holder's"
+    assert (run_dir / "state.json").read_text() == holders
     # Once the holder is gone, the next trainer takes the lock over and says so.
     os.kill(other_process, 9)
     os.waitpid(other_process, 0)
+    assert main(["status", str(run_dir)]) == 0
+    assert capsys.readouterr().out == (f"{run_dir}: iteration 3, no validation yet; stopped at iteration 3; --resume "
+                                       "continues it (its lock is stale: that process is gone)\n")
     said = []
     train(cfg, run_dir, overwrite=True, echo=said.append)
     assert any(f"taking over the lock of process {other_process}" in line and "that process is gone" in line
                for line in said)
     assert not lock_path(run_dir).exists()  # released at the end
     assert json.loads((run_dir / "state.json").read_text())["finished"]
+    assert main(["status", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("runs/brats: iteration 1/1, ") and f"; finished; last on {socket.gethostname()}" in shown
+    assert main(["status", str(tmp_path / "nothing")]) == 2
+    assert "nothing: no such folder" in capsys.readouterr().err
 
 
 def test_stale_locks(tmp_path, other_process, monkeypatch):
