@@ -160,6 +160,8 @@ def read_holder(path: Path) -> dict:
     """The record in lock file ``path``, with ``touched`` (its modification time); ``{}`` without a lock."""
     try:
         holder = json.loads(path.read_text())
+        if not isinstance(holder, dict):
+            raise ValueError("not a lock record")
         holder["touched"] = path.stat().st_mtime
         return holder
     except FileNotFoundError:
