@@ -24,9 +24,11 @@ from typing import Any, Optional
 
 #: The packages whose versions decide a run's numbers or its files.
 PACKAGES = ("highres3d", "tensorflow", "keras", "numpy", "scipy", "nibabel", "scikit-image", "jax", "torch")
+#: Where schedulers put the job's id (SLURM, PBS, LSF).
+JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")
 #: The scheduler's variables that identify a job, its array task and its nodes.
-SCHEDULER_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST",
-                       "SLURM_PROCID", "SLURM_CPUS_PER_TASK", "PBS_JOBID", "LSB_JOBID")
+SCHEDULER_VARIABLES = JOB_VARIABLES + ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST",
+                                       "SLURM_PROCID", "SLURM_CPUS_PER_TASK", "SLURM_RESTART_COUNT")
 #: Variables that change what the devices do.
 DEVICE_VARIABLES = ("CUDA_VISIBLE_DEVICES", "TF_FORCE_GPU_ALLOW_GROWTH", "TF_GPU_ALLOCATOR", "KERAS_BACKEND",
                     "TF_CONFIG", "HIGHRES3D_WORKER_PROCESSES", "OMP_NUM_THREADS")

@@ -31,14 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
+from highres3d.environment import JOB_VARIABLES
 from highres3d.errors import Highres3dError
 
 #: Seconds between two touches of a held lock.
 HEARTBEAT_S = 30.0
 #: A lock nobody touched for this long belongs to a process that is gone.
 STALE_S = 300.0
-#: Where schedulers put the job's id (SLURM, PBS, LSF).
-JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")
 
 
 class RunLocked(Highres3dError):
@@ -176,8 +175,6 @@ def read_holder(path: Path) -> dict:
 
 def stale_reason(holder: dict) -> Optional[str]:
     """Why a lock's holder is gone, or None while it may still be training (see the module docstring)."""
-    if not holder:
-        return "released"
     idle = time.time() - holder.get("touched", 0.0)
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
             and not _alive(holder["pid"]):
