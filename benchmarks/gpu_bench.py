@@ -11,7 +11,11 @@ Measured, per precision (float32; bfloat16 = Keras' ``mixed_bfloat16`` policy /
   forward), seconds per subject;
 * ours only: augmented windows/s of RandomAffine3D on the device (batches
   of 4 margin crops already there), the device's share of
-  ``augmentation.device: accelerator``.
+  ``augmentation.device: accelerator``;
+* last, float32 only: the same subject in 96³ windows (overlap 0.25,
+  gaussian blending, 4 windows per call), ``predict_volume`` against MONAI's
+  ``sliding_window_inference``, seconds per subject: what ``highres3d infer``
+  does with a volume too large for one pass.
 
 Targets (issue 12): training step ≥ 1.0× MONAI, whole volume < 1 s, augmented ≥ 1,000 windows/s.
 
@@ -52,7 +56,7 @@ def jobs(args) -> list[tuple[str, object]]:
     """
     first = [(p, job) for p in args.precisions for job in (args.batches[0], "whole")]
     rest = [(p, b) for b in args.batches[1:] for p in args.precisions]
-    return first + [(args.precisions[0], "augment")] + rest
+    return first + [(args.precisions[0], "augment")] + rest + [(args.precisions[0], "windows")]
 
 
 class Rows(list):
@@ -74,9 +78,11 @@ class Rows(list):
 
 
 AUGMENT_BATCH = 4
+#: Windowed whole-volume inference: the defaults of ``highres3d infer`` but 4 windows per call.
+WINDOW_OVERLAP, WINDOW_BATCH = 0.25, 4
 
 
-def augmentation_rate(args) -> float:
+def augmentation_rate(args) -> tuple[float, float]:
     """Augmented windows/s of ``augmentation.device: accelerator`` on this device (issue 12, item 3).
 
     RandomAffine3D (±10° per axis, ±10 % scaling, XLA-compiled resampling)
@@ -84,12 +90,13 @@ def augmentation_rate(args) -> float:
     on the device, into windows of ``args.size``³: the device's share of the
     augmented pipeline. The CPU's share, delivering the crops or the window
     positions of volumes kept on the device, is measured by
-    ``benchmarks/samplers.py`` on the CPU.
+    ``benchmarks/samplers.py`` on the CPU. Returns (windows/s of the compiled
+    resampling, as in the training step; windows/s of the layer called alone).
     """
     import keras
     import numpy as np
 
-    from highres3d.augment.layer import RandomAffine3D
+    from highres3d.augment.layer import RandomAffine3D, compiled_resample_crops
 
     layer = RandomAffine3D(args.size, rotation_degrees=10.0, scale_range=0.1, seed=0)
     rng = np.random.default_rng(0)
@@ -102,8 +109,13 @@ def augmentation_rate(args) -> float:
             getattr(tensor, "block_until_ready", lambda: None)()  # JAX dispatches asynchronously
         return out
 
-    seconds = best(lambda: layer((crops, labels), training=True), args.reps, ready)
-    return AUGMENT_BATCH / seconds
+    # Called on its own, the layer draws its parameters op by op (eagerly) before the compiled
+    # resampling; inside the compiled training step the draw fuses with the rest. Both are timed.
+    eager = best(lambda: layer((crops, labels), training=True), args.reps, ready)
+    matrices, _, _ = layer._draw(AUGMENT_BATCH, 2)
+    resample = compiled_resample_crops()
+    compiled = best(lambda: resample(crops, labels, matrices, layer.window_size), args.reps, ready)
+    return AUGMENT_BATCH / compiled, AUGMENT_BATCH / eager
 
 
 def ours(args, rows: Rows) -> None:
@@ -131,13 +143,23 @@ def ours(args, rows: Rows) -> None:
 
     for precision, job in jobs(args):
         if job == "augment":
-            windows_s = augmentation_rate(args)
+            windows_s, layer_alone = augmentation_rate(args)
             rows.add(dict(method="highres3d", precision="float32", what="augment", batch=AUGMENT_BATCH,
-                          size=args.size, seconds=AUGMENT_BATCH / windows_s, windows_s=windows_s, versions=versions))
-            print(f"  ours augmentation {AUGMENT_BATCH}x{args.size}^3: {windows_s:.0f} windows/s",
-                  file=sys.stderr, flush=True)
+                          size=args.size, seconds=AUGMENT_BATCH / windows_s, windows_s=windows_s,
+                          layer_alone_windows_s=layer_alone, versions=versions))
+            print(f"  ours augmentation {AUGMENT_BATCH}x{args.size}^3: {windows_s:.0f} windows/s compiled, "
+                  f"{layer_alone:.0f} with the layer called alone", file=sys.stderr, flush=True)
             continue
         model = model_for(precision)
+        if job == "windows":
+            volume = np.random.default_rng(0).normal(size=args.volume + (2,)).astype("float32")
+            seconds = best(lambda: predict_volume(model, volume, args.size, overlap=WINDOW_OVERLAP, blend="gaussian",
+                                                  batch_size=WINDOW_BATCH), max(1, args.reps // 2))
+            rows.add(dict(method="highres3d", precision=precision, what="windows", batch=WINDOW_BATCH,
+                          size="x".join(map(str, args.volume)), window=args.size, seconds=seconds, versions=versions))
+            print(f"  ours {precision} whole volume in {args.size}^3 windows: {seconds:.2f} s", file=sys.stderr,
+                  flush=True)
+            continue
         if job == "whole":
             volume = np.random.default_rng(0).normal(size=args.volume + (2,)).astype("float32")
             whole = best(lambda: predict_volume(model, volume, None), max(1, args.reps // 2))
@@ -162,6 +184,7 @@ def ours(args, rows: Rows) -> None:
 def peer(args, rows: Rows) -> None:
     import monai
     import torch
+    from monai.inferers import sliding_window_inference
     from monai.losses import DiceLoss
     from monai.networks.nets import HighResNet
 
@@ -183,6 +206,23 @@ def peer(args, rows: Rows) -> None:
 
         def autocast(precision=precision):
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+        if job == "windows":
+            volume = torch.randn(1, 2, *args.volume, device=device)
+
+            def windows():
+                net.eval()
+                with torch.inference_mode(), autocast():
+                    return sliding_window_inference(volume, (args.size,) * 3, WINDOW_BATCH, net, WINDOW_OVERLAP,
+                                                    mode="gaussian").argmax(1).cpu()
+
+            seconds = best(windows, max(1, args.reps // 2), sync)
+            rows.add(dict(method="MONAI HighResNet", precision=precision, what="windows", batch=WINDOW_BATCH,
+                          size="x".join(map(str, args.volume)), window=args.size, seconds=seconds, versions=versions))
+            print(f"  MONAI {precision} whole volume in {args.size}^3 windows: {seconds:.2f} s", file=sys.stderr,
+                  flush=True)
+            del volume
+            continue
 
         if job == "whole":
             volume = torch.randn(1, 2, *args.volume, device=device)
@@ -228,7 +268,7 @@ def peer(args, rows: Rows) -> None:
 def table(rows: list[dict]) -> str:
     theirs = {(r["precision"], r["what"], r["batch"]): r for r in rows if r["method"] != "highres3d"}
     lines = ["| measurement | precision | ours | MONAI | MONAI time / ours | target |", "|---|---|---|---|---|---|"]
-    order = {"forward": 0, "train": 1, "whole volume": 2, "augment": 3}
+    order = {"forward": 0, "train": 1, "whole volume": 2, "windows": 3, "augment": 4}
     ours_rows = sorted((r for r in rows if r["method"] == "highres3d"),
                        key=lambda r: (r["precision"] != "float32", r["batch"], order[r["what"]]))
     for r in ours_rows:
@@ -241,9 +281,17 @@ def table(rows: list[dict]) -> str:
             return f"{text} ({'met' if met else 'missed'})" if full else f"{text} (not judged: smoke-run size)"
 
         if r["what"] == "augment":
-            lines.append(f"| augmented windows/s (RandomAffine3D on device, batch {r['batch']} of "
-                         f"{r['size']}³) | float32 | {r['windows_s']:.0f} | - | - | "
-                         f"{judged('≥ 1,000', r['windows_s'] >= 1000)} |")
+            alone = r.get("layer_alone_windows_s")
+            lines.append(f"| augmented windows/s (RandomAffine3D's compiled resampling on device, batch {r['batch']} "
+                         f"of {r['size']}³{f'; {alone:.0f} with the layer called alone' if alone else ''}) | float32 | "
+                         f"{r['windows_s']:.0f} | - | - | {judged('≥ 1,000', r['windows_s'] >= 1000)} |")
+            continue
+        if r["what"] == "windows":
+            lines.append(f"| whole volume {r['size']} in {r['window']}³ windows (overlap {WINDOW_OVERLAP}, gaussian, "
+                         f"{r['batch']} per call), s | {r['precision']} | {r['seconds']:.2f} | "
+                         f"{p['seconds']:.2f} | {ratio} | |" if p else
+                         f"| whole volume {r['size']} in {r['window']}³ windows, s | {r['precision']} | "
+                         f"{r['seconds']:.2f} | - | - | |")
             continue
         if r["what"] == "whole volume":
             name, value, other = f"whole volume {r['size']}, s", f"{r['seconds']:.2f}", f"{p['seconds']:.2f}" if p else "-"
@@ -264,10 +312,12 @@ def main() -> int:
                         help="which side to measure ('none': only print the table of --merge)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 16^3, batch 1, 32^3 volume, one rep")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4], metavar="B",
+                        help="batch sizes of the forward and training-step rows (default 1 2 4)")
     parser.add_argument("--json", metavar="PATH", help="write the rows here")
     parser.add_argument("--merge", nargs="*", default=[], metavar="JSON", help="rows of earlier parts to add")
     args = parser.parse_args()
-    args.size, args.batches, args.volume = 96, (1, 2, 4), VOLUME
+    args.size, args.batches, args.volume = 96, tuple(args.batches), VOLUME
     args.precisions = ("float32", "bfloat16")
     if args.quick:
         args.size, args.batches, args.volume, args.reps = 16, (1,), (32, 32, 24), 1

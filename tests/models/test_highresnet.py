@@ -24,7 +24,7 @@ from highres3d.models import (
     niftynet_variable_name,
     parameter_table,
 )
-from highres3d.models.highresnet import pad_channels
+from highres3d.models.highresnet import SpaceToBatchConv2D, SpaceToBatchConv3D, pad_channels
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +95,7 @@ def test_leaky_relu_has_niftynets_slope_0_02(narrow_model):
 
 
 def test_any_spatial_size_gives_same_size_output(narrow_model):
-    # NiftyNet needed sizes divisible by 8; dilation_rate removes that constraint.
+    # NiftyNet needed sizes divisible by 8; padding the space-to-batch sub-grids removes that constraint.
     x = np.random.default_rng(0).normal(size=(1, 13, 9, 10, 2)).astype("float32")
     y = keras.ops.convert_to_numpy(narrow_model(x, training=False))
     assert y.shape == (1, 13, 9, 10, 3)
@@ -153,6 +153,44 @@ def test_residual_block_matches_a_numpy_reference_with_dilation_and_padding():
     h = _conv3d_same(act(bn(block.bn_1, h)), block.conv_1.kernel.numpy(), 2)
     skip = np.concatenate([np.zeros(x.shape[1:4] + (1,)), x[0], np.zeros(x.shape[1:4] + (1,))], axis=-1)
     np.testing.assert_allclose(got, h + skip, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize(
+    "shape, dilation",
+    [((2, 12, 8, 16, 3), 2), ((1, 13, 9, 11, 3), 4), ((1, 7, 10, 5, 2), (1, 2, 3)), ((3, 11, 6, 2), 3)],
+    ids=["divisible", "padded", "per-axis", "2d"],
+)
+def test_space_to_batch_dilation_equals_keras_dilation_rate_values_and_gradients(shape, dilation):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    conv, fast = (keras.layers.Conv3D, SpaceToBatchConv3D) if len(shape) == 5 else (keras.layers.Conv2D, SpaceToBatchConv2D)
+    reference = conv(4, 3, padding="same", dilation_rate=dilation, use_bias=False)
+    layer = fast(4, 3, padding="same", dilation_rate=dilation, use_bias=False)
+    x = tf.constant(rng.normal(size=shape).astype("float32"))
+    reference.build(shape)
+    layer.build(shape)
+    layer.set_weights(reference.get_weights())
+
+    def value_and_grads(lay, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = lay(x)
+            loss = tf.reduce_sum(y * y)
+        return (y,) + tuple(tape.gradient(loss, [x, lay.kernel]))
+
+    for want, got in zip(value_and_grads(reference, x), value_and_grads(layer, x)):
+        # float32 sums in another order: the kernel's gradient adds up hundreds of terms
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5 * np.abs(want.numpy()).max())
+    # Unknown spatial sizes (a TensorFlow graph traced once for every window size) take the same path.
+    dynamic = tf.function(layer, input_signature=[tf.TensorSpec((None,) * (len(shape) - 1) + (shape[-1],))])
+    np.testing.assert_allclose(dynamic(x).numpy(), reference(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_dilated_blocks_use_space_to_batch_and_keep_niftynet_weight_paths(narrow_model):
+    block = narrow_model.get_layer("res_3_0")
+    assert isinstance(block.conv_0, SpaceToBatchConv3D) and block.conv_0.dilation_rate == (4, 4, 4)
+    assert [w.path for w in block.conv_0.weights] == ["res_3_0/conv_0/kernel"]
 
 
 def test_block_rejects_fewer_output_channels():
