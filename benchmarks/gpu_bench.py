@@ -306,6 +306,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: Where the recorded GPU figures live in the repository; benchmarks/run_all.py renders them into docs/performance.md.
+RECORD = ROOT / "benchmarks" / "results" / "gpu.json"
+
+
+def record(rows: list[dict], path: Path, commit: str, measured: str, command: str) -> None:
+    """Keep a GPU run's rows in the repository with what they measured: the commit, when, and the command.
+
+    The GPU machine has no git and is given back after the run, so its rows are
+    recorded here, on the machine that holds the repository.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(dict(commit=commit, measured=measured, command=command, rows=rows), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def recorded_section(path: Path = RECORD) -> list[str]:
+    """The lines of docs/performance.md's GPU section from the recorded run, or [] when none is recorded."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    versions = "; ".join(sorted({r["versions"] for r in data["rows"]}))
+    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    return [f"`{data['command']}` at commit `{data['commit']}`, measured {data['measured']} ({versions}); "
+            f"recorded in `{where}`, which `benchmarks/run_all.py` renders here (it does not "
+            "measure the GPU).", "", table(data["rows"])]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("both", "ours", "peer", "none"), default="both",
@@ -316,6 +344,13 @@ def main() -> int:
                         help="batch sizes of the forward and training-step rows (default 1 2 4)")
     parser.add_argument("--json", metavar="PATH", help="write the rows here")
     parser.add_argument("--merge", nargs="*", default=[], metavar="JSON", help="rows of earlier parts to add")
+    parser.add_argument("--record", nargs="?", const=str(RECORD), metavar="PATH",
+                        help="with --part none: keep the merged rows in the repository (default %(const)s) for "
+                             "docs/performance.md, with --commit, --measured and --command")
+    parser.add_argument("--commit", help="the commit the GPU run measured (default: HEAD here)")
+    parser.add_argument("--measured", help="when the GPU run measured (default: now, UTC)")
+    parser.add_argument("--command", dest="gpu_command", default="bash benchmarks/gpu.sh",
+                        help="the command that measured (default: %(default)s)")
     args = parser.parse_args()
     args.size, args.batches, args.volume = 96, tuple(args.batches), VOLUME
     args.precisions = ("float32", "bfloat16")
@@ -330,6 +365,16 @@ def main() -> int:
         peer(args, rows)
     if args.part == "none":
         rows.save()  # the merged rows
+        if args.record:
+            if not rows:
+                parser.error("--record: no rows to record (name the GPU run's JSON files with --merge)")
+            import datetime
+            import subprocess
+
+            commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                                   capture_output=True, text=True).stdout.strip()
+            measured = args.measured or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            record(list(rows), Path(args.record), commit, measured, args.gpu_command)
     print("; ".join(sorted({r["versions"] for r in rows})))
     print(table(rows))
     return 0

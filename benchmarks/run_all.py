@@ -28,6 +28,7 @@ from pathlib import Path
 
 import _peers  # benchmarks/_peers.py: this script's folder is sys.path[0]
 import disk_cache
+import gpu_bench
 from infer_folder import MONAI as FOLDER_MONAI
 from infer_folder import OVERLAPPED as FOLDER_OVERLAPPED
 from infer_folder import SEQUENTIAL as FOLDER_SEQUENTIAL
@@ -207,9 +208,10 @@ def render(sections: list[tuple[str, str, list[list[str]]]], commit: str, date: 
             continue
         lines += ["| figure | ours | peer | ratio | target | met |", "|---|---|---|---|---|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "## GPU", "", "`benchmarks/gpu.sh` (JAX backend) has not been run: no GPU machine was lent "
-              "while these figures were taken. It is one device call (benchmarks/README.md, "
-              "\"The GPU figures\"); its `gpu.md` table goes here.", "", NOTES_MARKER, ""]
+    gpu = gpu_bench.recorded_section()
+    lines += ["", "## GPU", ""] + (gpu or [
+        "`benchmarks/gpu.sh` (JAX backend) has not been run: no GPU run is recorded in benchmarks/results/gpu.json. "
+        "It is one device call (benchmarks/README.md, \"The GPU figures\")."]) + ["", NOTES_MARKER, ""]
     if notes:
         lines += [notes, ""]
     return "\n".join(lines)

@@ -124,7 +124,9 @@ def test_gpu_benchmark_measures_the_targets_first_and_keeps_every_row_as_it_come
     assert gpu.jobs(args)[:5] == [("float32", 1), ("float32", "whole"), ("bfloat16", 1), ("bfloat16", "whole"),
                                   ("float32", "augment")]
     assert sorted(gpu.jobs(args), key=str) == sorted(
-        [(p, j) for p in args.precisions for j in (1, 2, 4, "whole")] + [("float32", "augment")], key=str)
+        [(p, j) for p in args.precisions for j in (1, 2, 4, "whole")] + [("float32", "augment"), ("float32", "windows")],
+        key=str)
+    assert gpu.jobs(args)[-1] == ("float32", "windows")  # not a target: measured last
 
     path = tmp_path / "ours.json"
     rows = gpu.Rows(str(path), earlier=[])
@@ -147,6 +149,38 @@ def test_gpu_benchmark_measures_the_targets_first_and_keeps_every_row_as_it_come
     # a smoke run's sizes are not judged against the targets
     assert "(not judged: smoke-run size)" in gpu.table([dict(augmented, size=16)])
     assert "(met)" not in gpu.table([dict(row, what="whole volume", size="32x32x24", seconds=0.5)])
+    windows = dict(row, what="windows", batch=4, size="240x240x155", window=96, seconds=0.4)
+    assert "in 96³ windows (overlap 0.25, gaussian, 4 per call), s | float32 | 0.40 | 0.80 | 2.00 |" in gpu.table(
+        [windows, dict(windows, method="MONAI HighResNet", seconds=0.8)])
+
+
+def test_a_recorded_gpu_run_is_what_the_performance_page_shows(tmp_path):
+    """The GPU machine keeps nothing: its rows are recorded in the repository, and run_all renders them."""
+    import json
+
+    gpu = load_gpu_bench()
+    rows = [dict(method="highres3d", precision="float32", what="train", batch=1, size=96, seconds=0.07,
+                 windows_s=14.0, versions="keras 3, backend jax"),
+            dict(method="MONAI HighResNet", precision="float32", what="train", batch=1, size=96, seconds=0.09,
+                 windows_s=11.0, versions="torch 2, NVIDIA H200")]
+    ours, peer, record = tmp_path / "ours.json", tmp_path / "peer.json", tmp_path / "results" / "gpu.json"
+    ours.write_text(json.dumps(rows[:1]))
+    peer.write_text(json.dumps(rows[1:]))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--part", "none", "--merge",
+                           str(ours), str(peer), "--record", str(record), "--commit", "abc123", "--measured",
+                           "2026-12-04 17:03 UTC"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(record.read_text())["rows"] == rows
+    gpu.ROOT = tmp_path  # the section names the record relative to the repository
+    section = "\n".join(gpu.recorded_section(record))
+    assert "`bash benchmarks/gpu.sh` at commit `abc123`, measured 2026-12-04 17:03 UTC" in section
+    assert "NVIDIA H200" in section and "`results/gpu.json`" in section
+    assert "| train 1x96³, windows/s | float32 | 14.0 | 11.0 | 1.29 | ≥ 1.0 (met) |" in section
+    assert gpu.recorded_section(tmp_path / "none.json") == []
+    # nothing to record is an error, not an empty record
+    empty = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--part", "none", "--record",
+                            str(tmp_path / "empty.json")], capture_output=True, text=True)
+    assert empty.returncode == 2 and "no rows to record" in empty.stderr and not (tmp_path / "empty.json").exists()
 
 
 def test_sampler_rows_pool_every_rounds_samples():
