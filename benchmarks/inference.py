@@ -13,7 +13,10 @@ the per-repetition differences (this machine's noise is larger than some of
 the differences, and a median of paired samples survives it where a difference
 of two minima does not).  highres3d is asked
 for labels (argmax, uint8), its default product; MONAI and TorchIO return the
-blended logits, and their argmax is not included in their times.
+blended logits, and their argmax is not included in their times.  highres3d
+gets the Keras model, as users call it: for two-class labels its compiled call
+returns the margin l1 - l0 (one channel, ``two_class_margin_fn``), and the
+model-only pass and "blending alone" use that same call's outputs.
 
 The peers (torch) live in another virtual environment, whose interpreter
 comes from ``--peers-python`` or ``$HIGHRES3D_PEERS_PYTHON`` (see
@@ -153,7 +156,7 @@ def blending_alone(predict, volume, overlap: float, blend: str, reps: int) -> li
     times = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
-        aggregator = GridAggregator(sampler, CHANNELS, blend=blend)
+        aggregator = GridAggregator(sampler, 2, blend=blend)
         for out, location in zip(outputs, sampler.locations):
             aggregator.add_batch(out, location[None])
         aggregator.result()
@@ -165,14 +168,16 @@ def run_ours(args) -> list[dict]:
     import keras
     import tensorflow as tf
 
-    from highres3d.inference import as_predict_fn, predict_volume
+    from highres3d.inference import predict_volume, two_class_margin_fn
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     volume = make_volume()
     inputs = keras.Input((None, None, None, CHANNELS))
     model = keras.Model(inputs, keras.layers.Conv3D(CHANNELS, 1)(inputs))
-    predict = as_predict_fn(model)
+    # predict_volume gets the model, as users call it; for two-class labels it calls the model
+    # extended by l1 - l0 (one channel out), and the model-only pass calls that same function.
+    predict = two_class_margin_fn(model)
     rows = []
     for overlap in OVERLAPS:
         # predict_volume stitches in a thread while the model runs, so the model's own
@@ -181,7 +186,7 @@ def run_ours(args) -> list[dict]:
         # stitching = whole call - that pass.
         def call(blend):
             t0 = time.perf_counter()
-            predict_volume(predict, volume, ROI, overlap=overlap, blend=blend, batch_size=args.batch_size)
+            predict_volume(model, volume, ROI, overlap=overlap, blend=blend, batch_size=args.batch_size)
             return time.perf_counter() - t0
 
         model_pass(predict, volume, overlap, args.batch_size)
@@ -209,7 +214,7 @@ def run_ours(args) -> list[dict]:
         return time.perf_counter() - t0
 
     model_only = lambda: predict(volume[None])  # noqa: E731
-    whole = lambda: predict_volume(predict, volume, None)  # noqa: E731
+    whole = lambda: predict_volume(model, volume, None)  # noqa: E731
     seconds(model_only), seconds(whole)
     pairs = [(seconds(model_only), seconds(whole)) for _ in range(args.reps)]
     rows.append(dict(method="highres3d", overlap="-", mode="whole volume", windows=1, totals=[w for _, w in pairs],

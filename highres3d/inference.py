@@ -70,6 +70,59 @@ def as_predict_fn(model) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
+#: Per Keras model, per precision: the model extended by :func:`_margin_layer` (same layers, same weights).
+_MARGIN_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def _margin_layer() -> type:
+    import keras
+
+    class TwoClassMargin(keras.layers.Layer):
+        """``(B, x, y, z, 2) -> (B, x, y, z)``: ``scores[..., 1] - scores[..., 0]``, in float32."""
+
+        def __init__(self, **kwargs):
+            super().__init__(dtype="float32", **kwargs)
+
+        def call(self, scores):
+            return scores[..., 1] - scores[..., 0]
+
+        def compute_output_shape(self, input_shape):
+            return tuple(input_shape[:-1])
+
+    return TwoClassMargin
+
+
+def two_class_margin_fn(model, precision: str = "float32") -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """A predict function returning ``l1 - l0`` per voxel, computed inside the model's compiled call.
+
+    Two-class labels need only the sign of the (blended) difference of the
+    two output channels, whether they are logits or probabilities: a positive
+    weighted mean does not change it. Computed inside the compiled call, the
+    model hands over one float32 channel instead of two, and stitching reads
+    half the bytes. Returns None where that does not apply (not a functional
+    Keras model with one (B, x, y, z, 2) output); the caller then subtracts in
+    NumPy. One extended model per precision is kept, so each is traced once
+    under its precision's layer policies.
+    """
+    try:
+        import keras
+    except ImportError:
+        return None
+    if not isinstance(model, keras.Model):
+        return None
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        return None
+    if not inputs or not outputs or len(outputs) != 1 or len(outputs[0].shape) != 5 or outputs[0].shape[-1] != 2:
+        return None
+    per_precision = _MARGIN_MODELS.setdefault(model, {})
+    if precision not in per_precision:
+        per_precision[precision] = keras.Model(inputs, _margin_layer()()(outputs[0]), name=f"{model.name}_margin")
+    return as_predict_fn(per_precision[precision])
+
+
 def _cpu_has_bfloat16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -288,14 +341,16 @@ def predict_volume(
             ``"bfloat16"`` or ``"auto"`` (see :func:`resolve_precision`);
             other callables run as they are.
     """
-    with compute_precision(model, resolve_precision(precision)):
+    precision = resolve_precision(precision)
+    with compute_precision(model, precision):
         return _predict_volume(model, image, window_size, overlap=overlap, border=border, blend=blend,
                                batch_size=batch_size, output=output, tta_mirror=tta_mirror, pad_mode=pad_mode,
-                               pad_value=pad_value, sigma_scale=sigma_scale, from_logits=from_logits, progress=progress)
+                               pad_value=pad_value, sigma_scale=sigma_scale, from_logits=from_logits, progress=progress,
+                               precision=precision)
 
 
 def _predict_volume(model, image, window_size, *, overlap, border, blend, batch_size, output, tta_mirror, pad_mode,
-                    pad_value, sigma_scale, from_logits, progress) -> np.ndarray:
+                    pad_value, sigma_scale, from_logits, progress, precision) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 3:
         image = image[..., None]
@@ -309,7 +364,8 @@ def _predict_volume(model, image, window_size, *, overlap, border, blend, batch_
     if len(sampler) == 1:
         # One window has nothing to blend; writing it directly is exact and needs no accumulator.
         blend = "crop"
-    predict = as_predict_fn(model)
+    margin = two_class_margin_fn(model, precision) if output == "labels" else None
+    predict = margin or as_predict_fn(model)
     combos = mirror_axes(tta_mirror)
     locations = sampler.locations
     wx, wy, wz = sampler.window
@@ -351,12 +407,13 @@ def _predict_volume(model, image, window_size, *, overlap, border, blend, batch_
             batch = buffer
         logits = _predict_batch(predict, batch, combos)
         if aggregator is None:
-            if logits.ndim != 5:
+            if logits.ndim != (4 if margin else 5):
                 raise DataError(f"predict_volume: the model returned shape {logits.shape}; expected (B, x, y, z, classes)")
             if from_logits is None:
                 from_logits = not bool(getattr(model, "softmax", False))
             aggregator = GridAggregator(
-                sampler, logits.shape[-1], blend=blend, output=output, sigma_scale=sigma_scale, from_logits=from_logits
+                sampler, 2 if margin else logits.shape[-1], blend=blend, output=output, sigma_scale=sigma_scale,
+                from_logits=from_logits,
             )
         # Stitching runs in a thread of its own while the model computes the next
         # batch; waiting for the previous batch first keeps one batch in flight.

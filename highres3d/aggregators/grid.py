@@ -30,7 +30,10 @@ aggregator therefore keeps a float32 accumulator only for the slab of
 at ``p % window_x``, so nothing is shifted), finalises the planes it leaves
 behind (argmax to uint8 for labels) and reuses them for the planes ahead.
 Two-class labels accumulate a single channel, the weighted logit difference
-``l1 - l0``, whose sign is the label (half the memory traffic and buffer).  For labels the
+``l1 - l0``, whose sign is the label (half the memory traffic and buffer);
+``predict_volume`` has a Keras model compute that difference inside its
+compiled call (:func:`highres3d.inference.two_class_margin_fn`), so the
+aggregator reads one channel per window instead of two.  For labels the
 largest float buffer is ``window_x * Y * Z * C`` float32 (BraTS 240×240×155,
 96-voxel windows, 2 classes: 29 MB, against 71 MB for a full accumulator;
 100 classes at 384³ with 128³ windows: 7.5 GB instead of 22.6 GB); ``crop``
@@ -45,8 +48,9 @@ weights and a scalar per x plane (no 3-D weight array is read per window);
 with more channels a read-only (x, y, z, C) weight array is built once per
 window size and kept.  Threads take one contiguous run of blocks each rather
 than a task per block (fewer hand-overs between threads).  What is
-left per window is reading its output (2 × 96³ float32 = 7 MB) and one
-read-modify-write of the ring over the window (3.5 MB): see
+left per window is reading its output (2 × 96³ float32 = 7 MB, or the 3.5 MB
+margin of a two-class model) and one read-modify-write of the ring over the
+window (3.5 MB): see
 docs/performance.md for what that costs against MONAI.
 """
 from __future__ import annotations
@@ -247,11 +251,19 @@ class GridAggregator:
     # ------------------------------------------------------------------ feeding
 
     def add_batch(self, windows: np.ndarray, locations: np.ndarray) -> None:
-        """Add model outputs ``(B, wx, wy, wz, C)`` for window starts ``(B, 3)``."""
+        """Add model outputs ``(B, wx, wy, wz, C)`` for window starts ``(B, 3)``.
+
+        For two-class labels the outputs may instead be margins ``(B, wx, wy, wz)``,
+        ``scores[..., 1] - scores[..., 0]`` (see
+        :func:`highres3d.inference.two_class_margin_fn`): the same labels from
+        half the bytes.
+        """
         windows = np.asarray(windows)
         locations = np.asarray(locations).reshape(-1, 3)
         expected = tuple(self.sampler.window) + (self.num_classes,)
-        if windows.ndim != 5 or tuple(windows.shape[1:]) != expected or len(windows) != len(locations):
+        if windows.ndim == 4 and self.output == "labels" and self.num_classes == 2:
+            expected = expected[:-1]
+        if windows.ndim != len(expected) + 1 or tuple(windows.shape[1:]) != expected or len(windows) != len(locations):
             raise ValueError(
                 f"model output of shape {windows.shape} for {len(locations)} windows; expected (B,) + {expected}: "
                 "the network must keep the spatial size of its input ('same' padding) and output one channel per class"
@@ -283,7 +295,9 @@ class GridAggregator:
             src.append(slice(lo_v - int(start[a]), hi_v - int(start[a])))
             dst.append(slice(lo_v - before, hi_v - before))
         part = window[tuple(src)]
-        if self.output == "labels":
+        if window.ndim == 3:  # a two-class margin: label 1 where it is positive, as argmax breaks ties to 0
+            np.greater(part, 0, out=self._out[tuple(dst)].view(np.bool_))
+        elif self.output == "labels":
             argmax_channels(part, out=self._out[tuple(dst)])
         else:
             self._out[tuple(dst)] = self._finish(part, None)
@@ -305,6 +319,8 @@ class GridAggregator:
         slab = self._slab
         weights = self._weights
         difference = self._difference
+        # The model's own l1 - l0 (two_class_margin_fn): nothing left to subtract, half the bytes to read.
+        margins = window.ndim == 3
 
         def add_planes(lo: int, hi: int) -> None:
             # Window planes [lo, hi) sit in ring planes [r, r + hi - lo), never across the wrap.
@@ -315,13 +331,19 @@ class GridAggregator:
                 return
             # A per-thread scratch block: a fresh temporary of this size would be
             # mapped and page-faulted on every call.
+            if margins and weights is None:
+                target += window[lo:hi]
+                return
             part = self._scratch(target.shape)
             if difference:
-                np.subtract(window[lo:hi, ..., 1], window[lo:hi, ..., 0], out=part)
+                if margins:
+                    np.multiply(window[lo:hi], weights[1], out=part)
+                else:
+                    np.subtract(window[lo:hi, ..., 1], window[lo:hi, ..., 0], out=part)
+                    if weights is not None:
+                        part *= weights[1]
                 if weights is not None:
-                    px, pyz = weights
-                    part *= pyz
-                    part *= px[lo:hi, None, None]
+                    part *= weights[0][lo:hi, None, None]
             else:
                 np.multiply(window[lo:hi], weights[lo:hi], out=part)
             target += part

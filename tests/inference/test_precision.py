@@ -100,13 +100,13 @@ def test_compute_precision_reaches_every_layer_and_restores_them():
 
 def test_compiled_predict_functions_are_kept_per_precision():
     # Tracing the full network costs as much as a 64³ pass: bfloat16 must not retrace at every subject.
-    from highres3d.inference import compute_precision
+    from highres3d.inference import _MARGIN_MODELS, compute_precision
 
     image, _ = ball_subject((24, 24, 24))
     model = smoothing_model()
-    predict_volume(model, image, 16, precision="float32")
+    predict_volume(model, image, 16, precision="float32", output="logits")
     float32_fn = model.predict_function
-    predict_volume(model, image, 16, precision="bfloat16")
+    predict_volume(model, image, 16, precision="bfloat16", output="logits")
     assert model.predict_function is float32_fn  # the float32 function is back, not retraced
     with compute_precision(model, "bfloat16"):
         bfloat16_fn = model.predict_function
@@ -118,6 +118,16 @@ def test_compiled_predict_functions_are_kept_per_precision():
     float32_logits = predict_volume(model, image, 16, precision="float32", output="logits")
     assert not np.array_equal(again, float32_logits)
     np.testing.assert_allclose(again, float32_logits, rtol=0.05, atol=0.05)
+    # Two-class labels come from the model extended by its margin (one per precision, each traced once).
+    labels = {p: predict_volume(model, image, 16, precision=p) for p in ("float32", "bfloat16")}
+    margins = dict(_MARGIN_MODELS[model])
+    functions = {p: m.predict_function for p, m in margins.items()}
+    assert set(margins) == {"float32", "bfloat16"} and all(functions.values())
+    for p in ("bfloat16", "float32"):
+        np.testing.assert_array_equal(predict_volume(model, image, 16, precision=p), labels[p])
+    assert dict(_MARGIN_MODELS[model]) == margins and {p: m.predict_function for p, m in margins.items()} == functions
+    assert np.mean(labels["float32"] == labels["bfloat16"]) > 0.99
+    assert np.mean(labels["bfloat16"] == (again[..., 1] > again[..., 0])) > 0.999  # computed in bfloat16 too
 
 
 def test_trained_highresnet_segments_a_synthetic_subject_alike_in_both_precisions(tmp_path):

@@ -65,3 +65,31 @@ def test_model_that_changes_the_window_size_is_reported(image):
 
     with pytest.raises(ValueError, match="same"):
         predict_volume(valid_conv, image, 8)
+
+
+@pytest.mark.parametrize("blend", ["crop", "average", "gaussian"])
+def test_two_class_labels_come_from_the_margin_computed_in_the_model_call(blend):
+    """A two-class Keras model hands predict_volume l1 - l0 (half the bytes); the labels are those of both channels."""
+    from highres3d import inference
+
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(23, 19, 14, 2)).astype(np.float32)
+    keras.utils.set_random_seed(4)  # weights that give both labels
+    inputs = keras.Input((None, None, None, 2))
+    hidden = keras.layers.Conv3D(4, 3, padding="same", activation="relu")(inputs)
+    model = keras.Model(inputs, keras.layers.Conv3D(2, 1)(hidden))
+    for window, overlap, batch_size, tta in [(8, 0.5, 1, False), ((8, 10, 6), 0.25, 3, False), (8, 2, 2, (0, 2)),
+                                             (None, 0.25, 1, False)]:
+        kwargs = dict(overlap=overlap, blend=blend, batch_size=batch_size, tta_mirror=tta)
+        got = predict_volume(model, image, window, **kwargs)
+        # a plain callable gets the old path: both channels out of the model, the difference taken in NumPy
+        want = predict_volume(lambda batch: model.predict_on_batch(batch), image, window, **kwargs)
+        logits = predict_volume(model, image, window, output="logits", **kwargs)
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == np.uint8 and got.any() and not got.all()
+        assert np.mean(got == logits.argmax(-1)) > 0.999  # float32 rounding of the blend apart
+    margin = inference.two_class_margin_fn(model)
+    assert margin(image[None, :8, :8, :8]).shape == (1, 8, 8, 8)  # the path taken: one channel out of the model
+    # nothing to gain or not applicable: other outputs, other class counts, plain callables
+    three = keras.Model(inputs, keras.layers.Conv3D(3, 1)(inputs))
+    assert inference.two_class_margin_fn(three) is None and inference.two_class_margin_fn(lambda b: b) is None
