@@ -1,7 +1,7 @@
 """Why is the training step slow on a GPU? Dilated 3D convolutions, forward and backward, in JAX/XLA.
 
 ``benchmarks/gpu_bench.py`` measured, on an H200 (2026-12-04), our forward pass
-faster than MONAI's but our training step 5× slower (bfloat16: 25×). This
+faster than MONAI's but our training step 5.6× slower (bfloat16: 27×). This
 probe times, at 96³ and batch 1, each convolution HighResNet3D uses (3³,
 dilation 1/2/4 at 16/32/64 channels), forward and gradient, float32 and
 bfloat16, computed two ways:
@@ -12,11 +12,16 @@ bfloat16, computed two ways:
   stacked on the batch axis, convolved without dilation, and put back:
   numerically the same (NiftyNet computed dilation this way).
 
-Then the whole model's training step (``train_on_batch``) with either.
+Then the whole model's training step (``train_on_batch``) with either (the
+model's ``SpaceToBatchConv3D`` switched back to ``keras.layers.Conv3D``'s op for
+the dilated rows).
 
     KERAS_BACKEND=jax python benchmarks/gpu_conv_probe.py [--quick] [--json PATH]
 
-Run on the GPU machine after `benchmarks/gpu.sh` has installed the carried wheels (see benchmarks/README.md).
+On the GPU machine, with the carried wheels (benchmarks/README.md, "The GPU figures")::
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site --find-links benchmarks/wheels keras namex optree
+    PYTHONPATH=/tmp/site:$PWD KERAS_BACKEND=jax python3 benchmarks/gpu_conv_probe.py --json "$OUT/probe.json"
 """
 from __future__ import annotations
 
@@ -96,18 +101,18 @@ def main() -> int:
 
     from highres3d.losses import DiceLoss
     from highres3d.models import HighResNet3D
+    from highres3d.models.highresnet import SpaceToBatchConv3D
 
-    plain_op = keras.layers.Conv3D.convolution_op
+    # The model computes dilation by space to batch (SpaceToBatchConv3D); for the "dilated" rows its
+    # convolutions are switched back to keras.layers.Conv3D's own op, dilation_rate and all.
+    space_to_batch_op = SpaceToBatchConv3D.convolution_op
 
-    def split_op(layer, inputs, kernel):
-        d = layer.dilation_rate[0]
-        if d == 1:
-            return plain_op(layer, inputs, kernel)
-        return split(inputs, keras.ops.cast(keras.ops.convert_to_tensor(kernel), inputs.dtype), d)
+    def dilated_op(layer, inputs, kernel):
+        return keras.layers.Conv3D.convolution_op(layer, inputs, kernel)
 
     for dtype in ("float32", "bfloat16"):
         for dilation_by in ("dilated", "space_to_batch"):
-            keras.layers.Conv3D.convolution_op = plain_op if dilation_by == "dilated" else split_op
+            SpaceToBatchConv3D.convolution_op = dilated_op if dilation_by == "dilated" else space_to_batch_op
             keras.mixed_precision.set_global_policy("mixed_bfloat16" if dtype == "bfloat16" else "float32")
             keras.utils.set_random_seed(0)
             model = HighResNet3D(in_channels=2, num_classes=2)
