@@ -183,8 +183,9 @@ class _SpaceToBatchDilation:
     """Computes a dilated, "same"-padded, stride-1 channels-last convolution by :func:`space_to_batch_conv`."""
 
     def convolution_op(self, inputs: Any, kernel: Any) -> Any:
+        # An even kernel's "same" padding is lopsided by (k - 1) * d // 2 voxels, which sub-grids cannot split.
         if (all(d == 1 for d in self.dilation_rate) or self.padding != "same" or self.data_format != "channels_last"
-                or any(s != 1 for s in self.strides)):
+                or any(s != 1 for s in self.strides) or any(k % 2 == 0 for k in self.kernel_size)):
             return super().convolution_op(inputs, kernel)
 
         def undilated(x: Any, k: Any) -> Any:

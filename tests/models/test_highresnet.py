@@ -156,17 +156,18 @@ def test_residual_block_matches_a_numpy_reference_with_dilation_and_padding():
 
 
 @pytest.mark.parametrize(
-    "shape, dilation",
-    [((2, 12, 8, 16, 3), 2), ((1, 13, 9, 11, 3), 4), ((1, 7, 10, 5, 2), (1, 2, 3)), ((3, 11, 6, 2), 3)],
-    ids=["divisible", "padded", "per-axis", "2d"],
+    "shape, dilation, kernel",
+    [((2, 12, 8, 16, 3), 2, 3), ((1, 13, 9, 11, 3), 4, 3), ((1, 7, 10, 5, 2), (1, 2, 3), 3), ((3, 11, 6, 2), 3, 3),
+     ((1, 9, 8, 7, 2), 2, 5), ((1, 9, 8, 7, 2), 2, 2)],
+    ids=["divisible", "padded", "per-axis", "2d", "kernel-5", "even-kernel"],
 )
-def test_space_to_batch_dilation_equals_keras_dilation_rate_values_and_gradients(shape, dilation):
+def test_space_to_batch_dilation_equals_keras_dilation_rate_values_and_gradients(shape, dilation, kernel):
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
     conv, fast = (keras.layers.Conv3D, SpaceToBatchConv3D) if len(shape) == 5 else (keras.layers.Conv2D, SpaceToBatchConv2D)
-    reference = conv(4, 3, padding="same", dilation_rate=dilation, use_bias=False)
-    layer = fast(4, 3, padding="same", dilation_rate=dilation, use_bias=False)
+    reference = conv(4, kernel, padding="same", dilation_rate=dilation, use_bias=False)
+    layer = fast(4, kernel, padding="same", dilation_rate=dilation, use_bias=False)
     x = tf.constant(rng.normal(size=shape).astype("float32"))
     reference.build(shape)
     layer.build(shape)
