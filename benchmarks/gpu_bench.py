@@ -26,6 +26,7 @@ batch 1, one repetition, CPU is fine) is a smoke run.  ``--part ours`` or
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -118,6 +119,14 @@ def augmentation_rate(args) -> tuple[float, float]:
     return AUGMENT_BATCH / compiled, AUGMENT_BATCH / eager
 
 
+@functools.cache
+def subject(shape: tuple[int, int, int]):
+    """The synthetic two-channel subject of the whole-volume rows, made once for all of them."""
+    import numpy as np
+
+    return np.random.default_rng(0).normal(size=shape + (2,)).astype("float32")
+
+
 def ours(args, rows: Rows) -> None:
     sys.path.insert(0, str(ROOT))
     import keras
@@ -152,7 +161,7 @@ def ours(args, rows: Rows) -> None:
             continue
         model = model_for(precision)
         if job == "windows":
-            volume = np.random.default_rng(0).normal(size=args.volume + (2,)).astype("float32")
+            volume = subject(args.volume)
             seconds = best(lambda: predict_volume(model, volume, args.size, overlap=WINDOW_OVERLAP, blend="gaussian",
                                                   batch_size=WINDOW_BATCH), max(1, args.reps // 2))
             rows.add(dict(method="highres3d", precision=precision, what="windows", batch=WINDOW_BATCH,
@@ -161,7 +170,7 @@ def ours(args, rows: Rows) -> None:
                   flush=True)
             continue
         if job == "whole":
-            volume = np.random.default_rng(0).normal(size=args.volume + (2,)).astype("float32")
+            volume = subject(args.volume)
             whole = best(lambda: predict_volume(model, volume, None), max(1, args.reps // 2))
             rows.add(dict(method="highres3d", precision=precision, what="whole volume", batch=1,
                           size="x".join(map(str, args.volume)), seconds=whole, versions=versions))

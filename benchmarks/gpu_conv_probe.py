@@ -20,8 +20,9 @@ the dilated rows).
 
 On the GPU machine, with the carried wheels (benchmarks/README.md, "The GPU figures")::
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site --find-links benchmarks/wheels keras namex optree
-    PYTHONPATH=/tmp/site:$PWD KERAS_BACKEND=jax python3 benchmarks/gpu_conv_probe.py --json "$OUT/probe.json"
+    site="$(mktemp -d)"
+    python3 -m pip install -q --no-index --no-deps --target "$site" --find-links benchmarks/wheels keras namex optree
+    PYTHONPATH="$site:$PWD" KERAS_BACKEND=jax python3 benchmarks/gpu_conv_probe.py --json "$OUT/probe.json"
 """
 from __future__ import annotations
 
