@@ -146,6 +146,9 @@ def test_gpu_benchmark_measures_the_targets_first_and_keeps_every_row_as_it_come
     assert "| train 1x96³, windows/s | float32 | 2.0 | 2.5 | 0.80 | ≥ 1.0 (missed) |" in judged
     augmented = dict(row, what="augment", batch=4, windows_s=1500.0)
     assert "| float32 | 1500 | - | - | ≥ 1,000 (met) |" in gpu.table([augmented])
+    delivered = dict(row, what="pipeline", batch=4, cores=2, windows_s=900.0, host_cpu_ms_per_window=0.3)
+    assert "2 host cores, volumes on the device" in gpu.table([delivered])
+    assert "| float32 | 900 | - | - | ≥ 1,000 (missed) |" in gpu.table([delivered])
     # a smoke run's sizes are not judged against the targets
     assert "(not judged: smoke-run size)" in gpu.table([dict(augmented, size=16)])
     assert "(met)" not in gpu.table([dict(row, what="whole volume", size="32x32x24", seconds=0.5)])
