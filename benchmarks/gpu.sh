@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU figures (issue 12, item 6): HighResNet3D on Keras 3 with the JAX backend against MONAI's
-# HighResNet on PyTorch, on the same GPU in the same run; about 5 minutes at most.
+# HighResNet on PyTorch, on the same GPU in the same run; about 6 minutes at most (the time limits below).
 #
 # The GPU machine has PyTorch and JAX but no TensorFlow and no network, so the pure-Python
 # packages Keras 3 and MONAI need travel with the repository as wheels. Fetch them once, on a
