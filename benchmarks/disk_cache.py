@@ -92,7 +92,7 @@ def ours(cfg, subjects, scratch: Path) -> dict:
     quiet = dict(echo=lambda text: None, show_progress=False)
     out = {}
     t0 = time.perf_counter()
-    in_ram = load_volumes(subjects, cfg, "training", channel_major=True, **quiet)
+    in_ram = load_volumes(subjects, cfg, "training", layout="auto", **quiet)
     out[RAM] = (time.perf_counter() - t0) / len(subjects)
     del in_ram
     folder = scratch / "cache"

@@ -10,12 +10,14 @@ Rows (one thread unless stated):
   * our UniformSampler / ClassWeightedSampler / WeightedSampler: per-volume
     setup and windows/s (next() on the sampler's iterator, as training and
     TorchIO's LabelSampler draw them: starts in blocks, one aligned copy each),
-    on the volume as the trainer stores it (channel-major memory), and the
-    class-weighted one also on (X, Y, Z, C) memory for reference;
+    on the volume as the trainer stores it (in the memory layout windows copy
+    out of fastest on this machine, ``highres3d.samplers.fastest_layout``), and
+    the class-weighted one also on the other layout for reference;
   * our CPU rotation + scaling (+-10 deg per axis, +-10 %), sampled straight
     from the volume (location + resampling = the whole cost of a window);
   * our tf.data pipeline on 2 cores delivering batches of 4 as training does
-    (channel-major volumes, channel-first batches): plain windows,
+    (channel-first batches from channel-major volumes, channel-last from
+    interleaved ones): plain windows,
     margin crops for on-device augmentation, and CPU augmentation; for the
     margin crops also the augmented windows/s once RandomAffine3D resamples
     them on the same cores (XLA-compiled and not); and for each, the fraction
@@ -151,22 +153,35 @@ def setup_ms(fn, reps: int) -> float:
 
 # --------------------------------------------------------------------------- ours
 def volumes(image, label):
-    """The subject as the trainer stores it (channel-major memory) and as loaded ((X, Y, Z, C) memory)."""
+    """The subject as the trainer stores it (the layout windows copy out of fastest here) and in the other layout.
+
+    Returns ``(stored, other, layout)``: the trainer's rule
+    (``highres3d.training.trainer.load_volumes``, ``training.cache: ram``) picks
+    ``layout`` with :func:`~highres3d.samplers.fastest_layout`.
+    """
     from types import SimpleNamespace
 
-    from highres3d.samplers import channel_major
+    from highres3d.samplers import LAYOUTS, fastest_layout, in_layout
 
-    interleaved = SimpleNamespace(subject_id="brats-like", image=image, label=label)
-    # As the trainer stores its training volumes (trainer.training_volume).
-    volume = SimpleNamespace(subject_id="brats-like", image=channel_major(image), label=label)
-    return volume, interleaved
+    layout, _ = fastest_layout(image, W)
+    other = next(name for name in LAYOUTS if name != layout)
+    stored = SimpleNamespace(subject_id="brats-like", image=in_layout(image, layout), label=label)
+    return stored, SimpleNamespace(subject_id="brats-like", image=in_layout(image, other), label=label), layout
 
 
-def ours_sampling(volume, interleaved, quick: bool) -> list[dict]:
-    """The copy floors and our samplers, round-robin within the round; each row keeps its samples."""
-    from highres3d.samplers import ClassWeightedSampler, UniformSampler, WeightedSampler
+def layout_name(layout: str) -> str:
+    return "(X,Y,Z,C) memory" if layout == "interleaved" else "channel-major memory"
 
-    image, label = interleaved.image, interleaved.label
+
+def ours_sampling(volume, other, quick: bool) -> list[dict]:
+    """The copy floors and our samplers, round-robin within the round; each row keeps its samples.
+
+    ``volume`` is the subject as the trainer stores it, ``other`` in the other memory layout.
+    """
+    from highres3d.samplers import ClassWeightedSampler, UniformSampler, WeightedSampler, in_layout, is_channel_major
+
+    interleaved, major = (other, volume) if is_channel_major(volume.image) else (volume, other)
+    image, label = in_layout(interleaved.image, "interleaved"), interleaved.label
 
     reps = 2 if quick else 7
     n_fast = 30 if quick else 200
@@ -179,7 +194,7 @@ def ours_sampling(volume, interleaved, quick: bool) -> list[dict]:
         np.ascontiguousarray(image[i : i + W, j : j + W, k : k + W])
         np.ascontiguousarray(label[i : i + W, j : j + W, k : k + W])
 
-    channels_first = np.moveaxis(volume.image, 3, 0)  # contiguous (C, X, Y, Z)
+    channels_first = np.moveaxis(major.image, 3, 0)  # contiguous (C, X, Y, Z)
 
     def floor_cf():
         i, j, k = rng.integers(0, hi)
@@ -195,8 +210,11 @@ def ours_sampling(volume, interleaved, quick: bool) -> list[dict]:
         ("highres3d ClassWeightedSampler {0:1, 1:1}", ClassWeightedSampler(W, {0: 1, 1: 1})),
         ("highres3d WeightedSampler (label map as weights)", WeightedSampler(W, "label")),
     ]
-    reference = ("highres3d ClassWeightedSampler {0:1, 1:1}, (X,Y,Z,C) memory", ClassWeightedSampler(W, {0: 1, 1: 1}))
-    for (name, sampler), source in zip(samplers + [reference], [volume] * len(samplers) + [interleaved]):
+    layout = "channel_major" if volume is major else "interleaved"
+    samplers = [(f"{name}, {layout_name(layout)} (the trainer's choice here)", sampler) for name, sampler in samplers]
+    reference = (f"highres3d ClassWeightedSampler {{0:1, 1:1}}, {layout_name('interleaved' if volume is major else 'channel_major')}",
+                 ClassWeightedSampler(W, {0: 1, 1: 1}))
+    for (name, sampler), source in zip(samplers + [reference], [volume] * len(samplers) + [other]):
         setup = setup_ms(lambda: sampler.prepare(source), reps)
         # As training draws them, and as TorchIO's LabelSampler is timed: next() on the
         # sampler's iterator (setup once, window starts drawn in blocks, one crop per window).
@@ -295,6 +313,7 @@ def pipeline(volume, quick: bool) -> list[dict]:
     from highres3d.data.pipeline import crop_geometry, make_training_dataset, to_channels_last
     from highres3d.data.resident import ResidentVolumes
     from highres3d.samplers import ClassWeightedSampler
+    from highres3d.training.trainer import batch_data_format
 
     batch = 4
     aug = AffineAugmentation(rotation_degrees=DEG, scale_range=SCALE)
@@ -314,8 +333,11 @@ def pipeline(volume, quick: bool) -> list[dict]:
     ]
     step = _small_step()
     layers = {jit: RandomAffine3D.from_augmentation(aug, W, seed=0, jit_resample=jit) for jit in (True, False)}
-    # Channel-first batches (as the trainer's pipeline gives them) are turned to the model's layout in the step.
-    augment = {jit: tf.function(lambda x, y, layer=layer: layer((to_channels_last(x), y), training=True))
+    # The batches' layout follows the trainer's rule for this volume; channel-first batches are turned to the
+    # model's layout in the step, as the trainer does.
+    data_format = batch_data_format([volume])
+    as_model = to_channels_last if data_format == "channels_first" else (lambda x: x)
+    augment = {jit: tf.function(lambda x, y, layer=layer: layer((as_model(x), y), training=True))
                for jit, layer in layers.items()}
     augment_cl = {jit: tf.function(lambda x, y, layer=layer: layer((x, y), training=True))
                   for jit, layer in layers.items()}
@@ -330,7 +352,7 @@ def pipeline(volume, quick: bool) -> list[dict]:
             [volume], sampler, batch_size=batch, windows_per_volume=8, augmentation=augmentation,
             augment_on="device" if where == "resident" else where, seed=1, echo=None,
             positions_only=where == "resident",
-            data_format="channels_last" if where == "resident" else "channels_first",
+            data_format="channels_last" if where == "resident" else data_format,
         )
 
     def pair(element):
@@ -359,7 +381,7 @@ def pipeline(volume, quick: bool) -> list[dict]:
         it = iter(ds)
         for _ in range(4):
             x, y = pair(next(it))
-        crop = tuple(int(s) for s in (cut(x)[0].shape[1:4] if where == "resident" else x.shape[2:5]))
+        crop = tuple(int(s) for s in (cut(x)[0].shape[1:4] if where == "resident" else as_model(x).shape[1:4]))
         windows_s, cpu_ms = measure(it, n_batches)
         note = f"{cpu_ms:.3f} CPU-ms/window" + (f"; {note}" if note else "")
         rows.append(dict(method=f"{name} [{'x'.join(map(str, crop))}]", windows_s=windows_s, kind="pipeline", note=note))
@@ -391,7 +413,7 @@ def pipeline(volume, quick: bool) -> list[dict]:
                 return step(*augment[True](x, y))
         else:
             def consume(x, y):
-                return step(to_channels_last(x), y)
+                return step(as_model(x), y)
         consume(x, y).numpy()
         waited = total = 0.0
         n_steps = 3 if quick else 8
@@ -627,7 +649,8 @@ def main() -> None:
         f"window {W}^3; cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
-    volume, interleaved = volumes(image, label)
+    volume, other, layout = volumes(image, label)
+    print(f"the trainer stores this subject in {layout_name(layout)} (highres3d.samplers.fastest_layout)", flush=True)
     sampling_rounds, peer_other = [], []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "subject.npz")
@@ -648,7 +671,7 @@ def main() -> None:
                 else:
                     print(f"peer section failed (exit {done.returncode}); table without them this round", file=sys.stderr)
             print(f"round {round_ + 1}/{rounds}: highres3d samplers", file=sys.stderr, flush=True)
-            round_rows += ours_sampling(volume, interleaved, args.quick)
+            round_rows += ours_sampling(volume, other, args.quick)
             sampling_rounds.append(round_rows)
     pooled = pool_rounds(sampling_rounds)
     ours_rows = [r for r in pooled if not r.get("kind", "").startswith("peer")]

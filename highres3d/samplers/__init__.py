@@ -10,12 +10,23 @@ yields :class:`Window` objects TorchIO-style::
     for window in sampler(volume, num_windows=8, rng=42):
         window.image, window.label, window.start
 
-Training volumes are best stored with :func:`channel_major` memory: windows
-copy out of it faster, and windows keep it.
+Training volumes are best stored in the memory layout windows copy out of
+fastest on the machine (:func:`fastest_layout` times both, :func:`in_layout`
+converts), and windows keep it.
 
 Edge policies and coordinates: :mod:`highres3d.samplers.base`.
 """
-from highres3d.samplers.base import EDGE_POLICIES, Window, WindowSampler, channel_major, crop, is_channel_major
+from highres3d.samplers.base import (
+    EDGE_POLICIES,
+    LAYOUTS,
+    Window,
+    WindowSampler,
+    channel_major,
+    crop,
+    fastest_layout,
+    in_layout,
+    is_channel_major,
+)
 from highres3d.samplers.class_weighted import ClassCoordinates, ClassWeightedSampler, ClassWeightedState
 from highres3d.samplers.grid import GridSampler
 from highres3d.samplers.uniform import UniformSampler
@@ -23,6 +34,7 @@ from highres3d.samplers.weighted import WeightedSampler, WeightedState
 
 __all__ = [
     "EDGE_POLICIES",
+    "LAYOUTS",
     "ClassCoordinates",
     "ClassWeightedSampler",
     "ClassWeightedState",
@@ -33,6 +45,8 @@ __all__ = [
     "Window",
     "WindowSampler",
     "channel_major",
+    "fastest_layout",
+    "in_layout",
     "crop",
     "is_channel_major",
 ]

@@ -34,13 +34,19 @@ Edge policies
 Memory order
 ------------
 Images are always indexed ``(X, Y, Z, C)``.  Their memory may be
-*channel-major* (:func:`channel_major`: each channel one contiguous block, the
-peers' ``(C, X, Y, Z)`` order behind an ``(X, Y, Z, C)`` view).  Windows copy
-1.3-2x faster out of such memory on the machines measured (the rows of one
-channel are half as long and follow each other twice as closely), so the
-trainer stores its training volumes that way and its pipeline hands the
-model's step channel-first batches to transpose on the device.  :func:`crop`
-keeps the source's memory order for the windows it allocates.
+*interleaved* (``(X, Y, Z, C)`` C order, as loaded) or *channel-major*
+(:func:`channel_major`: each channel one contiguous block, the peers' ``(C, X,
+Y, Z)`` order behind an ``(X, Y, Z, C)`` view).  Which one windows copy out of
+faster depends on the machine: channel-major was 1.3-2x faster on the
+development machines of 2026-12-03 (the rows of one channel are half as long
+and follow each other twice as closely), interleaved 1.2-1.4x faster on the
+one of 2026-12-04 (half as many rows, each twice as long).  So
+:func:`fastest_layout` times both on the volume at hand, once per process and
+geometry, and the trainer stores its training volumes in the winner
+(:func:`in_layout`); its pipeline then hands the model's step channel-first
+batches (to transpose on the device) from channel-major volumes, and
+channel-last batches from interleaved ones.  :func:`crop` keeps the source's
+memory order for the windows it allocates.
 """
 from __future__ import annotations
 
@@ -63,8 +69,11 @@ __all__ = [
     "crop",
     "as_generator",
     "channel_major",
+    "fastest_layout",
+    "in_layout",
     "is_channel_major",
     "window_triple",
+    "LAYOUTS",
 ]
 
 EdgePolicy = Literal["pad", "valid", "clamp"]
@@ -105,6 +114,60 @@ def channel_major(image: np.ndarray) -> np.ndarray:
     if image.ndim != 4 or image.shape[3] == 1 or is_channel_major(image, contiguous=True):
         return image
     return np.moveaxis(np.ascontiguousarray(np.moveaxis(image, 3, 0)), 0, 3)
+
+
+Layout = Literal["channel_major", "interleaved"]
+LAYOUTS: tuple[str, ...] = ("channel_major", "interleaved")
+
+
+def in_layout(image: np.ndarray, layout: str) -> np.ndarray:
+    """``image`` ``(X, Y, Z, C)`` with ``layout`` memory (a copy only when its memory differs)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"memory layout: expected one of {list(LAYOUTS)}, got {layout!r}")
+    if layout == "channel_major":
+        return channel_major(image)
+    return np.ascontiguousarray(image)
+
+
+_PROBE_WINDOWS = 4  # windows per layout per round; a 96^3 two-channel window copies in about 0.5 ms
+_PROBE_ROUNDS = 4
+_fastest: dict[tuple, tuple[str, dict[str, float]]] = {}
+
+
+def fastest_layout(image: np.ndarray, window_size: int | Sequence[int]) -> tuple[str, dict[str, float]]:
+    """The memory layout windows of ``window_size`` copy out of ``image`` fastest on this machine.
+
+    Returns ``(layout, windows_per_s)``: ``"channel_major"`` or ``"interleaved"``
+    (see the module docstring), and the rate :func:`crop` reached from each.
+    Both layouts are timed on the same geometry, alternating in rounds of a
+    few random windows inside the volume, and the best round of each counts
+    (other work on the machine only ever slows a round down).  About 25 ms
+    and one copy of ``image`` for the other layout, once per process for each
+    (dtype, channels, window): later calls return the first answer, so every
+    volume of a run gets the same layout, whatever its shape.  A one-channel image has one
+    layout (``"interleaved"``).
+    """
+    window = window_triple(window_size)
+    if image.ndim != 4 or image.shape[3] == 1:
+        return "interleaved", {}
+    key = (image.dtype.str, image.shape[3], window)  # not the volume's shape: one layout for every volume of a run
+    if key not in _fastest:
+        arrays = {name: in_layout(image, name) for name in LAYOUTS}
+        size = tuple(min(w, n) for w, n in zip(window, image.shape[:3]))
+        rng = np.random.default_rng(0)
+        starts = rng.integers(0, np.asarray(image.shape[:3]) - size + 1, size=(64, 3))
+        for start in starts[:2 * _STAGE_TRIALS]:
+            crop(arrays["interleaved"], start, size)  # lets the staged/direct choice of this geometry settle first
+        best = dict.fromkeys(LAYOUTS, float("inf"))
+        for r in range(_PROBE_ROUNDS):
+            for name in LAYOUTS if r % 2 else LAYOUTS[::-1]:
+                t0 = time.perf_counter()
+                for start in rng.integers(0, np.asarray(image.shape[:3]) - size + 1, size=(_PROBE_WINDOWS, 3)):
+                    crop(arrays[name], start, size)
+                best[name] = min(best[name], (time.perf_counter() - t0) / _PROBE_WINDOWS)
+        rates = {name: 1.0 / seconds for name, seconds in best.items()}
+        _fastest[key] = (max(rates, key=rates.get), rates)
+    return _fastest[key]
 
 
 # Two copy paths for a window.  *Direct*: one slice assignment, i.e. for each
@@ -199,11 +262,29 @@ def crop(
     if lo == list(start) and all(h - s == w for s, h, w in zip(start, hi, size)):
         _copy_box(array, lo, hi, out)
         return out
-    out.fill(pad_value)
-    if all(h > l for l, h in zip(lo, hi)):
-        inside = tuple(slice(l - s, h - s) for s, l, h in zip(start, lo, hi))
-        _copy_box(array, lo, hi, out[inside])
+    if not all(h > l for l, h in zip(lo, hi)):
+        out.fill(pad_value)
+        return out
+    inside = tuple(slice(l - s, h - s) for s, l, h in zip(start, lo, hi))
+    _fill_outside(out, inside, pad_value)
+    _copy_box(array, lo, hi, out[inside])
     return out
+
+
+def _fill_outside(out: np.ndarray, inside: tuple[slice, slice, slice], value: float) -> None:
+    """Fill every voxel of ``out`` outside the box ``inside`` (first three axes), each once.
+
+    A window crossing the border then writes each voxel once: filling it whole
+    first and copying over the inside wrote the inside twice, which cost a
+    border window about as much as a second copy.
+    """
+    region = [slice(None)] * 3
+    for axis, part in enumerate(inside):
+        for side in (slice(0, part.start), slice(part.stop, out.shape[axis])):
+            if side.stop > side.start:
+                region[axis] = side
+                out[tuple(region)] = value
+        region[axis] = part  # the slabs of later axes lie within the inside of this one
 
 
 @dataclass(frozen=True)

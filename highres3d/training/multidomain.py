@@ -48,6 +48,7 @@ from highres3d.training.trainer import (
     TrainResult,
     _loop_variables,
     _strategy,
+    batch_data_format,
     build_loss,
     build_optimizer,
     build_sampler,
@@ -219,12 +220,13 @@ class MultiDomainTrainer(Trainer):
             if state.iteration > 0:
                 self.run.restore_loop_variables(self.run.latest_checkpoint(state), loop_variables)
 
-        def make_train_step(net, loss_fn):
+        def make_train_step(net, loss_fn, channels_first: bool):
             # The trunk and this dataset's head: the only variables the batch's loss may change.
             trainable = net.trainable_variables
 
             def step(images, labels):
-                images = to_channels_last(images)  # the pipeline's channel-first windows, in the model's layout
+                if channels_first:  # windows from channel-major volumes, turned to the model's layout on the device
+                    images = to_channels_last(images)
                 if augment_layer is not None:
                     images, labels = augment_layer((images, labels), training=True)
                 with tf.GradientTape() as tape:
@@ -249,7 +251,8 @@ class MultiDomainTrainer(Trainer):
         done_before = np.bincount(schedule[:state.iteration], minlength=len(domains))
         for domain in domains:
             net = model.head(domain.name)
-            domain.train_step = make_train_step(net, build_loss(domain.cfg))
+            domain.train_step = make_train_step(net, build_loss(domain.cfg),
+                                                batch_data_format(domain.train_volumes) == "channels_first")
             domain.infer = tf.function(lambda x, net=net: net(x, training=False), reduce_retracing=True)
             seed = t.seed + DATASET_SEED_STRIDE * (domain.index + 1)
             # Each dataset's window stream resumes after the batches it already gave.

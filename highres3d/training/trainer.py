@@ -121,45 +121,76 @@ def labelled_volume(subject, cfg: Config) -> Volume:
                        num_classes=cfg.network.num_classes)
 
 
-def training_volume(subject, cfg: Config) -> Volume:
-    """:func:`labelled_volume` with the image in channel-major memory.
+def training_volume(subject, cfg: Config, layout: str = "channel_major") -> Volume:
+    """:func:`labelled_volume` with the image in ``layout`` memory (:func:`~highres3d.samplers.in_layout`).
 
-    Channel-major memory (:func:`~highres3d.samplers.channel_major`) is what the
-    training pipeline copies windows from fastest; it reads as ``(X, Y, Z, C)`` all the same.
-    (``training.cache: device`` does not need it: its volumes are copied to the accelerator once.)
+    The training pipeline copies its windows from it; it reads as ``(X, Y, Z, C)`` either way.
+    Volumes loaded lazily and those of the disk cache are channel-major; those kept in RAM take
+    the layout :func:`~highres3d.samplers.fastest_layout` finds faster (:func:`load_volumes`).
+    (``training.cache: device`` needs neither: its volumes are copied to the accelerator once.)
     """
-    from highres3d.samplers import channel_major
+    from highres3d.samplers import in_layout
 
     volume = labelled_volume(subject, cfg)
-    volume.image = channel_major(volume.image)
+    volume.image = in_layout(volume.image, layout)
     return volume
 
 
+def batch_data_format(volumes) -> str:
+    """``data_format`` of the training batches drawn from ``volumes``: the one that copies fastest from them.
+
+    ``"channels_first"`` from channel-major memory (the training step turns
+    the batches to the model's layout on the device,
+    :func:`~highres3d.data.pipeline.to_channels_last`), ``"channels_last"``
+    from interleaved memory.  Loaders (``training.cache: lazy``) give
+    channel-major volumes (:func:`training_volume`).
+    """
+    from highres3d.samplers import is_channel_major
+
+    image = getattr(volumes[0], "image", None) if len(volumes) else None
+    return "channels_last" if image is not None and not is_channel_major(image) else "channels_first"
+
+
 def load_volumes(subjects, cfg: Config, what: str, echo: Callable[[str], None],
-                 show_progress: Optional[bool] = None, channel_major: bool = False,
+                 show_progress: Optional[bool] = None, layout: Optional[str] = None,
                  check: Optional[HostMemoryCheck] = None, cache: Optional[VolumeCache] = None) -> list[Volume]:
     """Preprocess subjects into RAM, reporting progress and the memory they take.
 
-    ``channel_major``: each as :func:`training_volume` gives it, for the training pipeline.
+    ``layout``: each in that memory layout, as :func:`training_volume` gives it, for the
+    training pipeline; ``"auto"``: the layout windows copy out of the first volume fastest
+    on this machine (:func:`~highres3d.samplers.fastest_layout`), for all of them; None: as loaded.
     ``check``: told of every volume, it stops the loading as soon as the rest cannot fit.
     ``cache``: the volumes come memory-mapped from it (``training.cache: disk``; channel-major),
     preprocessed into it first where missing.
     """
     from highres3d.progress import track
+    from highres3d.samplers import fastest_layout, in_layout
 
     volumes = []
     start = time.perf_counter()
+    chosen = ""
     for subject in track(subjects, f"preprocess {what}", unit="subjects", enabled=show_progress):
         if cache is not None:
             volumes.append(cache.volume(subject, cfg, functools.partial(training_volume, subject, cfg)))
             continue
-        volumes.append(training_volume(subject, cfg) if channel_major else labelled_volume(subject, cfg))
+        if layout is None:
+            volume = labelled_volume(subject, cfg)
+        elif layout == "auto":  # the first volume, as loaded, decides the layout of all
+            volume = training_volume(subject, cfg, "interleaved")
+            layout, rates = fastest_layout(volume.image, cfg.sampler.window_size)
+            volume.image = in_layout(volume.image, layout)
+            if rates:
+                measured = ", ".join(f"{name.replace('_', '-')} {rate:,.0f}/s" for name, rate in rates.items())
+                chosen = f"; {layout.replace('_', '-')} memory, which windows copy out of fastest here ({measured})"
+        else:
+            volume = training_volume(subject, cfg, layout)
+        volumes.append(volume)
         if check is not None:
             check.loaded(volumes[-1].nbytes)
     total = sum(v.nbytes for v in volumes)
     where = f"memory-mapped ({cache.describe()})" if cache is not None else "in RAM"
     echo(f"{what}: {count_noun(len(volumes), 'subject')} preprocessed in {time.perf_counter() - start:.1f} s, "
-         f"{total / 2**20:.1f} MiB {where}")
+         f"{total / 2**20:.1f} MiB {where}{chosen}")
     return volumes
 
 
@@ -178,7 +209,7 @@ def load_split(subjects, cfg: Config, split: str, what: str, echo: Callable[[str
 
     ``disk``: memory-mapped from ``training.cache_dir``; ``lazy`` training:
     zero-argument loaders the pipeline calls at each visit; otherwise in RAM
-    (training volumes channel-major, see :func:`training_volume`), ``check``
+    (training volumes in the layout windows copy out of fastest, see :func:`load_volumes`), ``check``
     told of each one.  See :func:`highres3d.memory.volumes_in_ram`.
     """
     cache = cfg.training.cache
@@ -189,9 +220,9 @@ def load_split(subjects, cfg: Config, split: str, what: str, echo: Callable[[str
                             cache=VolumeCache(cfg.training.preprocessed_dir, echo))
     if cache == "lazy" and split == "training":
         echo(f"{what}: {count_noun(len(subjects), 'subject')}, loaded lazily")
-        return [functools.partial(training_volume, s, cfg) for s in subjects]
-    return load_volumes(subjects, cfg, what, echo, show_progress, channel_major=split == "training" and cache == "ram",
-                        check=check)
+        return [functools.partial(training_volume, s, cfg, "channel_major") for s in subjects]
+    return load_volumes(subjects, cfg, what, echo, show_progress,
+                        layout="auto" if split == "training" and cache == "ram" else None, check=check)
 
 
 def volume_dice(prediction: np.ndarray, volume: Volume, num_classes: int) -> float:
@@ -413,14 +444,16 @@ class Trainer:
             raise out_of_memory_error("placing the training volumes on the device", found,
                                       training_advice(cfg, "device cache", found[0])) from err
 
+        channels_first = batch_data_format(self.train_volumes) == "channels_first"
+
         def make_train_step(trainable, loss_fn):
             def step(batch):
                 if resident is not None:
                     # training.cache 'device': the batch is window positions; the windows are cut here, on the device.
                     images, labels = resident.cut(batch)
                 else:
-                    # The pipeline's channel-first windows, turned to the model's layout here, on the device.
-                    images, labels = to_channels_last(batch[0]), batch[1]
+                    # Channel-first windows (from channel-major volumes) turned to the model's layout on the device.
+                    images, labels = (to_channels_last(batch[0]) if channels_first else batch[0]), batch[1]
                 if augment_layer is not None:
                     images, labels = augment_layer((images, labels), training=True)
                 with tf.GradientTape() as tape:
@@ -533,7 +566,8 @@ class Trainer:
                         images, labels = (t.numpy() for t in resident.cut(_local(strategy, batch)))
                     else:
                         images, labels = (_local(strategy, part) for part in batch)
-                        images = np.moveaxis(images, 1, 4)
+                        if channels_first:
+                            images = np.moveaxis(images, 1, 4)
                     self.on_step(state.iteration, model, images, labels)
                 if validate:
                     phase = "validation"
@@ -687,8 +721,9 @@ class Trainer:
         augmentation = self._augmentation()
         volumes = self.train_volumes if volumes is None else volumes
 
+        data_format = batch_data_format(volumes)
+
         def dataset_fn(input_context):
-            # Channel-first batches copy fastest out of the channel-major training volumes (training_volume).
             dataset = make_training_dataset(
                 volumes,
                 sampler,
@@ -701,7 +736,7 @@ class Trainer:
                 input_context=input_context,
                 echo=None,
                 positions_only=positions_only,
-                data_format="channels_first",
+                data_format=data_format,
             )
             return dataset.skip(start_batch)
 

@@ -93,9 +93,9 @@ def test_a_disk_cached_run_trains_like_ram_resumes_one_and_later_runs_preprocess
     said, made = [], []
     real = trainer_module.training_volume
 
-    def counted(subject, cfg):
+    def counted(subject, cfg, *layout):
         made.append(subject.id)
-        return real(subject, cfg)
+        return real(subject, cfg, *layout)
 
     monkeypatch.setattr(trainer_module, "training_volume", counted)
     disk = config(data, "training.cache=disk", f"training.cache_dir={cache}")

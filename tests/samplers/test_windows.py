@@ -99,11 +99,15 @@ def test_valid_policy_with_a_volume_smaller_than_the_window_is_a_clear_error():
 
 def test_crop_writes_into_a_given_buffer_and_pads_lazily():
     a = np.arange(5 * 5 * 5, dtype=np.float32).reshape(5, 5, 5)
-    out = np.empty((3, 3, 3), np.float32)
+    out = np.full((3, 3, 3), np.nan, np.float32)  # a voxel neither padded nor copied stays NaN
     got = crop(a, (-1, 3, 1), (3, 3, 3), -1.0, out=out)
     assert got is out
     expected = np.pad(a, 2, constant_values=-1)[1:4, 5:8, 3:6]
     np.testing.assert_array_equal(out, expected)
+    # Crossing the border on both sides of every axis: the pad fills each slab outside the inside box.
+    big = np.full((9, 9, 9), np.nan, np.float32)
+    crop(a, (-2, -2, -2), (9, 9, 9), -1.0, out=big)
+    np.testing.assert_array_equal(big, np.pad(a, 2, constant_values=-1))
     far = crop(a, (10, 10, 10), (2, 2, 2), 4.0)
     assert np.all(far == 4.0)
 
@@ -192,3 +196,37 @@ def test_missing_label_is_a_data_error_for_label_samplers():
     with pytest.raises(DataError, match="label"):
         ClassWeightedSampler(4).prepare(volume)
     assert UniformSampler(4).crop(volume, (0, 0, 0)).label is None
+
+
+@pytest.mark.parametrize("slow", ["channel_major", "interleaved"])
+def test_fastest_layout_picks_the_layout_windows_copy_out_of_faster_and_keeps_its_answer(monkeypatch, slow):
+    import time
+
+    from highres3d.errors import ConfigError
+    from highres3d.samplers import LAYOUTS, base, fastest_layout, in_layout, is_channel_major
+
+    monkeypatch.setattr(base, "_fastest", {})
+    real_crop, calls = base.crop, []
+
+    def crop_slowly(array, *args, **kwargs):
+        calls.append(1)
+        if is_channel_major(array) == (slow == "channel_major"):
+            time.sleep(0.002)  # this layout copies slower "on this machine"
+        return real_crop(array, *args, **kwargs)
+
+    monkeypatch.setattr(base, "crop", crop_slowly)
+    image = np.random.default_rng(0).random((20, 18, 16, 2), dtype=np.float32)
+    layout, rates = fastest_layout(image, 8)
+    assert layout != slow and set(rates) == set(LAYOUTS) and rates[layout] > rates[slow]
+    timed = len(calls)
+    # Once per process and geometry: a volume of another shape (same channels and window) gets the same answer.
+    assert fastest_layout(np.moveaxis(np.ascontiguousarray(np.moveaxis(image, 3, 0))[:, :12], 0, 3), 8)[0] == layout
+    assert len(calls) == timed
+    # One channel has one layout; nothing to time.
+    assert fastest_layout(image[..., :1], 8) == ("interleaved", {})
+    for name in LAYOUTS:
+        stored = in_layout(image, name)
+        np.testing.assert_array_equal(stored, image)
+        assert is_channel_major(stored, contiguous=True) == (name == "channel_major")
+    with pytest.raises(ConfigError, match="memory layout"):
+        in_layout(image, "planar")

@@ -207,9 +207,9 @@ def test_loading_stops_at_the_first_volume_when_the_rest_cannot_fit(data, tmp_pa
     # A run whose volumes fit one and a half at a time.
     real_volume, loads = trainer_module.training_volume, []
 
-    def training_volume(subject, cfg):
+    def training_volume(subject, cfg, *layout):
         loads.append(subject.id)
-        return real_volume(subject, cfg)
+        return real_volume(subject, cfg, *layout)
 
     cfg = load_config("demo/brats.yaml", overrides=TINY, data_root=data)
     each = real_volume(Dataset.from_config(cfg.dataset).split("training")[0], cfg).nbytes

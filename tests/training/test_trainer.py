@@ -121,29 +121,63 @@ def test_volumes_on_the_device_train_exactly_like_volumes_in_ram(data, tmp_path)
     assert len(losses(device)) == 4
 
 
-def test_training_volumes_are_channel_major_and_the_step_gets_channels_last(data, tmp_path):
-    """The fast copy path is wired in: channel-major volumes, channel-first batches, the model's layout in the step."""
+@pytest.mark.parametrize("layout", ["channel_major", "interleaved"])
+def test_training_volumes_take_either_layout_and_the_step_gets_channels_last(data, tmp_path, layout):
+    """The fast copy path is wired in: channel-first batches from channel-major volumes, channel-last from
+    interleaved ones, the model's layout in the step either way."""
     import tensorflow as tf
 
     from highres3d.data.dataset import Dataset
     from highres3d.data.pipeline import to_channels_last
     from highres3d.samplers import is_channel_major
-    from highres3d.training.trainer import Trainer, build_sampler, labelled_volume, training_volume
+    from highres3d.training.trainer import Trainer, batch_data_format, build_sampler, labelled_volume, training_volume
 
     cfg = tiny_config(data, "augmentation.rotation_degrees=0", "augmentation.scaling_percent=0")
     subject = Dataset.from_config(cfg.dataset).split("training")[0]
-    volume = training_volume(subject, cfg)
+    volume = training_volume(subject, cfg, layout)
     plain = labelled_volume(subject, cfg)
-    assert is_channel_major(volume.image) and np.moveaxis(volume.image, 3, 0).flags.c_contiguous
+    assert is_channel_major(volume.image, contiguous=True) == (layout == "channel_major")
+    assert layout == "channel_major" or volume.image.flags.c_contiguous
     np.testing.assert_array_equal(volume.image, plain.image)
     trainer = Trainer(cfg, tmp_path / "run", echo=lambda *_: None)
     trainer.train_volumes = [volume]
     batches = trainer._training_batches(tf.distribute.get_strategy(), build_sampler(cfg), 0, 0)
     images, labels = next(iter(batches))
     channels = len(cfg.dataset.modalities)
-    assert images.shape == (cfg.training.batch_size, channels, 16, 16, 16)
-    model_images = to_channels_last(images)
+    channels_first = batch_data_format([volume]) == "channels_first"
+    assert channels_first == (layout == "channel_major")
+    expected = (channels, 16, 16, 16) if channels_first else (16, 16, 16, channels)
+    assert images.shape == (cfg.training.batch_size,) + expected
+    model_images = to_channels_last(images) if channels_first else images
     assert model_images.shape == (cfg.training.batch_size, 16, 16, 16, channels)
+    # Lazily loaded volumes (loaders) are channel-major: their batches channel-first.
+    assert batch_data_format([lambda: volume]) == "channels_first"
+
+
+def test_training_in_ram_takes_the_layout_that_copies_fastest_and_trains_the_same_in_either(data, tmp_path, monkeypatch):
+    """training.cache 'ram' stores its volumes in the layout windows copy out of fastest here; the losses do not change."""
+    import highres3d.samplers as samplers
+    from highres3d.data.dataset import Dataset
+    from highres3d.samplers import is_channel_major
+    from highres3d.training.trainer import load_split
+
+    layouts = []
+    runs = {}
+    for fastest in ("channel_major", "interleaved"):
+        other = "interleaved" if fastest == "channel_major" else "channel_major"
+        monkeypatch.setattr(samplers, "fastest_layout", lambda image, window, f=fastest, o=other: (f, {f: 2000.0, o: 1500.0}))
+        said = []
+        cfg = tiny_config(data, "training.max_iter=3", "training.cache=ram")
+        volumes = load_split(Dataset.from_config(cfg.dataset).split("training"), cfg, "training", "training",
+                             said.append, False)
+        layouts.append({is_channel_major(v.image, contiguous=True) for v in volumes})
+        assert any(f"{fastest.replace('_', '-')} memory, which windows copy out of fastest here" in line
+                   and "2,000/s" in line and "1,500/s" in line for line in said)
+        runs[fastest] = tmp_path / fastest
+        train(cfg, runs[fastest], echo=lambda *_: None)
+    assert layouts == [{True}, {False}]  # every volume of a run in the layout its first one chose
+    np.testing.assert_allclose(losses(runs["interleaved"]), losses(runs["channel_major"]), rtol=1e-5, atol=1e-6)
+    assert len(losses(runs["interleaved"])) == 3
 
 
 def test_volumes_on_the_device_need_augmentation_on_the_device(data):
