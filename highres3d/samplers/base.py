@@ -41,8 +41,8 @@ faster depends on the machine: channel-major was 1.3-2x faster on the
 development machines of 2026-12-03 (the rows of one channel are half as long
 and follow each other twice as closely), interleaved 1.2-1.4x faster on the
 one of 2026-12-04 (half as many rows, each twice as long).  So
-:func:`fastest_layout` times both on the volume at hand, once per process and
-geometry, and the trainer stores its training volumes in the winner
+:func:`fastest_layout` times both on the volume at hand, once per process, and
+the trainer stores its training volumes in the winner
 (:func:`in_layout`); its pipeline then hands the model's step channel-first
 batches (to transpose on the device) from channel-major volumes, and
 channel-last batches from interleaved ones.  :func:`crop` keeps the source's
@@ -120,7 +120,7 @@ Layout = Literal["channel_major", "interleaved"]
 LAYOUTS: tuple[str, ...] = ("channel_major", "interleaved")
 
 
-def in_layout(image: np.ndarray, layout: str) -> np.ndarray:
+def in_layout(image: np.ndarray, layout: Layout) -> np.ndarray:
     """``image`` ``(X, Y, Z, C)`` with ``layout`` memory (a copy only when its memory differs)."""
     if layout not in LAYOUTS:
         raise ConfigError(f"memory layout: expected one of {list(LAYOUTS)}, got {layout!r}")
@@ -134,18 +134,19 @@ _PROBE_ROUNDS = 4
 _fastest: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
-def fastest_layout(image: np.ndarray, window_size: int | Sequence[int]) -> tuple[str, dict[str, float]]:
+def fastest_layout(image: np.ndarray, window_size: int | Sequence[int]) -> tuple[Layout, dict[str, float]]:
     """The memory layout windows of ``window_size`` copy out of ``image`` fastest on this machine.
 
     Returns ``(layout, windows_per_s)``: ``"channel_major"`` or ``"interleaved"``
     (see the module docstring), and the rate :func:`crop` reached from each.
     Both layouts are timed on the same geometry, alternating in rounds of a
     few random windows inside the volume, and the best round of each counts
-    (other work on the machine only ever slows a round down).  About 25 ms
-    and one copy of ``image`` for the other layout, once per process for each
-    (dtype, channels, window): later calls return the first answer, so every
-    volume of a run gets the same layout, whatever its shape.  A one-channel image has one
-    layout (``"interleaved"``).
+    (other work on the machine only ever slows a round down).  About 35 ms
+    for a BraTS-size volume and 96^3 windows, and one copy of ``image`` for the
+    other layout, once per process for each (dtype, channels, window): later
+    calls return the first answer, so every volume of a run gets the same
+    layout, whatever its shape.  A one-channel image has one layout
+    (``"interleaved"``).
     """
     window = window_triple(window_size)
     if image.ndim != 4 or image.shape[3] == 1:
