@@ -14,7 +14,9 @@ Measured, per precision (float32; bfloat16 = Keras' ``mixed_bfloat16`` policy /
   ``augmentation.device: accelerator``;
 * ours only, in a process of its own limited to 2 host cores (``--part
   pipeline``): augmented windows/s delivered as batches with the volumes on
-  the device, class-weighted positions drawn on the host (item 3 end to end);
+  the device, class-weighted positions drawn on the host (item 3 end to end),
+  and the share of HighResNet3D's training step (batch 4, float32) that
+  waits for input when that pipeline feeds it;
 * last, float32 only: the same subject in 96³ windows (overlap 0.25,
   gaussian blending, 4 windows per call), ``predict_volume`` against MONAI's
   ``sliding_window_inference``, seconds per subject: what ``highres3d infer``
@@ -214,9 +216,71 @@ def pipeline_rate(args) -> dict:
     image.block_until_ready()
     seconds = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
-    return dict(windows_s=batches * batch / seconds, seconds=seconds / batches, cores=len(cores),
-                host_cpu_ms_per_window=cpu * 1e3 / (batches * batch), volumes=PIPELINE_VOLUMES,
-                versions=f"keras {keras.__version__}, backend {keras.backend.backend()}")
+    result = dict(windows_s=batches * batch / seconds, seconds=seconds / batches, cores=len(cores),
+                  host_cpu_ms_per_window=cpu * 1e3 / (batches * batch), volumes=PIPELINE_VOLUMES,
+                  versions=f"keras {keras.__version__}, backend {keras.backend.backend()}")
+    result.update(_fed_training_step(args, step, state, images_dev, labels_dev, rows))
+    return result
+
+
+def _fed_training_step(args, augment_step, augment_state, images_dev, labels_dev, rows) -> dict:
+    """The share of a training step that waits for input when the pipeline above feeds it.
+
+    HighResNet3D's float32 training step (Dice loss, Adam; Keras' stateless
+    API under ``jax.jit``) on batches of 4, timed alone on one fixed batch and
+    fed by the pipeline (host positions, then cut, augmentation and step in one
+    compiled call).  The waiting share is ``1 - alone / fed``: what the input
+    path adds to a step.
+    """
+    import jax
+    import keras
+    import numpy as np
+
+    from highres3d.losses import DiceLoss
+    from highres3d.models import HighResNet3D
+
+    keras.utils.set_random_seed(0)
+    model = HighResNet3D(in_channels=2, num_classes=2)
+    model.build((None,) + (args.size,) * 3 + (2,))
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+    loss_fn = DiceLoss()
+
+    def loss_of(trainable, non_trainable, x, y):
+        logits, non_trainable = model.stateless_call(trainable, non_trainable, x, training=True)
+        return loss_fn(y, logits), non_trainable
+
+    gradient = jax.value_and_grad(loss_of, has_aux=True)
+
+    def train(state, x, y):
+        trainable, non_trainable, slots = state
+        (loss, non_trainable), grads = gradient(trainable, non_trainable, x, keras.ops.cast(y, "int32"))
+        trainable, slots = optimizer.stateless_apply(slots, grads, trainable)
+        return loss, (trainable, non_trainable, slots)
+
+    def fed(state, aug_state, positions):
+        image, label, aug_state = augment_step(aug_state, images_dev, labels_dev, positions)
+        loss, state = train(state, image, label)
+        return loss, state, aug_state
+
+    alone, fed = jax.jit(train), jax.jit(fed)
+    state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+             [v.value for v in optimizer.variables])
+    x, y, _ = augment_step(augment_state, images_dev, labels_dev, rows())
+    steps = max(3, 2 * args.reps)
+
+    def timed(call):
+        nonlocal state, augment_state
+        for i in range(steps + 2):  # two untimed: compilation
+            if i == 2:
+                t0 = time.perf_counter()
+            loss, state, augment_state = call(state, augment_state)
+        np.asarray(loss)
+        return (time.perf_counter() - t0) / steps
+
+    step_alone = timed(lambda state, aug: alone(state, x, y) + (aug,))
+    step_fed = timed(lambda state, aug: fed(state, aug, rows()))
+    return dict(step_alone_s=step_alone, step_fed_s=step_fed, wait_fraction=max(0.0, 1.0 - step_alone / step_fed))
 
 
 @functools.cache
@@ -396,10 +460,13 @@ def table(rows: list[dict]) -> str:
                          f"{r['windows_s']:.0f} | - | - | {judged('≥ 1,000', r['windows_s'] >= 1000)} |")
             continue
         if r["what"] == "pipeline":
+            fed = (f"; feeding HighResNet3D's training step: {r['step_fed_s'] * 1e3:.0f} ms a step against "
+                   f"{r['step_alone_s'] * 1e3:.0f} ms alone, {100 * r['wait_fraction']:.1f} % waiting for input"
+                   if "wait_fraction" in r else "")
             lines.append(f"| augmented windows/s delivered as batches of {r['batch']} of {r['size']}³, {r['cores']} host "
                          f"cores, volumes on the device (class-weighted positions from the host, cut + RandomAffine3D "
-                         f"in one compiled call; {r['host_cpu_ms_per_window']:.2f} host CPU-ms a window) | float32 | "
-                         f"{r['windows_s']:.0f} | - | - | {judged('≥ 1,000', r['windows_s'] >= 1000)} |")
+                         f"in one compiled call; {r['host_cpu_ms_per_window']:.2f} host CPU-ms a window{fed}) | "
+                         f"float32 | {r['windows_s']:.0f} | - | - | {judged('≥ 1,000', r['windows_s'] >= 1000)} |")
             continue
         if r["what"] == "windows":
             lines.append(f"| whole volume {r['size']} in {r['window']}³ windows (overlap {WINDOW_OVERLAP}, gaussian, "
@@ -483,7 +550,9 @@ def main() -> int:
                       **result))
         print(f"  ours delivered pipeline, {result['cores']} host cores, volumes on the device: "
               f"{result['windows_s']:.0f} augmented windows/s ({result['host_cpu_ms_per_window']:.2f} host CPU-ms "
-              "a window)", file=sys.stderr, flush=True)
+              f"a window); training step fed by it {result['step_fed_s'] * 1e3:.0f} ms, alone "
+              f"{result['step_alone_s'] * 1e3:.0f} ms, {100 * result['wait_fraction']:.1f} % waiting",
+              file=sys.stderr, flush=True)
     if args.part in ("both", "peer"):
         peer(args, rows)
     if args.part == "none":
