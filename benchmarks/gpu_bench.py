@@ -130,7 +130,7 @@ PIPELINE_CORES = 2
 PIPELINE_VOLUMES = 2
 
 
-def pipeline_rate(args) -> dict:
+def pipeline_rate(args, rows: Rows) -> None:
     """Augmented windows/s delivered as batches with 2 host cores and the volumes on the device (item 3).
 
     What ``training.cache: device`` with ``augmentation.device: accelerator``
@@ -178,7 +178,7 @@ def pipeline_rate(args) -> dict:
     images_dev, labels_dev = jax.device_put(np.stack(images)), jax.device_put(np.stack(labels))
     del images, labels
 
-    def rows():
+    def windows_rows():
         """(volume, crop start in the padded volume) per window: what the host sends each batch."""
         which = rng.integers(0, PIPELINE_VOLUMES, size=batch)
         starts = np.concatenate([sampler.locations(volumes[v], 1, rng, states[v]) for v in which])
@@ -195,7 +195,7 @@ def pipeline_rate(args) -> dict:
         return image, label, state
 
     step = jax.jit(step)
-    first = rows()
+    first = windows_rows()
     image, label = jax.jit(jax.vmap(cut, in_axes=(None, None, 0)))(images_dev, labels_dev, first)
     for row, got, got_label in zip(first, np.asarray(image), np.asarray(label)):
         start = row[1:] - pad
@@ -206,24 +206,30 @@ def pipeline_rate(args) -> dict:
     layer.build(((batch,) + crop_size + (2,), (batch,) + crop_size))  # no weights: marks it ready for stateless_call
     state = [v.value for v in layer.non_trainable_variables]
     for _ in range(2):  # compilation
-        out = step(state, images_dev, labels_dev, rows())
+        out = step(state, images_dev, labels_dev, windows_rows())
         state = out[2]
         out[0].block_until_ready()
     batches = max(5, 20 * args.reps)
     cpu0, t0 = time.process_time(), time.perf_counter()
     for _ in range(batches):
-        image, label, state = step(state, images_dev, labels_dev, rows())
+        image, label, state = step(state, images_dev, labels_dev, windows_rows())
     image.block_until_ready()
     seconds = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
-    result = dict(windows_s=batches * batch / seconds, seconds=seconds / batches, cores=len(cores),
-                  host_cpu_ms_per_window=cpu * 1e3 / (batches * batch), volumes=PIPELINE_VOLUMES,
-                  versions=f"keras {keras.__version__}, backend {keras.backend.backend()}")
-    result.update(_fed_training_step(args, step, state, images_dev, labels_dev, rows))
-    return result
+    row = dict(method="highres3d", precision="float32", what="pipeline", batch=batch, size=size,
+               windows_s=batches * batch / seconds, seconds=seconds / batches, cores=len(cores),
+               host_cpu_ms_per_window=cpu * 1e3 / (batches * batch), volumes=PIPELINE_VOLUMES,
+               versions=f"keras {keras.__version__}, backend {keras.backend.backend()}")
+    rows.add(row)  # saved before the training step is compiled: a time limit there keeps the delivered rate
+    print(f"  ours delivered pipeline, {len(cores)} host cores, volumes on the device: {row['windows_s']:.0f} "
+          f"augmented windows/s ({row['host_cpu_ms_per_window']:.2f} host CPU-ms a window)", file=sys.stderr, flush=True)
+    row.update(_fed_training_step(args, step, state, images_dev, labels_dev, windows_rows))
+    rows.save()
+    print(f"  training step fed by it {row['step_fed_s'] * 1e3:.0f} ms, alone {row['step_alone_s'] * 1e3:.0f} ms: "
+          f"{100 * row['wait_fraction']:.1f} % waiting for input", file=sys.stderr, flush=True)
 
 
-def _fed_training_step(args, augment_step, augment_state, images_dev, labels_dev, rows) -> dict:
+def _fed_training_step(args, augment_step, augment_state, images_dev, labels_dev, positions) -> dict:
     """The share of a training step that waits for input when the pipeline above feeds it.
 
     HighResNet3D's float32 training step (Dice loss, Adam; Keras' stateless
@@ -258,15 +264,15 @@ def _fed_training_step(args, augment_step, augment_state, images_dev, labels_dev
         trainable, slots = optimizer.stateless_apply(slots, grads, trainable)
         return loss, (trainable, non_trainable, slots)
 
-    def fed(state, aug_state, positions):
-        image, label, aug_state = augment_step(aug_state, images_dev, labels_dev, positions)
+    def fed(state, aug_state, batch_positions):
+        image, label, aug_state = augment_step(aug_state, images_dev, labels_dev, batch_positions)
         loss, state = train(state, image, label)
         return loss, state, aug_state
 
     alone, fed = jax.jit(train), jax.jit(fed)
     state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
              [v.value for v in optimizer.variables])
-    x, y, _ = augment_step(augment_state, images_dev, labels_dev, rows())
+    x, y, _ = augment_step(augment_state, images_dev, labels_dev, positions())
     steps = max(3, 2 * args.reps)
 
     def timed(call):
@@ -279,7 +285,7 @@ def _fed_training_step(args, augment_step, augment_state, images_dev, labels_dev
         return (time.perf_counter() - t0) / steps
 
     step_alone = timed(lambda state, aug: alone(state, x, y) + (aug,))
-    step_fed = timed(lambda state, aug: fed(state, aug, rows()))
+    step_fed = timed(lambda state, aug: fed(state, aug, positions()))
     return dict(step_alone_s=step_alone, step_fed_s=step_fed, wait_fraction=max(0.0, 1.0 - step_alone / step_fed))
 
 
@@ -545,14 +551,7 @@ def main() -> int:
     if args.part in ("both", "ours"):
         ours(args, rows)
     if args.part == "pipeline":
-        result = pipeline_rate(args)
-        rows.add(dict(method="highres3d", precision="float32", what="pipeline", batch=AUGMENT_BATCH, size=args.size,
-                      **result))
-        print(f"  ours delivered pipeline, {result['cores']} host cores, volumes on the device: "
-              f"{result['windows_s']:.0f} augmented windows/s ({result['host_cpu_ms_per_window']:.2f} host CPU-ms "
-              f"a window); training step fed by it {result['step_fed_s'] * 1e3:.0f} ms, alone "
-              f"{result['step_alone_s'] * 1e3:.0f} ms, {100 * result['wait_fraction']:.1f} % waiting",
-              file=sys.stderr, flush=True)
+        pipeline_rate(args, rows)
     if args.part in ("both", "peer"):
         peer(args, rows)
     if args.part == "none":
