@@ -178,10 +178,10 @@ def ours_sampling(volume, other, quick: bool) -> list[dict]:
 
     ``volume`` is the subject as the trainer stores it, ``other`` in the other memory layout.
     """
-    from highres3d.samplers import ClassWeightedSampler, UniformSampler, WeightedSampler, in_layout, is_channel_major
+    from highres3d.samplers import ClassWeightedSampler, UniformSampler, WeightedSampler, is_channel_major
 
     interleaved, major = (other, volume) if is_channel_major(volume.image) else (volume, other)
-    image, label = in_layout(interleaved.image, "interleaved"), interleaved.label
+    image, label = interleaved.image, interleaved.label
 
     reps = 2 if quick else 7
     n_fast = 30 if quick else 200

@@ -156,14 +156,14 @@ def fastest_layout(image: np.ndarray, window_size: int | Sequence[int]) -> tuple
         arrays = {name: in_layout(image, name) for name in LAYOUTS}
         size = tuple(min(w, n) for w, n in zip(window, image.shape[:3]))
         rng = np.random.default_rng(0)
-        starts = rng.integers(0, np.asarray(image.shape[:3]) - size + 1, size=(64, 3))
-        for start in starts[:2 * _STAGE_TRIALS]:
+        high = np.asarray(image.shape[:3]) - size + 1  # windows inside the volume: one copy each, no fill
+        for start in rng.integers(0, high, size=(2 * _STAGE_TRIALS, 3)):
             crop(arrays["interleaved"], start, size)  # lets the staged/direct choice of this geometry settle first
         best = dict.fromkeys(LAYOUTS, float("inf"))
         for r in range(_PROBE_ROUNDS):
             for name in LAYOUTS if r % 2 else LAYOUTS[::-1]:
                 t0 = time.perf_counter()
-                for start in rng.integers(0, np.asarray(image.shape[:3]) - size + 1, size=(_PROBE_WINDOWS, 3)):
+                for start in rng.integers(0, high, size=(_PROBE_WINDOWS, 3)):
                     crop(arrays[name], start, size)
                 best[name] = min(best[name], (time.perf_counter() - t0) / _PROBE_WINDOWS)
         rates = {name: 1.0 / seconds for name, seconds in best.items()}
