@@ -29,28 +29,39 @@ aggregator therefore keeps a float32 accumulator only for the slab of
 ``window_x`` planes currently being covered (a ring: padded plane ``p`` lives
 at ``p % window_x``, so nothing is shifted), finalises the planes it leaves
 behind (argmax to uint8 for labels) and reuses them for the planes ahead.
+The ring is split along z into columns, one per window start along z
+(``window_z`` wide), wherever that holds at most
+:data:`COLUMNS_APART_MAX_RATIO` (2) times the memory of one ring over the
+padded width; otherwise every window shares that one ring.
+
 Two-class labels accumulate a single channel, the weighted logit difference
 ``l1 - l0``, whose sign is the label (half the memory traffic and buffer);
 ``predict_volume`` has a Keras model compute that difference inside its
 compiled call (:func:`highres3d.inference.two_class_margin_fn`), so the
 aggregator reads one channel per window instead of two.  For labels the
-largest float buffer is ``window_x * Y * Z * C`` float32 (BraTS 240×240×155,
-96-voxel windows, 2 classes: 29 MB, against 71 MB for a full accumulator;
-100 classes at 384³ with 128³ windows: 7.5 GB instead of 22.6 GB); ``crop``
-needs no float buffer at all.  Only ``probabilities``/``logits`` output holds a
+largest float buffer is ``window_x * Y * Z * C`` float32 for one ring (BraTS
+240×240×155, 96-voxel windows, 2 classes: 29 MB, against 71 MB for a full
+accumulator; 100 classes at 384³ with 128³ windows: 7.5 GB instead of 22.6 GB),
+at most twice that as columns (:attr:`GridAggregator.buffer_bytes` tells);
+``crop`` needs no float buffer at all.  Only ``probabilities``/``logits`` output holds a
 full (X, Y, Z, C) float32 array, because that is what is returned.
 
-Speed: blending is bound by memory traffic, not arithmetic.  Each window's
-output is read once, in blocks of y-z planes holding about 1 MB of it, and its
-weighted contribution is added to the ring while those planes are in cache.  Gaussian weights are
-separable too: for two-class labels a block is multiplied by one y-z plane of
+Speed: blending is bound by memory traffic, not arithmetic, and the model
+call between two windows pushes the accumulator out of the CPU caches.  In a
+column of its own, each y-z plane of a window is one contiguous block of
+memory, which the processor streams from main memory about 3x faster than the
+96 short strided rows the same plane spans in a ring over the whole width (in
+place after a model call, 2 CPUs: 0.24 against 0.71 ms per 96³ window; see
+docs/performance.md).  The columns are summed plane by plane, in cache, when
+planes are finalised.  Each window's output is read once, in blocks of y-z
+planes holding about 1 MB of it.  Gaussian weights are separable too: for two-class labels a block is multiplied by one y-z plane of
 weights and a scalar per x plane (no 3-D weight array is read per window);
 with more channels a read-only (x, y, z, C) weight array is built once per
 window size and kept.  Threads take one contiguous run of blocks each rather
 than a task per block (fewer hand-overs between threads).  What is
 left per window is reading its output (2 × 96³ float32 = 7 MB, or the 3.5 MB
-margin of a two-class model) and one read-modify-write of the ring over the
-window (3.5 MB): see
+margin of a two-class model) and one read-modify-write of its column (3.5 MB):
+see
 docs/performance.md for what that costs against MONAI.
 """
 from __future__ import annotations
@@ -65,7 +76,8 @@ import numpy as np
 from highres3d.samplers.grid import GridSampler
 from highres3d.workers import available_cpus
 
-__all__ = ["GridAggregator", "BLEND_MODES", "OUTPUTS", "argmax_channels", "gaussian_profile", "softmax"]
+__all__ = ["GridAggregator", "BLEND_MODES", "OUTPUTS", "COLUMNS_APART_MAX_RATIO", "argmax_channels", "gaussian_profile",
+           "softmax"]
 
 BLEND_MODES = ("crop", "average", "gaussian")
 OUTPUTS = ("labels", "probabilities", "logits")
@@ -174,6 +186,38 @@ def _split_runs(items: list, parts: int) -> list[list]:
     return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+#: Columns are kept apart while they hold at most this many times the ring's memory.
+COLUMNS_APART_MAX_RATIO = 2.0
+
+
+def _column_layout(sampler: GridSampler, channels: tuple) -> tuple[np.ndarray, list[int], list[int], list[int]]:
+    """The accumulator: a ring of ``window_x`` planes, split along z into columns.
+
+    Window ``k`` along z adds into column ``column_of[k]`` from z offset
+    ``z_offset[k]``. Each window gets a column of its own (``window_z`` wide)
+    where that costs at most :data:`COLUMNS_APART_MAX_RATIO` times one ring
+    over the whole padded width: a window's y-z plane is then one contiguous
+    block of the column, and adding to it runs about 3x faster once the model
+    has pushed the accumulator out of cache than the strided rows of a shared
+    ring (docs/performance.md). Otherwise all windows share one column, the
+    padded width. Columns are summed plane by plane when planes are finalised.
+
+    Returns (columns array (n, window_x, Y, width) + channels, each column's
+    padded z start, column_of, z_offset).
+    """
+    wx, wy, wz = sampler.window
+    _, py, pz = sampler.padded_shape
+    z_starts = [int(z) for z in sampler.starts[2]]
+    if 1 < len(z_starts) and len(z_starts) * wz <= COLUMNS_APART_MAX_RATIO * pz:
+        column_z, width = z_starts, wz
+        column_of, z_offset = list(range(len(z_starts))), [0] * len(z_starts)
+    else:
+        column_z, width = [0], pz
+        column_of, z_offset = [0] * len(z_starts), z_starts
+    columns = np.zeros((len(column_z), wx, py, width) + channels, dtype=np.float32)
+    return columns, column_z, column_of, z_offset
+
+
 def _label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
 
@@ -242,16 +286,19 @@ class GridAggregator:
                 else:
                     weights = _gaussian_weights(tuple(sampler.window), float(sigma_scale), self.num_classes)
             self._weights = weights
-            _, py, pz = sampler.padded_shape
-            # A ring of window_x planes: padded plane p lives at p % window_x, so
-            # moving on along x never copies the planes that are kept.
-            self._slab = np.zeros((sampler.window[0], py, pz) + channels, dtype=np.float32)
-            self._slab_start = 0
+            self._columns, self._column_z, self._column_of, self._z_offset = _column_layout(sampler, channels)
             self._threads = _resolve_threads(threads)
             self._pool = _thread_pool(self._threads)
             self._local = threading.local()
+            self._slab_start = 0
             self._group = 0
             self._group_counts = np.zeros(self.sampler.grid_shape[0], dtype=np.int64)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the float accumulator held while blending (0 for ``crop``); the output is not counted."""
+        columns = getattr(self, "_columns", None)
+        return 0 if columns is None else int(columns.nbytes)
 
     # ------------------------------------------------------------------ feeding
 
@@ -308,7 +355,7 @@ class GridAggregator:
             self._out[tuple(dst)] = self._finish(part, None)
 
     def _accumulate(self, window: np.ndarray, start) -> None:
-        ix = self._grid_index(start)[0]
+        ix, _, iz = self._grid_index(start)
         if ix != self._group:
             per_group = self.sampler.grid_shape[1] * self.sampler.grid_shape[2]
             if ix < self._group or any(self._group_counts[g] != per_group for g in range(self._group, ix)):
@@ -320,8 +367,11 @@ class GridAggregator:
             self._group = ix
         self._group_counts[ix] += 1
         wx, wy, wz = self.sampler.window
-        x0, y0, z0 = (int(v) for v in start)
-        slab = self._slab
+        x0, y0 = int(start[0]), int(start[1])
+        # The window's own column of the accumulator (see _column_layout): y-z planes of
+        # one contiguous block each where columns are kept apart.
+        column = self._columns[self._column_of[iz]]
+        z0 = self._z_offset[iz]
         weights = self._weights
         difference = self._difference
         # The model's own l1 - l0 (two_class_margin_fn): nothing left to subtract, half the bytes to read.
@@ -330,7 +380,7 @@ class GridAggregator:
         def add_planes(lo: int, hi: int) -> None:
             # Window planes [lo, hi) sit in ring planes [r, r + hi - lo), never across the wrap.
             r = (x0 + lo) % wx
-            target = slab[r:r + hi - lo, y0:y0 + wy, z0:z0 + wz]
+            target = column[r:r + hi - lo, y0:y0 + wy, z0:z0 + wz]
             if weights is None and (margins or not difference):
                 target += window[lo:hi]  # unweighted and already one value per accumulated voxel
                 return
@@ -385,10 +435,12 @@ class GridAggregator:
         before = self.sampler.pad_before
         x_end = before[0] + self.sampler.shape[0]
         ys = slice(before[1], before[1] + self.sampler.shape[1])
-        zs = slice(before[2], before[2] + self.sampler.shape[2])
+        z_lo, z_hi = before[2], before[2] + self.sampler.shape[2]
+        columns = self._columns
         chunks = []
         p = self._slab_start
-        step = _block_planes(self._slab[0].nbytes)
+        # Blocks of about _BLOCK_BYTES of finished planes (the gathered sums are that size).
+        step = _block_planes(self.sampler.shape[1] * self.sampler.shape[2] * columns[0, 0, 0, 0].nbytes)
         while p < until:
             # Contiguous ring runs, split further into blocks for the threads.
             r = p % wx
@@ -401,7 +453,12 @@ class GridAggregator:
             r = p % wx
             lo, hi = max(p, before[0]), min(q, x_end)
             if hi > lo:
-                part = self._slab[r + lo - p:r + hi - p, ys, zs]
+                rows = slice(r + lo - p, r + hi - p)
+                if len(columns) == 1:
+                    part = columns[0, rows, ys, z_lo:z_hi]
+                else:
+                    part = self._scratch((hi - lo, self.sampler.shape[1], z_hi - z_lo) + columns.shape[4:])
+                    self._gather_columns(rows, ys, z_lo, z_hi, part)
                 dst = self._out[lo - before[0]:hi - before[0]]
                 if self._difference:
                     _margin_labels(part, dst)
@@ -412,10 +469,10 @@ class GridAggregator:
                     norm = (
                         self._axis_sums[0][lo:hi, None, None]
                         * self._axis_sums[1][None, ys, None]
-                        * self._axis_sums[2][None, None, zs]
+                        * self._axis_sums[2][None, None, z_lo:z_hi]
                     )[..., None]
                     dst[...] = self._finish(part, norm)
-            self._slab[r:r + q - p] = 0
+            columns[:, r:r + q - p] = 0
 
         def finish_run(run) -> None:
             for chunk in run:
@@ -426,6 +483,27 @@ class GridAggregator:
         else:
             list(self._pool.map(finish_run, _split_runs(chunks, self._threads)))
         self._slab_start = until
+
+    def _gather_columns(self, rows: slice, ys: slice, z_lo: int, z_hi: int, out: np.ndarray) -> None:
+        """Sum the columns' planes ``rows`` into ``out`` over padded z [z_lo, z_hi) (``out`` starts at z_lo).
+
+        Columns are in z order and together cover every padded plane, so each
+        voxel's first column copies and the later ones add: no zeroing pass.
+        """
+        width = self._columns.shape[3]
+        covered = z_lo
+        for column, z in zip(self._columns, self._column_z):
+            a, b = max(z, z_lo), min(z + width, z_hi)
+            if b <= a:
+                continue
+            shared = min(b, covered)
+            if shared > a:
+                target = out[:, :, a - z_lo:shared - z_lo]
+                target += column[rows, ys, a - z:shared - z]
+            if b > shared:
+                start = max(a, shared)
+                out[:, :, start - z_lo:b - z_lo] = column[rows, ys, start - z:b - z]
+            covered = max(covered, b)
 
     def _finish(self, logits: np.ndarray, norm) -> np.ndarray:
         if self.output == "labels":

@@ -4,6 +4,7 @@ import pytest
 from scipy import ndimage
 
 from highres3d.aggregators import GridAggregator, gaussian_profile, softmax
+from highres3d.aggregators.grid import COLUMNS_APART_MAX_RATIO
 from highres3d.errors import ConfigError
 from highres3d.samplers.grid import GridSampler, axis_starts
 
@@ -131,10 +132,24 @@ def test_labels_use_a_slab_not_a_full_accumulator():
     image = np.random.default_rng(3).normal(size=(40, 12, 10, 4)).astype(np.float32)
     s = GridSampler(image.shape[:3], 8, overlap=0.5)
     out, agg = run_grid(image, s, "gaussian", output="labels")
-    assert agg._slab.shape == (8, 12, 10, 4)  # window_x planes, not 40
+    assert agg._columns.shape[1] == 8  # window_x planes, not 40
+    ring_bytes = 8 * 12 * 10 * 4 * 4  # window_x planes of the padded y-z extent, 4 classes, float32
+    assert agg.buffer_bytes == agg._columns.nbytes <= COLUMNS_APART_MAX_RATIO * ring_bytes
     np.testing.assert_array_equal(out, image.argmax(-1))
     _, agg = run_grid(image, s, "crop", output="labels")
-    assert not hasattr(agg, "_slab")
+    assert agg.buffer_bytes == 0
+
+
+@pytest.mark.parametrize("overlap,apart", [(0.5, True), (0.75, False)])
+def test_windows_get_columns_of_their_own_only_within_the_memory_bound(overlap, apart):
+    """Apart, each window's y-z plane is one contiguous block; past the bound all share the ring."""
+    s = GridSampler((40, 12, 30), 8, overlap=overlap)
+    agg = GridAggregator(s, 2, "average")
+    ring_bytes = 8 * s.padded_shape[1] * s.padded_shape[2] * 4
+    assert (len(agg._columns) == s.grid_shape[2]) is apart
+    assert agg.buffer_bytes <= (COLUMNS_APART_MAX_RATIO if apart else 1) * ring_bytes
+    if apart:
+        assert agg._columns[0, 0, :8, :8].flags.c_contiguous  # one window's y-z plane
 
 
 def test_out_of_order_windows_are_rejected_and_counted():
@@ -204,9 +219,19 @@ def block_size(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["columns apart", "one ring"])
+def column_layout(request, monkeypatch):
+    """Each window in a column of its own (the default where memory allows) and all sharing one ring."""
+    import highres3d.aggregators.grid as grid
+
+    if request.param == "one ring":
+        monkeypatch.setattr(grid, "COLUMNS_APART_MAX_RATIO", 0.0)
+    return request.param
+
+
 @pytest.mark.parametrize("blend", ["average", "gaussian"])
 @pytest.mark.parametrize("classes", [2, 3])
-def test_blending_matches_a_float64_reference(blend, classes, block_size):
+def test_blending_matches_a_float64_reference(blend, classes, block_size, column_layout):
     """A window-position-dependent model, so overlapping windows disagree and the weights matter."""
     image = np.random.default_rng(4).normal(size=(23, 17, 12, classes)).astype(np.float32)
     s = GridSampler(image.shape[:3], (9, 8, 7), overlap=0.4)
@@ -223,13 +248,14 @@ def test_blending_matches_a_float64_reference(blend, classes, block_size):
     clear = decided[..., -1] - decided[..., -2] > 1e-4  # leave out float32 near-ties
     np.testing.assert_array_equal(labels[clear], reference.argmax(-1)[clear])
     # two classes accumulate one channel (the logit difference) in a slab of window_x planes
-    assert agg._slab.shape == ((9, 17, 12) if classes == 2 else (9, 17, 12, classes))
+    assert agg._columns.shape[1:3] == (9, 17) and agg._columns.ndim == (4 if classes == 2 else 5)
+    assert len(agg._columns) == (s.grid_shape[2] if column_layout == "columns apart" else 1)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("shape,window,overlap", [((19, 13, 11), (8, 8, 8), 0.25), ((25, 9, 14), (10, 9, 6), 0.5)])
 def test_two_class_gaussian_labels_weight_the_difference_like_the_reference(threads, shape, window, overlap,
-                                                                           block_size):
+                                                                           block_size, column_layout):
     """Two-class labels blend one channel weighted from the 1-D profiles; the 3-D reference decides the sign."""
     image = np.random.default_rng(5).normal(size=shape + (2,)).astype(np.float32)
     s = GridSampler(shape, window, overlap=overlap)
