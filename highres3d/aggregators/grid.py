@@ -218,6 +218,21 @@ def _column_layout(sampler: GridSampler, channels: tuple) -> tuple[np.ndarray, l
     return columns, column_z, column_of, z_offset
 
 
+def _z_segments(column_z: list[int], width: int, z_lo: int, z_hi: int) -> list[tuple[int, int, list]]:
+    """Padded z [z_lo, z_hi) cut where a column starts or ends: (start, end, [(column, column z)...])."""
+    edges = {z_lo, z_hi}
+    for z in column_z:
+        edges.update(e for e in (z, z + width) if z_lo < e < z_hi)
+    edges = sorted(edges)
+    segments = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        cover = [(i, z) for i, z in enumerate(column_z) if z <= a and b <= z + width]
+        if not cover:  # the grid covers every voxel, so this is a bug, not bad input
+            raise AssertionError(f"padded z [{a}, {b}) is in no column")
+        segments.append((a, b, cover))
+    return segments
+
+
 def _label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
 
@@ -287,6 +302,8 @@ class GridAggregator:
                     weights = _gaussian_weights(tuple(sampler.window), float(sigma_scale), self.num_classes)
             self._weights = weights
             self._columns, self._column_z, self._column_of, self._z_offset = _column_layout(sampler, channels)
+            self._segments = _z_segments(self._column_z, self._columns.shape[3], sampler.pad_before[2],
+                                         sampler.pad_before[2] + sampler.shape[2])
             self._threads = _resolve_threads(threads)
             self._pool = _thread_pool(self._threads)
             self._local = threading.local()
@@ -429,17 +446,20 @@ class GridAggregator:
             buffer = local.buffer = np.empty(size, dtype=np.float32)
         return buffer[:size].reshape(shape)
 
-    def _flush(self, until: int) -> None:
-        """Finalise padded planes [slab_start, until), zero their ring planes and move on to ``until``."""
+    def _flush(self, until: int, zero: bool = True) -> None:
+        """Finalise padded planes [slab_start, until) and move on to ``until``.
+
+        ``zero`` clears their ring planes for the planes ahead (not needed after the last).
+        """
         wx = self.sampler.window[0]
         before = self.sampler.pad_before
         x_end = before[0] + self.sampler.shape[0]
         ys = slice(before[1], before[1] + self.sampler.shape[1])
-        z_lo, z_hi = before[2], before[2] + self.sampler.shape[2]
+        z_lo = before[2]
         columns = self._columns
         chunks = []
         p = self._slab_start
-        # Blocks of about _BLOCK_BYTES of finished planes (the gathered sums are that size).
+        # Blocks of about _BLOCK_BYTES of finished planes (a summed segment is at most that size).
         step = _block_planes(self.sampler.shape[1] * self.sampler.shape[2] * columns[0, 0, 0, 0].nbytes)
         while p < until:
             # Contiguous ring runs, split further into blocks for the threads.
@@ -454,25 +474,22 @@ class GridAggregator:
             lo, hi = max(p, before[0]), min(q, x_end)
             if hi > lo:
                 rows = slice(r + lo - p, r + hi - p)
-                if len(columns) == 1:
-                    part = columns[0, rows, ys, z_lo:z_hi]
-                else:
-                    part = self._scratch((hi - lo, self.sampler.shape[1], z_hi - z_lo) + columns.shape[4:])
-                    self._gather_columns(rows, ys, z_lo, z_hi, part)
                 dst = self._out[lo - before[0]:hi - before[0]]
-                if self._difference:
-                    _margin_labels(part, dst)
-                elif self.output == "labels":
-                    # A positive per-voxel weight sum does not change the argmax.
-                    argmax_channels(part, out=dst)
-                else:
-                    norm = (
-                        self._axis_sums[0][lo:hi, None, None]
-                        * self._axis_sums[1][None, ys, None]
-                        * self._axis_sums[2][None, None, z_lo:z_hi]
-                    )[..., None]
-                    dst[...] = self._finish(part, norm)
-            columns[:, r:r + q - p] = 0
+                for z_a, z_b, cover in self._segments:
+                    # A segment one column covers is finalised from that column in place;
+                    # where columns overlap, their sum goes through a scratch block in cache.
+                    (first, z_first), *more = cover
+                    part = columns[first, rows, ys, z_a - z_first:z_b - z_first]
+                    if more:
+                        total = self._scratch(part.shape)
+                        (second, z_second), *more = more
+                        np.add(part, columns[second, rows, ys, z_a - z_second:z_b - z_second], out=total)
+                        for column, z in more:
+                            total += columns[column, rows, ys, z_a - z:z_b - z]
+                        part = total
+                    self._finalise(part, dst[:, :, z_a - z_lo:z_b - z_lo], slice(lo, hi), ys, slice(z_a, z_b))
+            if zero:
+                columns[:, r:r + q - p] = 0
 
         def finish_run(run) -> None:
             for chunk in run:
@@ -484,26 +501,20 @@ class GridAggregator:
             list(self._pool.map(finish_run, _split_runs(chunks, self._threads)))
         self._slab_start = until
 
-    def _gather_columns(self, rows: slice, ys: slice, z_lo: int, z_hi: int, out: np.ndarray) -> None:
-        """Sum the columns' planes ``rows`` into ``out`` over padded z [z_lo, z_hi) (``out`` starts at z_lo).
-
-        Columns are in z order and together cover every padded plane, so each
-        voxel's first column copies and the later ones add: no zeroing pass.
-        """
-        width = self._columns.shape[3]
-        covered = z_lo
-        for column, z in zip(self._columns, self._column_z):
-            a, b = max(z, z_lo), min(z + width, z_hi)
-            if b <= a:
-                continue
-            shared = min(b, covered)
-            if shared > a:
-                target = out[:, :, a - z_lo:shared - z_lo]
-                target += column[rows, ys, a - z:shared - z]
-            if b > shared:
-                start = max(a, shared)
-                out[:, :, start - z_lo:b - z_lo] = column[rows, ys, start - z:b - z]
-            covered = max(covered, b)
+    def _finalise(self, sums: np.ndarray, dst: np.ndarray, xs: slice, ys: slice, zs: slice) -> None:
+        """Weighted sums of padded voxels ``(xs, ys, zs)`` -> their output ``dst``."""
+        if self._difference:
+            _margin_labels(sums, dst)
+        elif self.output == "labels":
+            # A positive per-voxel weight sum does not change the argmax.
+            argmax_channels(sums, out=dst)
+        else:
+            norm = (
+                self._axis_sums[0][xs, None, None]
+                * self._axis_sums[1][None, ys, None]
+                * self._axis_sums[2][None, None, zs]
+            )[..., None]
+            dst[...] = self._finish(sums, norm)
 
     def _finish(self, logits: np.ndarray, norm) -> np.ndarray:
         if self.output == "labels":
@@ -520,5 +531,5 @@ class GridAggregator:
         if self._received != len(self.sampler):
             raise ValueError(f"received {self._received} windows, the grid has {len(self.sampler)}")
         if self.blend != "crop" and self._slab_start < self.sampler.padded_shape[0]:
-            self._flush(self.sampler.padded_shape[0])
+            self._flush(self.sampler.padded_shape[0], zero=False)
         return self._out
