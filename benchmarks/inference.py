@@ -18,6 +18,13 @@ gets the Keras model, as users call it: for two-class labels its compiled call
 returns the margin l1 - l0 (one channel, ``two_class_margin_fn``), and the
 model-only pass and "blending alone" use that same call's outputs.
 
+Two more figures time highres3d's aggregator without the model beside it:
+"blending alone" replays stored outputs back to back (its memory stays in the
+CPU caches), and "in place" feeds each window right after its model call, as
+predict_volume does, which is what blending costs in use; "in place, one ring"
+is the same with every window sharing one ring over the padded width (the
+layout before the accumulator was split into columns), an A/B in the same run.
+
 The peers (torch) live in another virtual environment, whose interpreter
 comes from ``--peers-python`` or ``$HIGHRES3D_PEERS_PYTHON`` (see
 benchmarks/README.md): the script re-runs itself there with ``--peers-json``
@@ -50,6 +57,9 @@ CHANNELS = 2
 ROI = 96
 OVERLAPS = (0.0, 0.25, 0.5)
 BLENDS = ("crop", "average", "gaussian")
+#: highres3d's aggregator timed without the model beside it: on stored outputs, and fed right after each model call
+#: (with its columns, and with one ring for the A/B).
+BLENDING_ONLY = ("alone", "in_place", "in_place_ring")
 
 
 def make_volume() -> np.ndarray:
@@ -87,17 +97,20 @@ def summarise(rounds: list[list[dict]]) -> list[dict]:
             key = (r["method"], r["overlap"], r["mode"])
             if key not in pooled:
                 pooled[key] = dict(r, totals=[], stitches=[])
-                pooled[key].pop("alone", None)
+                for name in BLENDING_ONLY:
+                    pooled[key].pop(name, None)
             pooled[key]["totals"] += r["totals"]
             pooled[key]["stitches"] += r["stitches"]
-            if "alone" in r:
-                pooled[key].setdefault("alone_samples", []).extend(r["alone"])
+            for name in BLENDING_ONLY:
+                if name in r:
+                    pooled[key].setdefault(name + "_samples", []).extend(r[name])
     for r in pooled.values():
         r["total"] = min(r["totals"])
         r["stitch"] = float(np.median(r["stitches"]))
         r["samples"] = len(r["stitches"])
-        if "alone_samples" in r:
-            r["alone"] = float(np.median(r.pop("alone_samples")))
+        for name in BLENDING_ONLY:
+            if name + "_samples" in r:
+                r[name] = float(np.median(r.pop(name + "_samples")))
     return list(pooled.values())
 
 
@@ -164,6 +177,42 @@ def blending_alone(predict, volume, overlap: float, blend: str, reps: int) -> li
     return times[1:]
 
 
+def blending_in_place(predict, volume, overlap: float, blend: str, reps: int, one_ring: bool = False) -> list[float]:
+    """Seconds of the aggregator fed right after each window's model call, the model's time left out.
+
+    As in predict_volume, the model has just pushed the accumulator out of the
+    CPU caches when a window arrives; "blending alone" replays stored outputs
+    with nothing in between, so its memory stays in cache and it flatters the
+    blending (docs/performance.md). The aggregator runs inline here, not beside
+    the model. ``one_ring``: every window shares one ring over the padded width
+    (``COLUMNS_APART_MAX_RATIO = 0``), the layout before columns, for an A/B in
+    the same run.
+    """
+    import highres3d.aggregators.grid as grid
+    from highres3d.samplers.grid import GridSampler
+
+    sampler = GridSampler(SHAPE, ROI, overlap=overlap)
+    saved = grid.COLUMNS_APART_MAX_RATIO
+    if one_ring:
+        grid.COLUMNS_APART_MAX_RATIO = 0.0
+    times = []
+    try:
+        for _ in range(reps + 1):
+            spent, aggregator = 0.0, None
+            for x, y, z in sampler.locations:
+                out = predict(volume[None, x:x + ROI, y:y + ROI, z:z + ROI])
+                t0 = time.perf_counter()
+                aggregator = aggregator or grid.GridAggregator(sampler, 2, blend=blend)
+                aggregator.add_batch(out, [[x, y, z]])
+                spent += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            aggregator.result()
+            times.append(spent + time.perf_counter() - t0)
+    finally:
+        grid.COLUMNS_APART_MAX_RATIO = saved
+    return times[1:]
+
+
 def run_ours(args) -> list[dict]:
     import keras
     import tensorflow as tf
@@ -202,11 +251,15 @@ def run_ours(args) -> list[dict]:
         for blend in BLENDS:
             totals, stitches = samples[blend]
             alone = blending_alone(predict, volume, overlap, blend, args.reps)
-            rows.append(dict(method="highres3d", overlap=overlap, mode=blend, windows=n_windows(overlap),
-                             totals=totals, stitches=stitches, alone=alone))
+            in_place = blending_in_place(predict, volume, overlap, blend, args.reps)
+            row = dict(method="highres3d", overlap=overlap, mode=blend, windows=n_windows(overlap),
+                       totals=totals, stitches=stitches, alone=alone, in_place=in_place)
+            if blend != "crop":  # crop writes labels straight into the output: no accumulator
+                row["in_place_ring"] = blending_in_place(predict, volume, overlap, blend, args.reps, one_ring=True)
+            rows.append(row)
             print(f"  highres3d overlap {overlap} {blend}: {min(totals) * 1e3:.0f} ms, "
-                  f"stitching {np.median(stitches) * 1e3:.0f} ms, alone {np.median(alone) * 1e3:.0f} ms",
-                  file=sys.stderr, flush=True)
+                  f"stitching {np.median(stitches) * 1e3:.0f} ms, alone {np.median(alone) * 1e3:.0f} ms, "
+                  f"in place {np.median(in_place) * 1e3:.0f} ms", file=sys.stderr, flush=True)
 
     def seconds(fn):
         t0 = time.perf_counter()
@@ -387,16 +440,19 @@ def main() -> int:
         ratio = f"{r['stitch'] / ref['stitch']:.2f}" if ref and ref["stitch"] > 0 else "-"
         alone = f"{r['alone'] * 1e3:.0f}" if "alone" in r else "-"
         alone_ratio = f"{r['alone'] / ref['stitch']:.2f}" if "alone" in r and ref and ref["stitch"] > 0 else "-"
+        in_place = f"{r['in_place'] * 1e3:.0f}" if "in_place" in r else "-"
+        ring = f"{r['in_place_ring'] * 1e3:.0f}" if "in_place_ring" in r else "-"
         table.append([r["method"], r["overlap"], r["mode"], r["windows"], f"{r['total'] * 1e3:.0f}",
-                      f"{r['stitch'] * 1e3:.0f}", ratio, alone, alone_ratio])
+                      f"{r['stitch'] * 1e3:.0f}", ratio, alone, alone_ratio, in_place, ring])
     for r in (peers or {}).get("rows", []):
         table.append([r["method"], r["overlap"], r["mode"], n_windows(r["overlap"]) if r["method"] == "MONAI swi" else "-",
-                      f"{r['total'] * 1e3:.0f}", f"{r['stitch'] * 1e3:.0f}", "", "", ""])
+                      f"{r['total'] * 1e3:.0f}", f"{r['stitch'] * 1e3:.0f}", "", "", "", "", ""])
     print_table(table, ["method", "overlap", "mode", "windows", "total ms", "stitching ms", "stitching / MONAI",
-                        "blending alone ms", "alone / MONAI"])
+                        "blending alone ms", "alone / MONAI", "in place ms", "in place, one ring ms"])
     print("stitching = whole call minus model time (median of paired samples); blending alone = highres3d's aggregator "
-          "on the same model outputs with no model beside it (median); highres3d crop/average compare with "
-          "MONAI 'constant'.")
+          "on the same model outputs with no model beside it (median); in place = the aggregator inline right after "
+          "each model call, the model's time left out (median), with its columns and with one ring; highres3d "
+          "crop/average compare with MONAI 'constant'.")
 
     if args.real_net:
         real = run_ours_real(args) + (peers or {}).get("real", [])

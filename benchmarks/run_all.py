@@ -122,6 +122,9 @@ def inference_rows(data: dict) -> list[list[str]]:
         if r.get("alone") is not None:
             alone = f"; blending alone {r['alone'] * 1e3:.0f} ms" + (
                 f" = {r['alone'] / ref['stitch']:.2f} of MONAI's" if ref and ref["stitch"] > 0 else "")
+        if r.get("in_place") is not None:
+            alone += f"; in place after each model call {r['in_place'] * 1e3:.0f} ms" + (
+                f", one ring {r['in_place_ring'] * 1e3:.0f} ms" if r.get("in_place_ring") is not None else "")
         out.append([f"stitching ms, overlap {r['overlap']}, {r['mode']} (total ms: ours {r['total'] * 1e3:.0f}"
                     + (f", MONAI {ref['total'] * 1e3:.0f}" if ref else "") + alone + ")",
                     fmt(r["stitch"] * 1e3), fmt(ref["stitch"] * 1e3) if ref else "-", fmt(ratio, 2), "≤ 0.5",

@@ -74,7 +74,7 @@ def test_sections_render_ours_peer_ratio_target_and_met():
     assert rows[0][1:] == ["950", "900", "1.06", "≥ 1.0", "yes"]
     assert rows[2][3:] == ["0.95", "≥ 0.90", "yes"] and rows[3][-1] == "yes"
     inference = {"ours": [{"method": "highres3d", "overlap": 0.5, "mode": "gaussian", "total": 0.3, "stitch": 0.1,
-                           "alone": 0.05}],
+                           "alone": 0.05, "in_place": 0.02, "in_place_ring": 0.06}],
                  "peers": {"rows": [{"method": "MONAI swi", "overlap": 0.5, "mode": "gaussian", "total": 0.2,
                                      "stitch": 0.1}]}}
     cache = {"subjects": 6, "size": "full", "rows": [
@@ -90,7 +90,7 @@ def test_sections_render_ours_peer_ratio_target_and_met():
     assert against_ram[2:4] == ["500.0 (ours, ram)", "250.0x faster"] and windows[1:4] == ["760", "800 (ours, RAM)", "0.95"]
     stitching = run_all.inference_rows(inference)[0]
     assert stitching[1:] == ["100", "100", "1.00", "≤ 0.5", "no"]
-    assert "blending alone 50 ms = 0.50 of MONAI's" in stitching[0]
+    assert "blending alone 50 ms = 0.50 of MONAI's; in place after each model call 20 ms, one ring 60 ms" in stitching[0]
     step = {"min_s": 1.0}
     model = {"ours": {"default": [{"size": 32, "batch": 1, "train": step, "forward": step}]},
              "peer": [{"size": 32, "batch": 1, "train": {"min_s": 2.0}, "forward": {"min_s": 0.5}}]}
