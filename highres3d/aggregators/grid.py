@@ -218,21 +218,6 @@ def _column_layout(sampler: GridSampler, channels: tuple) -> tuple[np.ndarray, l
     return columns, column_z, column_of, z_offset
 
 
-def _z_segments(column_z: list[int], width: int, z_lo: int, z_hi: int) -> list[tuple[int, int, list]]:
-    """Padded z [z_lo, z_hi) cut where a column starts or ends: (start, end, [(column, column z)...])."""
-    edges = {z_lo, z_hi}
-    for z in column_z:
-        edges.update(e for e in (z, z + width) if z_lo < e < z_hi)
-    edges = sorted(edges)
-    segments = []
-    for a, b in zip(edges[:-1], edges[1:]):
-        cover = [(i, z) for i, z in enumerate(column_z) if z <= a and b <= z + width]
-        if not cover:  # the grid covers every voxel, so this is a bug, not bad input
-            raise AssertionError(f"padded z [{a}, {b}) is in no column")
-        segments.append((a, b, cover))
-    return segments
-
-
 def _label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
 
@@ -302,8 +287,6 @@ class GridAggregator:
                     weights = _gaussian_weights(tuple(sampler.window), float(sigma_scale), self.num_classes)
             self._weights = weights
             self._columns, self._column_z, self._column_of, self._z_offset = _column_layout(sampler, channels)
-            self._segments = _z_segments(self._column_z, self._columns.shape[3], sampler.pad_before[2],
-                                         sampler.pad_before[2] + sampler.shape[2])
             self._threads = _resolve_threads(threads)
             self._pool = _thread_pool(self._threads)
             self._local = threading.local()
@@ -455,12 +438,13 @@ class GridAggregator:
         before = self.sampler.pad_before
         x_end = before[0] + self.sampler.shape[0]
         ys = slice(before[1], before[1] + self.sampler.shape[1])
-        z_lo = before[2]
+        z_lo, z_hi = before[2], before[2] + self.sampler.shape[2]
+        padded_z, width = self.sampler.padded_shape[2], self._columns.shape[3]
         columns = self._columns
         chunks = []
         p = self._slab_start
-        # Blocks of about _BLOCK_BYTES of finished planes (a summed segment is at most that size).
-        step = _block_planes(self.sampler.shape[1] * self.sampler.shape[2] * columns[0, 0, 0, 0].nbytes)
+        # Blocks of about _BLOCK_BYTES of finished planes (the summed block is about that size).
+        step = _block_planes(self.sampler.shape[1] * padded_z * columns[0, 0, 0, 0].nbytes)
         while p < until:
             # Contiguous ring runs, split further into blocks for the threads.
             r = p % wx
@@ -475,19 +459,18 @@ class GridAggregator:
             if hi > lo:
                 rows = slice(r + lo - p, r + hi - p)
                 dst = self._out[lo - before[0]:hi - before[0]]
-                for z_a, z_b, cover in self._segments:
-                    # A segment one column covers is finalised from that column in place;
-                    # where columns overlap, their sum goes through a scratch block in cache.
-                    (first, z_first), *more = cover
-                    part = columns[first, rows, ys, z_a - z_first:z_b - z_first]
-                    if more:
-                        total = self._scratch(part.shape)
-                        (second, z_second), *more = more
-                        np.add(part, columns[second, rows, ys, z_a - z_second:z_b - z_second], out=total)
-                        for column, z in more:
-                            total += columns[column, rows, ys, z_a - z:z_b - z]
-                        part = total
-                    self._finalise(part, dst[:, :, z_a - z_lo:z_b - z_lo], slice(lo, hi), ys, slice(z_a, z_b))
+                if len(columns) == 1:
+                    sums = columns[0, rows, ys, z_lo:z_hi]
+                else:
+                    # The columns' planes summed in a scratch block in cache: one whole-column
+                    # add each (rows of window_z values), not one add per overlap segment.
+                    block = self._scratch((hi - lo, self.sampler.shape[1], padded_z) + columns.shape[4:])
+                    block[...] = 0
+                    for column, z in zip(columns, self._column_z):
+                        target = block[:, :, z:z + width]
+                        target += column[rows, ys]
+                    sums = block[:, :, z_lo:z_hi]
+                self._finalise(sums, dst, slice(lo, hi), ys, slice(z_lo, z_hi))
             if zero:
                 columns[:, r:r + q - p] = 0
 
