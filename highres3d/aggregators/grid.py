@@ -29,11 +29,6 @@ aggregator therefore keeps a float32 accumulator only for the slab of
 ``window_x`` planes currently being covered (a ring: padded plane ``p`` lives
 at ``p % window_x``, so nothing is shifted), finalises the planes it leaves
 behind (argmax to uint8 for labels) and reuses them for the planes ahead.
-Within an x group windows arrive y-outer, so the rows below a row of windows'
-y start are final too in the planes no later x group reaches: they are
-finalised a row of windows at a time, which spreads that work over the
-windows (it runs beside the model in ``predict_volume``) and leaves only the
-last row's planes for :meth:`GridAggregator.result`.
 The ring is split along z into columns, one per window start along z
 (``window_z`` wide), wherever that holds at most
 :data:`COLUMNS_APART_MAX_RATIO` (2) times the memory of one ring over the
@@ -295,12 +290,9 @@ class GridAggregator:
             self._threads = _resolve_threads(threads)
             self._pool = _thread_pool(self._threads)
             self._local = threading.local()
-            # Finished so far: every padded plane below _slab_start, and rows below
-            # _rows_done of the planes the current x group is the last to reach.
             self._slab_start = 0
-            self._rows_done = 0
-            self._group = (0, 0)  # the (x, y) grid index of the windows arriving now
-            self._counts = np.zeros(self.sampler.grid_shape[:2], dtype=np.int64)
+            self._group = 0
+            self._group_counts = np.zeros(self.sampler.grid_shape[0], dtype=np.int64)
 
     @property
     def buffer_bytes(self) -> int:
@@ -363,10 +355,17 @@ class GridAggregator:
             self._out[tuple(dst)] = self._finish(part, None)
 
     def _accumulate(self, window: np.ndarray, start) -> None:
-        ix, iy, iz = self._grid_index(start)
-        if (ix, iy) != self._group:
-            self._advance(ix, iy, start)
-        self._counts[ix, iy] += 1
+        ix, _, iz = self._grid_index(start)
+        if ix != self._group:
+            per_group = self.sampler.grid_shape[1] * self.sampler.grid_shape[2]
+            if ix < self._group or any(self._group_counts[g] != per_group for g in range(self._group, ix)):
+                raise ValueError(
+                    f"window at x={int(start[0])} arrived out of order: add windows in the sampler's order "
+                    "(x-outer), so finished planes can be released"
+                )
+            self._flush(int(self.sampler.starts[0][ix]))
+            self._group = ix
+        self._group_counts[ix] += 1
         wx, wy, wz = self.sampler.window
         x0, y0 = int(start[0]), int(start[1])
         # The window's own column of the accumulator (see _column_layout): y-z planes of
@@ -422,35 +421,6 @@ class GridAggregator:
             # hand-over each (24 per 96³ window), one run per thread costs one per thread.
             list(self._pool.map(add_run, _split_runs(blocks, self._threads)))
 
-    def _advance(self, ix: int, iy: int, start) -> None:
-        """Windows of grid row (ix, iy) begin: finish what no later window reaches.
-
-        In the sampler's order (x, then y, then z) every window of an earlier
-        row has arrived by now, so rows below this row's y start are final in
-        the planes no later x group covers, and every plane below this x
-        group's start is final. Finishing them a row of windows at a time
-        spreads the work over the windows, and leaves only the last row's
-        planes for :meth:`result`.
-        """
-        gx, gy, gz = self.sampler.grid_shape
-        if (ix, iy) < self._group or any(
-            self._counts[a, b] != gz
-            for a in range(self._group[0], ix + 1) for b in range(gy) if self._group <= (a, b) < (ix, iy)
-        ):
-            raise ValueError(
-                f"window at {tuple(int(v) for v in start)} arrived out of order: add windows in the sampler's "
-                "order (x-outer, then y), so finished planes can be released"
-            )
-        starts_x, starts_y = self.sampler.starts[0], self.sampler.starts[1]
-        padded_y = self.sampler.padded_shape[1]
-        if ix != self._group[0]:
-            self._finish_region(self._slab_start, int(starts_x[ix]), self._rows_done, padded_y)
-            self._slab_start, self._rows_done = int(starts_x[ix]), 0
-        last_reached = int(starts_x[ix + 1]) if ix + 1 < gx else self.sampler.padded_shape[0]
-        self._finish_region(self._slab_start, last_reached, self._rows_done, int(starts_y[iy]))
-        self._rows_done = max(self._rows_done, int(starts_y[iy]))
-        self._group = (ix, iy)
-
     def _scratch(self, shape: tuple) -> np.ndarray:
         local = self._local
         size = int(np.prod(shape))
@@ -459,28 +429,26 @@ class GridAggregator:
             buffer = local.buffer = np.empty(size, dtype=np.float32)
         return buffer[:size].reshape(shape)
 
-    def _finish_region(self, p0: int, p1: int, y0: int, y1: int, zero: bool = True) -> None:
-        """Finalise padded planes [p0, p1), rows [y0, y1), into the output.
+    def _flush(self, until: int, zero: bool = True) -> None:
+        """Finalise padded planes [slab_start, until) and move on to ``until``.
 
-        ``zero`` clears them in the ring for the planes ahead (not needed after the last).
+        ``zero`` clears their ring planes for the planes ahead (not needed after the last).
         """
-        if p1 <= p0 or y1 <= y0:
-            return
         wx = self.sampler.window[0]
         before = self.sampler.pad_before
         x_end = before[0] + self.sampler.shape[0]
-        ys = slice(max(y0, before[1]), min(y1, before[1] + self.sampler.shape[1]))
+        ys = slice(before[1], before[1] + self.sampler.shape[1])
         z_lo, z_hi = before[2], before[2] + self.sampler.shape[2]
         padded_z, width = self.sampler.padded_shape[2], self._columns.shape[3]
         columns = self._columns
         chunks = []
-        p = p0
+        p = self._slab_start
         # Blocks of about _BLOCK_BYTES of finished planes (the summed block is about that size).
-        step = _block_planes((y1 - y0) * padded_z * columns[0, 0, 0, 0].nbytes)
-        while p < p1:
+        step = _block_planes(self.sampler.shape[1] * padded_z * columns[0, 0, 0, 0].nbytes)
+        while p < until:
             # Contiguous ring runs, split further into blocks for the threads.
             r = p % wx
-            q = min(p1, p + wx - r, p + step)
+            q = min(until, p + wx - r, p + step)
             chunks.append((p, q))
             p = q
 
@@ -488,15 +456,15 @@ class GridAggregator:
             p, q = chunk
             r = p % wx
             lo, hi = max(p, before[0]), min(q, x_end)
-            if hi > lo and ys.stop > ys.start:
+            if hi > lo:
                 rows = slice(r + lo - p, r + hi - p)
-                dst = self._out[lo - before[0]:hi - before[0], ys.start - before[1]:ys.stop - before[1]]
+                dst = self._out[lo - before[0]:hi - before[0]]
                 if len(columns) == 1:
                     sums = columns[0, rows, ys, z_lo:z_hi]
                 else:
                     # The columns' planes summed in a scratch block in cache: one whole-column
                     # add each (rows of window_z values), not one add per overlap segment.
-                    block = self._scratch((hi - lo, ys.stop - ys.start, padded_z) + columns.shape[4:])
+                    block = self._scratch((hi - lo, self.sampler.shape[1], padded_z) + columns.shape[4:])
                     block[...] = 0
                     for column, z in zip(columns, self._column_z):
                         target = block[:, :, z:z + width]
@@ -504,7 +472,7 @@ class GridAggregator:
                     sums = block[:, :, z_lo:z_hi]
                 self._finalise(sums, dst, slice(lo, hi), ys, slice(z_lo, z_hi))
             if zero:
-                columns[:, r:r + q - p, y0:y1] = 0
+                columns[:, r:r + q - p] = 0
 
         def finish_run(run) -> None:
             for chunk in run:
@@ -514,6 +482,7 @@ class GridAggregator:
             finish_run(chunks)
         else:
             list(self._pool.map(finish_run, _split_runs(chunks, self._threads)))
+        self._slab_start = until
 
     def _finalise(self, sums: np.ndarray, dst: np.ndarray, xs: slice, ys: slice, zs: slice) -> None:
         """Weighted sums of padded voxels ``(xs, ys, zs)`` -> their output ``dst``."""
@@ -544,8 +513,6 @@ class GridAggregator:
         """The stitched volume on the sampler's (unpadded) shape."""
         if self._received != len(self.sampler):
             raise ValueError(f"received {self._received} windows, the grid has {len(self.sampler)}")
-        if self.blend != "crop":
-            padded = self.sampler.padded_shape
-            self._finish_region(self._slab_start, padded[0], self._rows_done, padded[1], zero=False)
-            self._slab_start, self._rows_done = padded[0], padded[1]
+        if self.blend != "crop" and self._slab_start < self.sampler.padded_shape[0]:
+            self._flush(self.sampler.padded_shape[0], zero=False)
         return self._out
