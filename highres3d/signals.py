@@ -14,6 +14,13 @@ atomic writes leave no partial file.  After the first SIGTERM or Ctrl-C,
 further ones are ignored, so the checkpoint being saved is not cut short (the
 scheduler may deliver the signal to every process of a job more than once).
 The library itself installs no handler: a notebook keeps its own.
+
+:func:`interrupts_deferred` holds SIGINT and SIGTERM back for the length of a
+block (a checkpoint or model save) and delivers them when it ends: an
+interrupt raised inside Keras' zip and HDF5 writing can leave the writer
+half-done, and the save that the interrupt itself asks for then hung (seen
+in a CI run, where the signal landed while the scheduled checkpoint of that
+iteration was being written).
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-__all__ = ["Terminated", "sigterm_as_interrupt", "ignore_further_interrupts"]
+__all__ = ["Terminated", "sigterm_as_interrupt", "ignore_further_interrupts", "interrupts_deferred"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -56,3 +63,33 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive within the block are delivered when it ends, as its previous handlers would.
+
+    An ignored signal stays ignored. Blocks nest. Only the main thread receives
+    signals; elsewhere the block changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def hold(signum, frame) -> None:
+        caught.append(signum)
+
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number, handler in previous.items():
+        # None: a handler installed outside Python, which cannot be restored from here.
+        if handler not in (signal.SIG_IGN, None):
+            signal.signal(number, hold)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            if signal.getsignal(number) is hold:
+                signal.signal(number, handler)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)

@@ -41,6 +41,7 @@ import numpy as np
 
 from highres3d.config import Config, dump_config
 from highres3d.errors import Highres3dError
+from highres3d.signals import interrupts_deferred
 from highres3d.utils import atomic_path
 
 CONFIG_FILE = "config.yaml"
@@ -240,7 +241,8 @@ class RunFolder:
 
     # ---- models
     def save_model(self, model: Any, path: Path) -> Path:
-        with atomic_path(path, overwrite=True) as tmp:
+        # Ctrl-C or SIGTERM waits for the save (see highres3d.signals.interrupts_deferred).
+        with interrupts_deferred(), atomic_path(path, overwrite=True) as tmp:
             model.save(str(tmp))
         return path
 
@@ -254,7 +256,13 @@ class RunFolder:
 
         Only the newest ``keep`` checkpoints stay.  The model file holds no
         optimizer because the training loop, not ``model.fit``, owns it.
+        A Ctrl-C or SIGTERM that arrives meanwhile is delivered once the
+        checkpoint is whole.
         """
+        with interrupts_deferred():
+            return self._save_checkpoint(model, loop_variables, state, keep)
+
+    def _save_checkpoint(self, model: Any, loop_variables: Sequence[Any], state: RunState, keep: int) -> Path:
         path = self.save_model(model, self.checkpoint_path(state.iteration))
         values = {f"v{i:05d}": np.asarray(v) for i, v in enumerate(loop_variables)}
         with atomic_path(self.loop_state_path(path), overwrite=True) as tmp:
