@@ -385,7 +385,10 @@ def write_run_folder(
         (staging / "config.yaml").write_text(
             f"# imported from NiftyNet checkpoint {report.checkpoint}\n" + dump_config(cfg)
         )
-        model.save(str(staging / "model.keras"))
+        from highres3d.signals import interrupts_deferred
+
+        with interrupts_deferred():  # a Ctrl-C inside Keras' save can hang it: it waits for the save
+            model.save(str(staging / "model.keras"))
         payload = dataclasses.asdict(report)
         payload["architecture"]["filters"] = list(arch["filters"])
         payload["notes"] = list(notes or [])
