@@ -45,6 +45,7 @@ from typing import Any, Optional
 import numpy as np
 
 from highres3d.errors import DataError, Highres3dError
+from highres3d.signals import interrupts_deferred
 from highres3d.utils import current_umask
 
 IMPORT_REPORT = "niftynet_import.json"
@@ -385,8 +386,6 @@ def write_run_folder(
         (staging / "config.yaml").write_text(
             f"# imported from NiftyNet checkpoint {report.checkpoint}\n" + dump_config(cfg)
         )
-        from highres3d.signals import interrupts_deferred
-
         with interrupts_deferred():  # a Ctrl-C inside Keras' save can hang it: it waits for the save
             model.save(str(staging / "model.keras"))
         payload = dataclasses.asdict(report)
