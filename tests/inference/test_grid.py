@@ -252,6 +252,33 @@ def test_blending_matches_a_float64_reference(blend, classes, block_size, column
     assert len(agg._columns) == (s.grid_shape[2] if column_layout == "columns apart" else 1)
 
 
+@pytest.mark.parametrize("blend", ["average", "gaussian"])
+@pytest.mark.parametrize("classes", [2, 3])
+def test_windows_in_any_order_within_an_x_group_blend_the_same(blend, classes, column_layout):
+    """Only x-outer is required: with y descending and z shuffled within each x group, the first window
+    to reach a plane is not at y = 0, and what an earlier plane left in the ring must not leak in."""
+    image = np.random.default_rng(6).normal(size=(30, 17, 12, classes)).astype(np.float32)
+    s = GridSampler(image.shape[:3], (9, 8, 7), overlap=0.4)
+    assert len(s.starts[0]) * 9 > 2 * 9 and len(s.starts[1]) > 2  # the ring is reused; several y starts
+    ramp = np.linspace(-1.0, 1.0, 9)[None, :, None, None, None]
+
+    def model(windows):
+        return (windows + ramp * np.arange(classes)).astype(windows.dtype)
+
+    rng = np.random.default_rng(7)
+    order = []
+    per_x = len(s) // s.grid_shape[0]
+    for g in range(s.grid_shape[0]):
+        group = np.arange(g * per_x, (g + 1) * per_x).reshape(s.grid_shape[1], s.grid_shape[2])[::-1]
+        order += [int(i) for i in rng.permuted(group, axis=1).ravel()]
+    reference = reference_blend(image, s, blend, model)
+    logits, _ = run_grid(image, s, blend, output="logits", model=model, order=np.array(order))
+    np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
+    labels, _ = run_grid(image, s, blend, output="labels", model=model, order=np.array(order))
+    in_order, _ = run_grid(image, s, blend, output="labels", model=model)
+    np.testing.assert_array_equal(labels, in_order)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("shape,window,overlap", [((19, 13, 11), (8, 8, 8), 0.25), ((25, 9, 14), (10, 9, 6), 0.5)])
 def test_two_class_gaussian_labels_weight_the_difference_like_the_reference(threads, shape, window, overlap,
@@ -286,3 +313,15 @@ def test_cached_gaussian_weights_are_read_only():
     assert _gaussian_weights((6, 5, 4), 0.125, 3) is weights
     p = [gaussian_profile(w) for w in (6, 5, 4)]
     np.testing.assert_allclose(weights[..., 1], p[0][:, None, None] * p[1][None, :, None] * p[2][None, None, :], rtol=1e-6)
+
+
+@pytest.mark.parametrize("cpus,expected", [(1, 1), (2, 1), (3, 3), (16, 4)])
+def test_blending_threads_default_to_one_on_two_cpus(cpus, expected, monkeypatch):
+    """Inline after each model call, one thread out-blends two on 2 CPUs; more CPUs get up to 4."""
+    import highres3d.aggregators.grid as grid
+
+    monkeypatch.setattr(grid, "available_cpus", lambda: cpus)
+    assert grid.default_blend_threads() == expected
+    agg = GridAggregator(GridSampler((20, 8, 8), 8, overlap=0.5), 2, "average")
+    assert agg._threads == expected and (agg._pool is None) == (expected == 1)
+    assert GridAggregator(GridSampler((20, 8, 8), 8, overlap=0.5), 2, "average", threads=3)._threads == 3
