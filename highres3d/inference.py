@@ -34,7 +34,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from highres3d.aggregators.grid import GridAggregator, _resolve_threads, _thread_pool, argmax_channels
+from highres3d.aggregators.grid import GridAggregator, _thread_pool, argmax_channels
 from highres3d.errors import ConfigError, DataError
 from highres3d.memory import OutOfMemory, inference_advice, out_of_memory, out_of_memory_error
 from highres3d.samplers.grid import GridSampler
@@ -411,12 +411,9 @@ def _predict_volume(model, image, window_size, *, overlap, border, blend, batch_
                 raise DataError(f"predict_volume: the model returned shape {logits.shape}; expected (B, x, y, z, classes)")
             if from_logits is None:
                 from_logits = not bool(getattr(model, "softmax", False))
-            # Blending here runs on the stitching thread beside the model's next call, not inline
-            # as default_blend_threads assumes: two blend threads on 2 CPUs measured as fast as one
-            # or faster (docs/performance.md), so it keeps the pool's count.
             aggregator = GridAggregator(
                 sampler, 2 if margin else logits.shape[-1], blend=blend, output=output, sigma_scale=sigma_scale,
-                from_logits=from_logits, threads=_resolve_threads(None),
+                from_logits=from_logits,
             )
         # Stitching runs in a thread of its own while the model computes the next
         # batch; waiting for the previous batch first keeps one batch in flight.

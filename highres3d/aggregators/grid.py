@@ -168,9 +168,9 @@ def default_blend_threads() -> int:
     One on a machine with at most 2 CPUs: fed inline after each model call, one
     thread blended a BraTS volume 1.2-2x faster than two (a hand-over to the
     pool per window, with the work bound by memory bandwidth a single core
-    already uses; docs/performance.md). Above 2 CPUs, as many as there are, at
-    most 4 (not measured against one). ``predict_volume`` blends on a thread
-    of its own beside the model and sets its own count.
+    already uses), and inside ``predict_volume``, beside the model, it was as
+    fast or faster and used less CPU (docs/performance.md). Above 2 CPUs, as
+    many as there are, at most 4 (not measured against one).
     """
     cpus = available_cpus()
     return 1 if cpus <= 2 else min(cpus, 4)
