@@ -240,7 +240,9 @@ def main() -> int:
     plans = [
         ("samplers", "Sampling and the input pipeline", "samplers.py", q, sampler_rows),
         ("inference", "Stitching (2×240×240×155, 96³ windows, trivial model)", "inference.py",
-         ["--quick"] if args.quick else ["--reps", "3", "--rounds", "3"], inference_rows),
+         # Five rounds: a stitching figure is the median of whole call minus model pass, each
+         # ±30 ms on 2 cores, and 15 paired samples per cell move less from run to run than 9.
+         ["--quick"] if args.quick else ["--reps", "3", "--rounds", "5"], inference_rows),
         ("infer_folder", "Segmenting a folder (load, predict, restore, write)", "infer_folder.py",
          q or ["--rounds", "3"], folder_rows),
         ("disk_cache", "Training volumes made ready (training.cache: disk)", "disk_cache.py",
