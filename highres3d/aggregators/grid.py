@@ -42,7 +42,8 @@ aggregator reads one channel per window instead of two.  For labels the
 largest float buffer is ``window_x * Y * Z * C`` float32 for one ring (BraTS
 240×240×155, 96-voxel windows, 2 classes: 29 MB, against 71 MB for a full
 accumulator; 100 classes at 384³ with 128³ windows: 7.5 GB instead of 22.6 GB),
-at most twice that as columns (:attr:`GridAggregator.buffer_bytes` tells);
+at most twice that as columns (:attr:`GridAggregator.buffer_bytes` tells; finishing planes
+adds about 1 MB of scratch per thread and column);
 ``crop`` needs no float buffer at all.  Only ``probabilities``/``logits`` output holds a
 full (X, Y, Z, C) float32 array, because that is what is returned.
 
@@ -435,6 +436,19 @@ class GridAggregator:
             # hand-over each (24 per 96³ window), one run per thread costs one per thread.
             list(self._pool.map(add_run, _split_runs(blocks, self._threads)))
 
+    def _column_layers(self, shape: tuple) -> list[np.ndarray]:
+        """One zeroed block of ``shape`` per column, kept per thread.
+
+        Layer ``k`` is only ever written over column ``k``'s z range, so the rest
+        of it stays zero from the allocation on; finishing a block of fewer
+        planes uses a prefix of the same layers.
+        """
+        local = self._local
+        layers = getattr(local, "layers", None)
+        if layers is None or layers.shape[1] < shape[0]:
+            layers = local.layers = np.zeros((len(self._columns),) + shape, dtype=np.float32)
+        return [layer[:shape[0]] for layer in layers]
+
     def _scratch(self, shape: tuple) -> np.ndarray:
         local = self._local
         size = int(np.prod(shape))
@@ -476,13 +490,19 @@ class GridAggregator:
                 if len(columns) == 1:
                     sums = columns[0, rows, ys, z_lo:z_hi]
                 else:
-                    # The columns' planes summed in a scratch block in cache: one whole-column
-                    # add each (rows of window_z values), not one add per overlap segment.
-                    block = self._scratch((hi - lo, self.sampler.shape[1], padded_z) + columns.shape[4:])
-                    block[...] = 0
-                    for column, z in zip(columns, self._column_z):
-                        target = block[:, :, z:z + width]
-                        target += column[rows, ys]
+                    # The columns' planes moved to their z place, then summed, in cache. NumPy adds
+                    # arrays whose rows differ in stride (window_z against the padded width) at
+                    # about 35 ns a row but copies them at 15: so each column is copied into a
+                    # layer of its own, already zero outside its z range, and the layers, all of
+                    # one layout, are added as whole blocks (11 % less time in place).
+                    shape = (hi - lo, self.sampler.shape[1], padded_z) + columns.shape[4:]
+                    layers = self._column_layers(shape)
+                    for layer, column, z in zip(layers, columns, self._column_z):
+                        layer[:, :, z:z + width] = column[rows, ys]
+                    block = self._scratch(shape)
+                    np.add(layers[0], layers[1], out=block)
+                    for layer in layers[2:]:
+                        block += layer
                     sums = block[:, :, z_lo:z_hi]
                 self._finalise(sums, dst, slice(lo, hi), ys, slice(z_lo, z_hi))
             if zero:
