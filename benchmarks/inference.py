@@ -221,6 +221,11 @@ def run_ours(args) -> list[dict]:
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    if args.blend_threads:
+        import highres3d.aggregators.grid as grid
+
+        # Every aggregator here (predict_volume's, "alone", "in place") takes its default from this rule.
+        grid.default_blend_threads = lambda: args.blend_threads
     volume = make_volume()
     inputs = keras.Input((None, None, None, CHANNELS))
     model = keras.Model(inputs, keras.layers.Conv3D(CHANNELS, 1)(inputs))
@@ -391,6 +396,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: one round, one repetition")
     parser.add_argument("--no-torchio", action="store_true",
                         help="time MONAI only among the peers (the stitching target compares with MONAI)")
+    parser.add_argument("--blend-threads", type=int, metavar="N",
+                        help="highres3d blends on N threads instead of default_blend_threads() (an A/B of that rule)")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.rounds = 1, 1
@@ -426,7 +433,9 @@ def main() -> int:
     import tensorflow as tf
 
     print(f"\nvolume {CHANNELS}x{'x'.join(map(str, SHAPE))}, windows {ROI}^3, trivial Conv 1x1x1 {CHANNELS}->{CHANNELS}, "
-          f"batch {args.batch_size}, {args.threads} threads, {args.rounds} rounds x {args.reps} reps after a warm-up "
+          f"batch {args.batch_size}, {args.threads} threads"
+          + (f" ({args.blend_threads} blending)" if args.blend_threads else "")
+          + f", {args.rounds} rounds x {args.reps} reps after a warm-up "
           "(whole call: best; stitching: median), peers and ours alternating; "
           f"tensorflow {tf.__version__}" + (f"; {peers['versions']}" if peers else ""))
     monai = {(r["overlap"], r["mode"]): r for r in (peers or {}).get("rows", []) if r["method"] == "MONAI swi"}

@@ -166,12 +166,12 @@ def _resolve_threads(threads: Optional[int]) -> int:
 def default_blend_threads() -> int:
     """Threads a :class:`GridAggregator` blends with when it is not told.
 
-    One on a machine with at most 2 CPUs: fed inline after each model call, one
-    thread blended a BraTS volume 1.2-2x faster than two (a hand-over to the
-    pool per window, with the work bound by memory bandwidth a single core
-    already uses), and inside ``predict_volume``, beside the model, it was as
-    fast or faster and used less CPU (docs/performance.md). Above 2 CPUs, as
-    many as there are, at most 4 (not measured against one).
+    One on a machine with at most 2 CPUs. There, fed inline after each model
+    call, one thread blended a BraTS volume 10-45 % faster than two (a hand-over
+    to the pool per window, on work bound by memory bandwidth that one core
+    already uses). Inside ``predict_volume``, beside the model, the two were
+    equal within noise and one used less CPU (docs/performance.md). Above 2
+    CPUs, as many as there are, at most 4 (not measured against one).
     """
     cpus = available_cpus()
     return 1 if cpus <= 2 else min(cpus, 4)
