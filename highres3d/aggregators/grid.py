@@ -167,9 +167,9 @@ def default_blend_threads() -> int:
     """Threads a :class:`GridAggregator` blends with when it is not told.
 
     One on a machine with at most 2 CPUs. There, fed inline after each model
-    call, one thread blended a BraTS volume 10-45 % faster than two (a hand-over
-    to the pool per window, on work bound by memory bandwidth that one core
-    already uses). Inside ``predict_volume``, beside the model, the two were
+    call, one thread took 8-11 % less time than two to blend a BraTS volume (a
+    hand-over to the pool per window, on work bound by memory bandwidth that one
+    core already uses). Inside ``predict_volume``, beside the model, the two were
     equal within noise and one used less CPU (docs/performance.md). Above 2
     CPUs, as many as there are, at most 4 (not measured against one).
     """
