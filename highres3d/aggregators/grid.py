@@ -158,6 +158,8 @@ def _shared_pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _resolve_threads(threads: Optional[int]) -> int:
+    # None sizes predict_volume's pool (window copies; whether to stitch beside the model),
+    # not the blending, whose rule is default_blend_threads.
     if threads is None:
         threads = min(available_cpus(), 4)
     return max(1, int(threads))

@@ -259,7 +259,7 @@ def test_windows_in_any_order_within_an_x_group_blend_the_same(blend, classes, c
     to reach a plane is not at y = 0, and what an earlier plane left in the ring must not leak in."""
     image = np.random.default_rng(6).normal(size=(30, 17, 12, classes)).astype(np.float32)
     s = GridSampler(image.shape[:3], (9, 8, 7), overlap=0.4)
-    assert len(s.starts[0]) * 9 > 2 * 9 and len(s.starts[1]) > 2  # the ring is reused; several y starts
+    assert len(s.starts[0]) > 2 and len(s.starts[1]) > 2  # the ring is reused; several y starts
     ramp = np.linspace(-1.0, 1.0, 9)[None, :, None, None, None]
 
     def model(windows):
