@@ -107,6 +107,8 @@ def summarise(rounds: list[list[dict]]) -> list[dict]:
     for r in pooled.values():
         r["total"] = min(r["totals"])
         r["stitch"] = float(np.median(r["stitches"]))
+        # The spread of the paired samples, so a reader can tell a miss from noise.
+        r["stitch_quartiles"] = [float(q) for q in np.percentile(r["stitches"], [25, 75])]
         r["samples"] = len(r["stitches"])
         for name in BLENDING_ONLY:
             if name + "_samples" in r:
@@ -374,6 +376,13 @@ def run_peers(args) -> dict:
 # --------------------------------------------------------------------------- table
 
 
+def stitching_ms(row: dict) -> str:
+    """The median stitching time, with the quartiles of its samples where the row has them."""
+    quartiles = row.get("stitch_quartiles")
+    spread = f" ({quartiles[0] * 1e3:.0f} to {quartiles[1] * 1e3:.0f})" if quartiles else ""
+    return f"{row['stitch'] * 1e3:.0f}{spread}"
+
+
 def print_table(rows, headers):
     widths = [max(len(h), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
     print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
@@ -452,13 +461,13 @@ def main() -> int:
         in_place = f"{r['in_place'] * 1e3:.0f}" if "in_place" in r else "-"
         ring = f"{r['in_place_ring'] * 1e3:.0f}" if "in_place_ring" in r else "-"
         table.append([r["method"], r["overlap"], r["mode"], r["windows"], f"{r['total'] * 1e3:.0f}",
-                      f"{r['stitch'] * 1e3:.0f}", ratio, alone, alone_ratio, in_place, ring])
+                      stitching_ms(r), ratio, alone, alone_ratio, in_place, ring])
     for r in (peers or {}).get("rows", []):
         table.append([r["method"], r["overlap"], r["mode"], n_windows(r["overlap"]) if r["method"] == "MONAI swi" else "-",
-                      f"{r['total'] * 1e3:.0f}", f"{r['stitch'] * 1e3:.0f}", "", "", "", "", ""])
-    print_table(table, ["method", "overlap", "mode", "windows", "total ms", "stitching ms", "stitching / MONAI",
+                      f"{r['total'] * 1e3:.0f}", stitching_ms(r), "", "", "", "", ""])
+    print_table(table, ["method", "overlap", "mode", "windows", "total ms", "stitching ms (quartiles)", "stitching / MONAI",
                         "blending alone ms", "alone / MONAI", "in place ms", "in place, one ring ms"])
-    print("stitching = whole call minus model time (median of paired samples); blending alone = highres3d's aggregator "
+    print("stitching = whole call minus model time (median of paired samples, their quartiles in brackets); blending alone = highres3d's aggregator "
           "on the same model outputs with no model beside it (median); in place = the aggregator inline right after "
           "each model call, the model's time left out (median), with its columns and with one ring; highres3d "
           "crop/average compare with MONAI 'constant'.")

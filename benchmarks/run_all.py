@@ -108,6 +108,11 @@ def sampler_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
+def quartiles(row: dict) -> str:
+    low, high = row["stitch_quartiles"]
+    return f"{low * 1e3:.0f} to {high * 1e3:.0f} ms"
+
+
 def inference_rows(data: dict) -> list[list[str]]:
     """Stitching (whole call minus model time) against MONAI's sliding_window_inference."""
     peers = (data.get("peers") or {}).get("rows", [])
@@ -125,8 +130,13 @@ def inference_rows(data: dict) -> list[list[str]]:
         if r.get("in_place") is not None:
             alone += f"; in place after each model call {r['in_place'] * 1e3:.0f} ms" + (
                 f", one ring {r['in_place_ring'] * 1e3:.0f} ms" if r.get("in_place_ring") is not None else "")
+        spread = ""
+        if r.get("stitch_quartiles") and ref and ref.get("stitch_quartiles"):
+            # The samples' spread tells a miss from noise where a ratio sits near its target.
+            spread = (f"; stitching quartiles: ours {quartiles(r)}, MONAI {quartiles(ref)}"
+                      f" over {r['samples']} and {ref['samples']} samples")
         out.append([f"stitching ms, overlap {r['overlap']}, {r['mode']} (total ms: ours {r['total'] * 1e3:.0f}"
-                    + (f", MONAI {ref['total'] * 1e3:.0f}" if ref else "") + alone + ")",
+                    + (f", MONAI {ref['total'] * 1e3:.0f}" if ref else "") + alone + spread + ")",
                     fmt(r["stitch"] * 1e3), fmt(ref["stitch"] * 1e3) if ref else "-", fmt(ratio, 2), "≤ 0.5",
                     "-" if ratio is None else ("yes" if ratio <= 0.5 else "no")])
     return out

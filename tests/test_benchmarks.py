@@ -74,9 +74,10 @@ def test_sections_render_ours_peer_ratio_target_and_met():
     assert rows[0][1:] == ["950", "900", "1.06", "≥ 1.0", "yes"]
     assert rows[2][3:] == ["0.95", "≥ 0.90", "yes"] and rows[3][-1] == "yes"
     inference = {"ours": [{"method": "highres3d", "overlap": 0.5, "mode": "gaussian", "total": 0.3, "stitch": 0.1,
-                           "alone": 0.05, "in_place": 0.02, "in_place_ring": 0.06}],
+                           "alone": 0.05, "in_place": 0.02, "in_place_ring": 0.06, "samples": 15,
+                           "stitch_quartiles": [0.08, 0.125]}],
                  "peers": {"rows": [{"method": "MONAI swi", "overlap": 0.5, "mode": "gaussian", "total": 0.2,
-                                     "stitch": 0.1}]}}
+                                     "stitch": 0.1, "samples": 10, "stitch_quartiles": [0.09, 0.11]}]}}
     cache = {"subjects": 6, "size": "full", "rows": [
         {"method": run_all.disk_cache.RAM, "seconds": 0.5}, {"method": run_all.disk_cache.DISK_FIRST, "seconds": 0.6},
         {"method": run_all.disk_cache.DISK_LATER, "seconds": 0.002}, {"method": run_all.disk_cache.MONAI_LATER,
@@ -91,6 +92,7 @@ def test_sections_render_ours_peer_ratio_target_and_met():
     stitching = run_all.inference_rows(inference)[0]
     assert stitching[1:] == ["100", "100", "1.00", "≤ 0.5", "no"]
     assert "blending alone 50 ms = 0.50 of MONAI's; in place after each model call 20 ms, one ring 60 ms" in stitching[0]
+    assert "stitching quartiles: ours 80 to 125 ms, MONAI 90 to 110 ms over 15 and 10 samples" in stitching[0]
     step = {"min_s": 1.0}
     model = {"ours": {"default": [{"size": 32, "batch": 1, "train": step, "forward": step}]},
              "peer": [{"size": 32, "batch": 1, "train": {"min_s": 2.0}, "forward": {"min_s": 0.5}}]}
