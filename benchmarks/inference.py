@@ -379,8 +379,9 @@ def run_peers(args) -> dict:
 def stitching_ms(row: dict) -> str:
     """The median stitching time, with the quartiles of its samples where the row has them."""
     quartiles = row.get("stitch_quartiles")
-    spread = f" ({quartiles[0] * 1e3:.0f} to {quartiles[1] * 1e3:.0f})" if quartiles else ""
-    return f"{row['stitch'] * 1e3:.0f}{spread}"
+    low, high = (round(q * 1e3) for q in quartiles) if quartiles else (0, 0)  # round(): no "-0"
+    spread = f" ({low} to {high})" if quartiles else ""
+    return f"{round(row['stitch'] * 1e3)}{spread}"
 
 
 def print_table(rows, headers):

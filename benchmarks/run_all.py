@@ -109,8 +109,8 @@ def sampler_rows(rows: list[dict]) -> list[list[str]]:
 
 
 def quartiles(row: dict) -> str:
-    low, high = row["stitch_quartiles"]
-    return f"{low * 1e3:.0f} to {high * 1e3:.0f} ms"
+    low, high = (round(q * 1e3) for q in row["stitch_quartiles"])  # round(): no "-0"
+    return f"{low} to {high} ms"
 
 
 def inference_rows(data: dict) -> list[list[str]]:
