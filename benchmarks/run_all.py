@@ -88,6 +88,16 @@ def sampler_rows(rows: list[dict]) -> list[list[str]]:
                 "≥ 0.90", "-" if ratio is None else ("yes" if ratio >= 0.9 else "no")])
     out.append(["class-weighted setup, ms per volume", fmt(setup, 1), "-", "-", "≤ 20",
                 "-" if setup is None else ("yes" if setup <= 20 else "no")])
+    # Rotation and scaling on the CPU, one thread: ours (windows cut and resampled) against the
+    # faster peer transform on windows already cut, as samplers.py times them.
+    rotated = med(lambda r: r.get("kind") == "augment")
+    peers = [r for r in rows if r.get("kind") == "peer_augment"]
+    if rotated and peers:
+        best = max(peers, key=lambda r: r["windows_s"][0])
+        ratio = rotated / best["windows_s"][0]
+        out.append([f"class-weighted 96³ windows + ±10° rotation / ±10 % scaling on the CPU, 1 thread, windows/s vs "
+                    f"{best['method']}", fmt(rotated, 1), fmt(best["windows_s"][0], 1), fmt(ratio, 2), "≥ 2.0",
+                    "yes" if ratio >= 2.0 else "no"])
     # As training gets them: batches of 4 on 2 cores, our tf.data pipeline against the peers' loaders.
     batches = med(lambda r: r.get("kind") == "pipeline" and r["method"].startswith("tf.data pipeline, 2 cores, plain"))
     for r in rows:

@@ -67,8 +67,13 @@ def test_sections_render_ours_peer_ratio_target_and_met():
         {"method": "augmented windows/s, device: accelerator", "kind": "augmented", "windows_s": [35.0, 30, 40],
          "note": "57 CPU-ms/window"},
         {"method": "input wait, plain", "kind": "wait", "windows_s": [1, 1, 1], "wait_fraction": 0.25, "note": ""},
+        {"method": "highres3d ClassWeighted + CPU rotation/scaling", "kind": "augment", "windows_s": [45.0, 40, 50]},
+        {"method": "MONAI RandAffined (on pre-cut windows)", "kind": "peer_augment", "windows_s": [20.0, 19, 21]},
+        {"method": "TorchIO RandomAffine (on pre-cut windows)", "kind": "peer_augment", "windows_s": [25.0, 24, 26]},
     ]
     rows = run_all.sampler_rows(samplers)
+    rotation = next(r for r in rows if "rotation" in r[0])
+    assert rotation[1:] == ["45.0", "25.0", "1.80", "≥ 2.0", "no"] and rotation[0].endswith("TorchIO RandomAffine (on pre-cut windows)")
     assert rows[-2][1:] == ["35.0", "-", "-", "≥ 1,000", "no"] and "57 CPU-ms/window" in rows[-2][0]
     assert rows[-1][0].endswith("% of the step waiting") and rows[-1][1] == "25"
     assert rows[0][1:] == ["950", "900", "1.06", "≥ 1.0", "yes"]
