@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     volume_results = {}
     if args.volume != "none":
         image = synthetic_volume(args.volume)
+        volume_results["shape"] = list(image.shape[:3])
         segs = {}
         for precision in precisions:
             volume_results[precision], segs[precision] = ours.whole_volume(image, precision, args.reps or 2)

@@ -209,6 +209,16 @@ def model_rows(data: dict) -> list[list[str]]:
                 met = "-" if ratio is None or what != "train" else ("yes" if ratio >= 1.0 else "no")
                 out.append([f"{what} ms, {r['batch']}x{r['size']}³, {variant}", fmt(ours), fmt(theirs), fmt(ratio, 2),
                             target, met])
+    # inference.precision: the whole-volume pass in each precision and how far the segmentations agree.
+    volume = data.get("volume") or {}
+    if "float32" in volume and "bfloat16" in volume:
+        f32, bf16 = (volume[p]["median_s"] * 1e3 for p in ("float32", "bfloat16"))
+        dice = volume.get("agreement_dice")
+        agree = f"; segmentations agree to Dice {dice:.4f}" if dice is not None else ""
+        shape = "×".join(map(str, volume["shape"])) + " " if volume.get("shape") else ""
+        out.append([f"whole-volume predict_volume ms, synthetic {shape}subject, bfloat16 vs float32 (ours{agree}; "
+                    "inference.precision: auto picks bfloat16 where the CPU computes it natively)",
+                    fmt(bf16), f"{fmt(f32)} (ours, float32)", fmt(f32 / bf16, 2), "-", "-"])
     return out
 
 

@@ -103,6 +103,11 @@ def test_sections_render_ours_peer_ratio_target_and_met():
              "peer": [{"size": 32, "batch": 1, "train": {"min_s": 2.0}, "forward": {"min_s": 0.5}}]}
     train, forward = run_all.model_rows(model)
     assert train[3:] == ["2.00", "≥ 1.0 (MONAI / ours)", "yes"] and forward[3] == "0.50"
+    model["volume"] = {"float32": {"median_s": 0.8}, "bfloat16": {"median_s": 0.5}, "agreement_dice": 0.99261,
+                       "shape": [64, 64, 48]}
+    precision = run_all.model_rows(model)[-1]
+    assert precision[1:4] == ["500", "800 (ours, float32)", "1.60"]
+    assert "Dice 0.9926" in precision[0] and "synthetic 64×64×48 subject" in precision[0]
     folder = {"subjects": 6, "size": "full", "model_seconds": 0.5,
               "rows": [{"method": run_all.FOLDER_SEQUENTIAL, "subjects_s": 0.8},
                        {"method": run_all.FOLDER_OVERLAPPED, "subjects_s": 1.2},
