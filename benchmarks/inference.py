@@ -376,11 +376,15 @@ def run_peers(args) -> dict:
 # --------------------------------------------------------------------------- table
 
 
+def quartile_range(row: dict) -> str:
+    """The quartiles of a row's stitching samples in ms, as "15 to 34" (round(): no "-0")."""
+    low, high = (round(q * 1e3) for q in row["stitch_quartiles"])
+    return f"{low} to {high}"
+
+
 def stitching_ms(row: dict) -> str:
     """The median stitching time, with the quartiles of its samples where the row has them."""
-    quartiles = row.get("stitch_quartiles")
-    low, high = (round(q * 1e3) for q in quartiles) if quartiles else (0, 0)  # round(): no "-0"
-    spread = f" ({low} to {high})" if quartiles else ""
+    spread = f" ({quartile_range(row)})" if row.get("stitch_quartiles") else ""
     return f"{round(row['stitch'] * 1e3)}{spread}"
 
 

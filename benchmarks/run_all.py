@@ -32,6 +32,7 @@ import gpu_bench
 from infer_folder import MONAI as FOLDER_MONAI
 from infer_folder import OVERLAPPED as FOLDER_OVERLAPPED
 from infer_folder import SEQUENTIAL as FOLDER_SEQUENTIAL
+from inference import quartile_range
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -118,11 +119,6 @@ def sampler_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
-def quartiles(row: dict) -> str:
-    low, high = (round(q * 1e3) for q in row["stitch_quartiles"])  # round(): no "-0"
-    return f"{low} to {high} ms"
-
-
 def inference_rows(data: dict) -> list[list[str]]:
     """Stitching (whole call minus model time) against MONAI's sliding_window_inference."""
     peers = (data.get("peers") or {}).get("rows", [])
@@ -143,7 +139,7 @@ def inference_rows(data: dict) -> list[list[str]]:
         spread = ""
         if r.get("stitch_quartiles") and ref and ref.get("stitch_quartiles"):
             # The samples' spread tells a miss from noise where a ratio sits near its target.
-            spread = (f"; stitching quartiles: ours {quartiles(r)}, MONAI {quartiles(ref)}"
+            spread = (f"; stitching quartiles: ours {quartile_range(r)} ms, MONAI {quartile_range(ref)} ms"
                       f" over {r['samples']} and {ref['samples']} samples")
         out.append([f"stitching ms, overlap {r['overlap']}, {r['mode']} (total ms: ours {r['total'] * 1e3:.0f}"
                     + (f", MONAI {ref['total'] * 1e3:.0f}" if ref else "") + alone + spread + ")",
